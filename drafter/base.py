@@ -1,0 +1,43 @@
+"""The interface every drafter offers the engine: n-gram lookup, CTC, Medusa.
+
+The engine owns the base model and the KV cache; a drafter only ever sees what the engine
+hands it. Per sequence the engine calls `start` once, `observe` after every forward with the
+tokens that entered the base model's KV cache (and, for drafters that want them, the base
+model's final-norm hidden states of those tokens), `propose` when it wants a draft tree rooted
+at the sequence's pending token, and `release` when the sequence ends. Trees come back as
+`TokenTree`s, already collapsed and deduplicated, within the node budget the engine asked for.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from drafter.tree import TokenTree
+
+
+@dataclass
+class ProposeRequest:
+    seq_id: str
+    pending_token: int  # the tree's root: emitted, not yet in the KV cache
+    budget: int  # at most this many draft (non-root) nodes; > 0
+
+
+class Drafter(ABC):
+    name: str = "drafter"
+    needs_hidden: bool = False  # does observe() need the base model's hidden states?
+
+    def start(self, seq_id: str, prompt_ids: list[int]) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:  # noqa: B027
+        """`token_ids` just entered the base KV cache; `hidden` is (len(token_ids), H) or None."""
+
+    @abstractmethod
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        """One draft tree per request, rooted at its pending token (a root-only tree = no draft)."""
+
+    def release(self, seq_id: str) -> None:  # noqa: B027
+        pass

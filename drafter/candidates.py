@@ -1,0 +1,226 @@
+"""From CTC frame distributions to draft candidates: collapsed token sequences with scores.
+
+The CTC draft module emits N frames per sequence, each a log-distribution over vocab + blank,
+`log_probs` (N, V+1). Two ways to turn them into candidate token sequences:
+
+- `static_tree_candidates`: the paper's way (as in Medusa). A static tree of *frame choices* picks,
+  at frame t, the r-th most likely symbol for each rank path (r_0, r_1, ...); every path is
+  CTC-collapsed, empty results are dropped, duplicates merged. score(path) = sum_t log p_t(x_t):
+  the log-probability of that one alignment. A duplicate keeps its best alignment's score.
+- `ctc_prefix_beam_search`: standard CTC prefix beam search (Graves 2012; Hannun et al. 2014).
+  Each prefix l carries p_b(l) and p_nb(l), the probability of all alignments of the frames so far
+  that collapse to l and end in a blank / in a non-blank, so a candidate's final score
+  log(p_b + p_nb) sums over *all* of its alignments: log P(B(x) = l).
+
+Both prune the vocabulary with `torch.topk` first, so the per-step cost is O(N V) for the top-k
+plus small Python work on at most N * k symbols; nothing is quadratic in V.
+`candidates_to_tree` merges the result into the `TokenTree` that the engine verifies.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from drafter.collapse import ctc_collapse
+from drafter.tree import TokenTree, build_trie
+
+NEG_INF = float("-inf")
+
+
+class Candidate(NamedTuple):
+    """One collapsed draft sequence (no blanks, possibly of any length >= 1) and its log score."""
+
+    tokens: list[int]
+    score: float
+
+
+# ----------------------------------------------------------------------------- static tree
+
+
+def topk_paths(topk_per_frame: Sequence[int]) -> list[tuple[int, ...]]:
+    """The root-to-leaf rank paths of a static tree with k_t children per node at frame t.
+
+    E.g. [4, 3, 2, 2, 1, 1] gives 4*3*2*2 = 48 paths of length 6: (r_0, ..., r_5) with
+    0 <= r_t < k_t. Only leaves are needed: collapse is online, so a shorter path's collapse is a
+    prefix of a longer one's, and the trie holds every prefix anyway.
+    """
+    if any(k < 1 for k in topk_per_frame):
+        raise ValueError(f"topk_per_frame entries must be >= 1, got {list(topk_per_frame)}")
+    return list(itertools.product(*(range(k) for k in topk_per_frame)))
+
+
+def batched_static_tree_candidates(
+    log_probs: torch.Tensor,
+    blank: int,
+    topk_per_frame: Sequence[int] | None = None,
+    *,
+    paths: Sequence[Sequence[int]] | None = None,
+) -> list[list[Candidate]]:
+    """Static-tree candidates for each sequence of a batch, `log_probs` (B, N, V+1).
+
+    Give exactly one of `topk_per_frame` (k_t children at frame t; see `topk_paths`) or `paths`
+    (a Medusa-style list of rank paths, path[t] = rank of the symbol chosen at frame t; paths may
+    differ in length, all <= N). Returns, per sequence, distinct non-empty collapsed sequences
+    sorted by decreasing score (ties: first path first).
+    """
+    if (topk_per_frame is None) == (paths is None):
+        raise ValueError("give exactly one of topk_per_frame or paths")
+    rank_paths = topk_paths(topk_per_frame) if paths is None else [tuple(p) for p in paths]
+    if not rank_paths or any(len(p) == 0 or min(p) < 0 for p in rank_paths):
+        raise ValueError("paths must be non-empty sequences of ranks >= 0")
+    batch, num_frames, num_symbols = log_probs.shape
+    depth = max(len(p) for p in rank_paths)
+    k = max(max(p) for p in rank_paths) + 1
+    if depth > num_frames or k > num_symbols:
+        raise ValueError(f"static tree needs {depth} frames and top-{k}, log_probs has {num_frames} x {num_symbols}")
+
+    top_val, top_idx = log_probs[:, :depth].topk(k, dim=-1)  # (B, L, k) each
+    ranks = torch.tensor([list(p) + [-1] * (depth - len(p)) for p in rank_paths], device=log_probs.device)  # (P, L)
+    valid = ranks >= 0  # (P, L); a short path's missing frames count as blank with log-prob 0
+    frame = torch.arange(depth, device=log_probs.device).expand_as(ranks)  # (P, L)
+    sym = top_idx[:, frame, ranks.clamp(min=0)]  # (B, P, L)
+    sym = torch.where(valid, sym, blank)  # (B, P, L)
+    score = torch.where(valid, top_val[:, frame, ranks.clamp(min=0)].double(), 0.0).sum(-1)  # (B, P)
+
+    num_paths = len(rank_paths)
+    tokens, lengths = ctc_collapse(sym.reshape(batch * num_paths, depth), blank)  # (B*P, L), (B*P,)
+    tokens_l = tokens.view(batch, num_paths, depth).tolist()
+    lengths_l = lengths.view(batch, num_paths).tolist()
+    score_l = score.tolist()
+    out: list[list[Candidate]] = []
+    for b in range(batch):
+        best: dict[tuple[int, ...], float] = {}
+        for row, n, s in zip(tokens_l[b], lengths_l[b], score_l[b]):
+            if n == 0:
+                continue
+            key = tuple(row[:n])
+            if key not in best or s > best[key]:
+                best[key] = s
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])  # stable: ties keep first-seen order
+        out.append([Candidate(list(seq), s) for seq, s in ranked])
+    return out
+
+
+def static_tree_candidates(
+    log_probs: torch.Tensor,
+    blank: int,
+    topk_per_frame: Sequence[int] | None = None,
+    *,
+    paths: Sequence[Sequence[int]] | None = None,
+) -> list[Candidate]:
+    """`batched_static_tree_candidates` for one sequence, `log_probs` (N, V+1)."""
+    return batched_static_tree_candidates(log_probs.unsqueeze(0), blank, topk_per_frame, paths=paths)[0]
+
+
+# ----------------------------------------------------------------------------- prefix beam search
+
+
+def _logaddexp(a: float, b: float) -> float:
+    """log(e^a + e^b), exact at -inf."""
+    if a < b:
+        a, b = b, a
+    if b == NEG_INF:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
+def _prefix_beam_search(
+    lp: list[list[float]],
+    column: dict[int, int],
+    extensions: list[list[int]],
+    blank: int,
+    beam_width: int,
+) -> list[Candidate]:
+    """Prefix beam search on pre-gathered log-probs.
+
+    lp[t][column[s]] = log p_t(s) for every symbol s that can appear (blank and all extensions);
+    extensions[t] = the non-blank symbols that may start a new token at frame t.
+    Recursion, for prefix l with last token e and symbol c at frame t:
+      p_b'(l)    += (p_b(l) + p_nb(l)) p_t(blank)
+      p_nb'(l)   += p_nb(l) p_t(e)                       (repeat of e merges into it)
+      p_nb'(l+c) += (p_b(l) + p_nb(l)) p_t(c)   if c != e
+      p_nb'(l+c) += p_b(l) p_t(c)               if c == e (only a blank separates equal tokens)
+    """
+    blank_col = column[blank]
+    beam: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, NEG_INF)}  # prefix -> (log p_b, log p_nb)
+    for row, ext in zip(lp, extensions):
+        nxt: dict[tuple[int, ...], list[float]] = {}
+        lp_blank = row[blank_col]
+        for prefix, (pb, pnb) in beam.items():
+            total = _logaddexp(pb, pnb)
+            entry = nxt.setdefault(prefix, [NEG_INF, NEG_INF])
+            entry[0] = _logaddexp(entry[0], total + lp_blank)
+            last = prefix[-1] if prefix else None
+            if last is not None:
+                entry[1] = _logaddexp(entry[1], pnb + row[column[last]])
+            for c in ext:
+                grown = nxt.setdefault(prefix + (c,), [NEG_INF, NEG_INF])
+                source = pb if c == last else total
+                grown[1] = _logaddexp(grown[1], source + row[column[c]])
+        scored = ((_logaddexp(pb, pnb), prefix, (pb, pnb)) for prefix, (pb, pnb) in nxt.items())
+        scored = (item for item in scored if item[0] > NEG_INF)  # e.g. "a a" after 2 frames: impossible
+        beam = {prefix: state for _, prefix, state in heapq.nlargest(beam_width, scored, key=lambda x: x[0])}
+    final = [Candidate(list(prefix), _logaddexp(*state)) for prefix, state in beam.items() if prefix]
+    final.sort(key=lambda c: -c.score)
+    return final
+
+
+def batched_prefix_beam_search(
+    log_probs: torch.Tensor, blank: int, beam_width: int, prune_topk: int | None = None
+) -> list[list[Candidate]]:
+    """CTC prefix beam search for each sequence of a batch, `log_probs` (B, N, V+1).
+
+    At frame t only the `prune_topk` most likely symbols may extend a prefix (None: all symbols;
+    blank and a prefix's own last token always keep their exact probabilities, since every token of
+    a prefix came from some frame's top-k, whose log-probs are gathered for all frames). Returns,
+    per sequence, up to `beam_width` non-empty collapsed sequences sorted by decreasing
+    log P(B(x) = tokens). Without pruning and with a beam as wide as the number of prefixes, the
+    scores are exact.
+    """
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if prune_topk is not None and prune_topk < 1:
+        raise ValueError(f"prune_topk must be >= 1 or None, got {prune_topk}")
+    batch, num_frames, num_symbols = log_probs.shape
+    k = num_symbols if prune_topk is None else min(prune_topk, num_symbols)
+    if k < num_symbols:
+        top_idx = log_probs.topk(k, dim=-1).indices  # (B, N, k)
+    else:
+        top_idx = torch.arange(num_symbols, device=log_probs.device).expand(batch, num_frames, k)  # (B, N, V+1)
+    top_l = top_idx.tolist()
+
+    # Symbols each sequence can touch: blank + the union of its frames' top-k (at most N*k + 1).
+    symbols = [sorted({s for frame in seq for s in frame} | {blank}) for seq in top_l]
+    width = max(len(s) for s in symbols)
+    gather_idx = torch.tensor([s + [blank] * (width - len(s)) for s in symbols], device=log_probs.device)  # (B, U)
+    gathered = log_probs.gather(2, gather_idx[:, None, :].expand(batch, num_frames, width))  # (B, N, U)
+    gathered_l = gathered.double().tolist()
+
+    out: list[list[Candidate]] = []
+    for b in range(batch):
+        column = {s: j for j, s in enumerate(symbols[b])}
+        extensions = [[s for s in frame if s != blank] for frame in top_l[b]]
+        out.append(_prefix_beam_search(gathered_l[b], column, extensions, blank, beam_width))
+    return out
+
+
+def ctc_prefix_beam_search(
+    log_probs: torch.Tensor, blank: int, beam_width: int, prune_topk: int | None = None
+) -> list[Candidate]:
+    """`batched_prefix_beam_search` for one sequence, `log_probs` (N, V+1)."""
+    return batched_prefix_beam_search(log_probs.unsqueeze(0), blank, beam_width, prune_topk)[0]
+
+
+# ----------------------------------------------------------------------------- to a tree
+
+
+def candidates_to_tree(root_token: int, candidates: Sequence[Candidate], max_nodes: int) -> TokenTree:
+    """Merge scored candidates into the verification trie under the pending token `root_token`,
+    keeping at most `max_nodes` draft nodes, those of the best candidates first (see `build_trie`)."""
+    return build_trie(root_token, [c.tokens for c in candidates], [c.score for c in candidates], max_nodes)

@@ -1,0 +1,69 @@
+"""Training-free n-gram drafter ("prompt lookup decoding").
+
+Looks for the longest recent n-gram (n = max_ngram down to min_ngram) ending the sequence's
+text so far, including the pending token, that also occurs earlier in the prompt or output, and
+proposes what followed it there. Several earlier occurrences give several candidates, which the
+trie merges, so the budget buys breadth where the text is ambiguous and depth where it is not.
+Strong wherever answers quote their question or repeat themselves (step-by-step arithmetic
+repeats its numbers), useless elsewhere, and then it proposes nothing and costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.tree import TokenTree, build_trie
+
+
+class NgramDrafter(Drafter):
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, max_candidates: int = 4, max_depth: int = 8):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.max_candidates, self.max_depth = max_candidates, max_depth
+        self._tokens: dict[str, list[int]] = {}
+        # n -> {n-gram: positions right after each occurrence}, grown as tokens arrive.
+        self._index: dict[str, dict[int, dict[tuple[int, ...], list[int]]]] = {}
+
+    def start(self, seq_id: str, prompt_ids: list[int]) -> None:
+        self._tokens[seq_id] = []
+        self._index[seq_id] = {n: defaultdict(list) for n in range(self.min_ngram, self.max_ngram + 1)}
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden=None) -> None:
+        toks, index = self._tokens[seq_id], self._index[seq_id]
+        for t in token_ids:
+            toks.append(t)
+            end = len(toks)
+            for n, table in index.items():
+                if end >= n:
+                    table[tuple(toks[end - n : end])].append(end)
+
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        return [self._propose_one(r) for r in requests]
+
+    def _propose_one(self, req: ProposeRequest) -> TokenTree:
+        toks = self._tokens[req.seq_id]
+        context = toks + [req.pending_token]
+        depth = min(self.max_depth, req.budget)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(context) < n:
+                continue
+            starts = self._index[req.seq_id][n].get(tuple(context[-n:]), [])
+            # Most recent occurrences first; an occurrence ending at len(toks)+1 is the suffix itself.
+            cands, seen = [], set()
+            for s in reversed(starts):
+                cont = tuple(toks[s : s + depth])
+                if cont and cont not in seen:
+                    seen.add(cont)
+                    cands.append(list(cont))
+                if len(cands) == self.max_candidates:
+                    break
+            if cands:
+                scores = [-float(i) for i in range(len(cands))]  # recency rank
+                return build_trie(req.pending_token, cands, scores, max_nodes=req.budget)
+        return TokenTree.chain(req.pending_token, [])
+
+    def release(self, seq_id: str) -> None:
+        self._tokens.pop(seq_id, None)
+        self._index.pop(seq_id, None)

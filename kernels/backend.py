@@ -1,0 +1,104 @@
+"""Which implementation the hot ops use: Triton kernels or their plain-torch references.
+
+The choice is made once per process by an explicit capability check (`kernel_backend`), never by
+catching a failure at call time:
+- Triton is used iff CUDA is available and `triton` imports; the environment variable
+  `CTC_KERNELS=torch|triton` forces one side (`auto`, the default, means the check decides).
+- Even with the Triton backend, an op takes its Triton path only for CUDA tensors
+  (`use_triton`); CPU tensors always take the reference.
+
+Nothing here imports triton at module import time, so a CPU-only install never touches it.
+
+Testing mode: with `TRITON_INTERPRET=1`, Triton runs kernels in its Python interpreter on CPU
+tensors. The tests call the `*_triton` wrappers directly under it. Kernels are wrapped by
+`triton.jit` lazily, on first launch (`jit_kernel`), and cached per interpreter flag, because
+triton reads `TRITON_INTERPRET` when `triton.jit` runs: this way the flag only has to be set
+before the first launch, not before some module happens to be imported, and compiled (GPU) and
+interpreted (CPU) launches can share one test process.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV_BACKEND = "CTC_KERNELS"  # torch | triton | auto (default)
+
+
+class Backend(str, enum.Enum):
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True iff `import triton` works (it is an optional dependency: the `gpu` extra)."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def kernel_backend() -> Backend:
+    """The backend for this process, decided once.
+
+    Raises ValueError for an unknown CTC_KERNELS value and RuntimeError when Triton is forced but
+    cannot be imported (a forced choice that silently falls back would hide a broken install).
+    """
+    choice = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{ENV_BACKEND} must be one of auto, torch, triton; got {choice!r}")
+    if choice == "torch":
+        backend = Backend.TORCH
+    elif choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_BACKEND}=triton but triton cannot be imported")
+        if not torch.cuda.is_available():
+            logger.warning("%s=triton without CUDA: CPU tensors still use the torch references",
+                           ENV_BACKEND)
+        backend = Backend.TRITON
+    else:
+        backend = Backend.TRITON if torch.cuda.is_available() and triton_available() else Backend.TORCH
+    logger.info("kernel backend: %s", backend.value)
+    return backend
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op called on `tensors` should take its Triton path."""
+    return kernel_backend() is Backend.TRITON and all(t.is_cuda for t in tensors)
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton would run a kernel built now in its CPU interpreter (TRITON_INTERPRET)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the env var directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _jit(fn: Callable[..., Any], interpret_flag: str) -> Any:
+    import triton  # lazy: only the Triton branch gets here
+
+    # triton.jit reads TRITON_INTERPRET right now, so the build matches `interpret_flag`.
+    return triton.jit(fn)
+
+
+def jit_kernel(fn: Callable[..., Any]) -> Any:
+    """`triton.jit(fn)`, built on first use and cached per value of TRITON_INTERPRET (see the
+    module docstring); the raw value is the key so that triton alone decides what it means."""
+    return _jit(fn, os.environ.get("TRITON_INTERPRET", ""))

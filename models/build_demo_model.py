@@ -1,0 +1,286 @@
+"""Build the embedded demo model: a byte-level BPE tokenizer and a tiny Llama chat model.
+
+Everything is trained here, on ../shared/data/corpus.jsonl, so that the server, the tests and
+the benchmarks have a real model to load with no download. The output directory is a plain
+Hugging Face checkpoint (config.json, model.safetensors, tokenizer files with a chat template):
+`AutoTokenizer.from_pretrained(dir)` and `AutoModelForCausalLM.from_pretrained(dir)` load it
+offline.
+
+The corpus is split by question, not by row: the five teachers' answers to one question all land
+on the same side, so the held-out loss measures answers to questions the model never saw.
+
+Usage:
+    python models/build_demo_model.py                  # tokenizer + training, resumes if interrupted
+    python models/build_demo_model.py --steps 200      # a short run, for trying things out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("build_demo_model")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CORPUS = HERE.parent.parent / "shared" / "data" / "corpus.jsonl"
+
+# ChatML-style template: <|im_start|>role\ncontent<|im_end|>\n ... The model stops on <|im_end|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def question_key(row_id: str) -> str:
+    """'gsm8k-720-vc_33b' -> 'gsm8k-720': the question a row answers, whoever the teacher."""
+    return "-".join(row_id.split("-")[:2])
+
+
+def split_corpus(rows: list[dict], heldout_fraction: float, seed: int = 0) -> tuple[list, list]:
+    keys = sorted({question_key(r["id"]) for r in rows})
+    random.Random(seed).shuffle(keys)
+    heldout = set(keys[: max(1, int(len(keys) * heldout_fraction))])
+    train = [r for r in rows if question_key(r["id"]) not in heldout]
+    held = [r for r in rows if question_key(r["id"]) in heldout]
+    return train, held
+
+
+def train_tokenizer(rows: list[dict], vocab_size: int, out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    texts = (m["content"] for r in rows for m in r["messages"])
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=2048,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and a 0/1 mask of the tokens the loss is taken on:
+    the assistant's content and its closing <|im_end|> (so the model learns when to stop)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for m in messages:
+        head = tokenizer.encode(f"<|im_start|>{m['role']}\n", add_special_tokens=False)
+        body = tokenizer.encode(m["content"] + "<|im_end|>", add_special_tokens=False)
+        tail = tokenizer.encode("\n", add_special_tokens=False)
+        learn = 1 if m["role"] == "assistant" else 0
+        ids += head + body + tail
+        mask += [0] * len(head) + [learn] * len(body) + [0] * len(tail)
+    return ids[:max_len], mask[:max_len]
+
+
+def make_batches(examples: list[tuple[list[int], list[int]]], tokens_per_batch: int, seed: int):
+    """Bucket by length so padding stays small; shuffle the batches, not the order inside."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if cur and max(cur_max, n) * (len(cur) + 1) > tokens_per_batch:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def collate(examples, idx: list[int], pad_id: int):
+    width = max(len(examples[i][0]) for i in idx)
+    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    attn = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, i in enumerate(idx):
+        ids, mask = examples[i]
+        n = len(ids)
+        input_ids[row, :n] = torch.tensor(ids)
+        attn[row, :n] = 1
+        lab = torch.tensor(ids)
+        lab[torch.tensor(mask) == 0] = -100
+        labels[row, :n] = lab
+    # labels are shifted inside the model: label[t] is predicted from tokens < t.
+    return input_ids, attn, labels
+
+
+@torch.no_grad()
+def evaluate(model, examples, batches, pad_id: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for idx in batches:
+        input_ids, attn, labels = collate(examples, idx, pad_id)
+        out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--out", type=Path, default=HERE / "demo-llama")
+    ap.add_argument("--work", type=Path, default=HERE / ".build" / "demo-llama", help="checkpoints for resume")
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--intermediate-size", type=int, default=704)
+    ap.add_argument("--max-len", type=int, default=512, help="conversations are truncated to this many tokens")
+    ap.add_argument("--tokens-per-batch", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--heldout-fraction", type=float, default=0.05)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    rows = [json.loads(line) for line in args.corpus.open()]
+    train_rows, held_rows = split_corpus(rows, args.heldout_fraction, args.seed)
+    log.info("corpus: %d rows, %d train, %d held out (by question)", len(rows), len(train_rows), len(held_rows))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if (args.out / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(args.out)
+    else:
+        log.info("training a %d-token byte-level BPE tokenizer", args.vocab_size)
+        train_tokenizer(train_rows, args.vocab_size, args.out)
+        tokenizer = AutoTokenizer.from_pretrained(args.out)
+
+    train_ex = [encode_conversation(tokenizer, r["messages"], args.max_len) for r in train_rows]
+    held_ex = [encode_conversation(tokenizer, r["messages"], args.max_len) for r in held_rows]
+    n_tok = sum(len(e[0]) for e in train_ex)
+    log.info("train tokens: %d (%.1f chars/token)", n_tok, sum(len(m["content"]) for r in train_rows for m in r["messages"]) / n_tok)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters", n_params / 1e6)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    # Resume state: `step` counts optimizer steps overall, `done_in_epoch` the batches of the
+    # current epoch already taken, so a resumed run continues with the very next batch.
+    step, epoch, done_in_epoch = 0, 0, 0
+    ckpt = args.work / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, epoch, done_in_epoch = state["step"], state["epoch"], state["done_in_epoch"]
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    held_batches = make_batches(held_ex, args.tokens_per_batch, seed=1)
+    pad = tokenizer.pad_token_id
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    while step < args.steps:
+        batches = make_batches(train_ex, args.tokens_per_batch, seed=args.seed + epoch)
+        for idx in batches[done_in_epoch:]:
+            if step >= args.steps:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            input_ids, attn, labels = collate(train_ex, idx, pad)
+            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            done_in_epoch += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "epoch": epoch, "done_in_epoch": done_in_epoch}
+                torch.save(state, ckpt)
+        else:
+            epoch, done_in_epoch = epoch + 1, 0
+    bar.close()
+    train_minutes = (time.time() - t0) / 60
+
+    held_loss = evaluate(model, held_ex, held_batches, pad)
+    log.info("held-out loss %.4f (perplexity %.2f)", held_loss, math.exp(held_loss))
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    report = {
+        "parameters": n_params,
+        "steps": args.steps,
+        "tokens_per_batch": args.tokens_per_batch,
+        "train_tokens_per_epoch": n_tok,
+        "epochs_seen": round(args.steps / len(make_batches(train_ex, args.tokens_per_batch, 0)), 2),
+        "heldout_questions_fraction": args.heldout_fraction,
+        "heldout_loss": round(held_loss, 4),
+        "heldout_perplexity": round(math.exp(held_loss), 3),
+        "train_minutes_this_run": round(train_minutes, 1),
+        "threads": torch.get_num_threads(),
+    }
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s: %s", args.out, report)
+
+
+if __name__ == "__main__":
+    main()

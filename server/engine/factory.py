@@ -1,0 +1,39 @@
+"""Build the engine core from server settings: model, tokenizer, drafter, cache, scheduler."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from drafter.base import Drafter
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.scheduler import SchedulerConfig
+from server.runtime.loader import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_drafter(spec: str | None, model) -> Drafter | None:
+    """`none` -> no speculation; `ngram` -> prompt lookup; a directory -> a trained drafter."""
+    if spec is None or str(spec).lower() == "none":
+        return None
+    if str(spec).lower() == "ngram":
+        from drafter.ngram import NgramDrafter
+
+        return NgramDrafter()
+    from drafter.loading import load_drafter
+
+    return load_drafter(Path(spec), model)
+
+
+def build_engine(settings) -> LLMEngine:
+    model = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    tokenizer = load_tokenizer(settings.model)
+    drafter = build_drafter(settings.drafter, model)
+    sched = SchedulerConfig(max_batch_size=settings.max_batch_size)
+    config = EngineConfig(max_model_len=settings.max_model_len, scheduler=sched)
+    name = getattr(settings, "served_model_name", None) or Path(settings.model).name
+    engine = LLMEngine(model, tokenizer, config, drafter=drafter, model_name=name)
+    log.info("engine ready: model %s, drafter %s, max_batch_size %d, max_model_len %d",
+             name, drafter.name if drafter else "none", sched.max_batch_size, config.max_model_len)
+    return engine

@@ -1,0 +1,72 @@
+"""The speculative step's phases as functions: propose -> verify -> accept -> commit.
+
+  propose: the drafter turns each sequence's context into a token tree rooted at its pending
+           token (CTC collapse, dedupe and trie-building happen inside the drafter);
+  verify:  ONE base-model forward over every sequence's tree and every prefill chunk;
+  accept:  per node, decide the base model's token (greedy or seeded sample, sampler.py); walk
+           the tree along decided tokens (accept.py) -> accepted path + bonus token;
+  commit:  move the accepted nodes' K/V right after each prefix; tell the drafter what entered
+           the cache (with hidden states, for drafters that condition on them).
+Plain decoding is the same step with root-only trees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.tree import TokenTree
+from server.engine.accept import AcceptResult, accept_tree
+from server.engine.sampler import decide_tokens
+from server.engine.sequence import Sequence
+from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.kv_cache import KVCache
+from server.runtime.model import CausalLM
+
+
+def propose(drafter: Drafter | None, decode: list[tuple[Sequence, int]]) -> list[TokenTree]:
+    """A tree per decoding sequence; budget 0 (or no drafter) gives a root-only tree."""
+    trees = [TokenTree.chain(seq.pending_token, []) for seq, _ in decode]
+    asks = [(i, ProposeRequest(seq.request_id, seq.pending_token, b)) for i, (seq, b) in enumerate(decode) if b > 0]
+    if drafter is not None and asks:
+        for (i, _), tree in zip(asks, drafter.propose([r for _, r in asks])):
+            trees[i] = tree
+    return trees
+
+
+@dataclass
+class VerifyOutput:
+    hidden: torch.Tensor  # (B, L, H) final-norm hidden states of every new token
+    logits: torch.Tensor  # (M, V) float32 rows requested by `rows`
+    rows: list[list[int]]  # per item, indices into `logits` of the token positions asked for
+
+
+def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_positions: list[list[int]]) -> VerifyOutput:
+    """One forward over all items; logits only at `logit_positions[b]` of item b (the vocabulary
+    projection is the largest matrix of a small model, so prefill rows that need none skip it)."""
+    batch = build_batch(items, cache.max_len, cache.k.device)
+    hidden = model(batch, cache)
+    b_idx = [b for b, pos in enumerate(logit_positions) for _ in pos]
+    t_idx = [t for pos in logit_positions for t in pos]
+    rows, k = [], 0
+    for pos in logit_positions:
+        rows.append(list(range(k, k + len(pos))))
+        k += len(pos)
+    logits = model.compute_logits(hidden[b_idx, t_idx]) if b_idx else hidden.new_zeros(0, 0)
+    return VerifyOutput(hidden=hidden, logits=logits, rows=rows)
+
+
+def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
+    """The base model's token at each row: row i belongs to seqs[i], output position positions[i]."""
+    return decide_tokens(logits, [s.params for s in seqs], [s.seed for s in seqs], positions).tolist()
+
+
+def accept(tree: TokenTree, decided: list[int]) -> AcceptResult:
+    return accept_tree(tree.tokens, tree.parents, decided)
+
+
+def commit(cache: KVCache, seqs: list[Sequence], results: list[AcceptResult]) -> None:
+    """Keep each sequence's accepted path (root + accepted drafts) in its KV slot."""
+    cache.commit_paths([s.slot for s in seqs], [r.path for r in results])

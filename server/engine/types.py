@@ -1,0 +1,109 @@
+"""Types shared by the engine, the worker loop and the API layer.
+
+The API layer maps one HTTP request to `SamplingParams` (validated once, here), the engine core
+takes `add_request`/`abort_request`/`step`, and every step yields `RequestDelta`s: the new
+tokens and text of one request, plus what speculation did for it in that step (for metrics).
+Nothing here imports torch or web frameworks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context limit
+    ABORT = "abort"  # cancelled (client went away, shutdown)
+    ERROR = "error"  # this request failed inside the engine; others carry on
+
+
+class EngineError(ValueError):
+    """A request the engine refuses (the API layer turns it into a 400)."""
+
+
+@dataclass
+class SamplingParams:
+    """How to decode one request. `temperature == 0` means greedy.
+
+    `top_k=None` and `top_p=1.0` switch those filters off. `speculative=False` decodes this
+    request one token per step even when the server runs a drafter.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    speculative: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise EngineError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise EngineError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise EngineError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RequestDelta:
+    """What one engine step produced for one request.
+
+    `text` is the newly decoded text (never splits a multi-byte character, never contains a stop
+    string or anything after it). `num_draft_tokens`/`num_accepted_tokens` describe this step's
+    speculation for the request (both 0 when it did not speculate); accepted excludes the bonus.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far, including this delta
+    speculated: bool = False
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    error: str | None = None  # set with FinishReason.ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1: used cache positions over capacity
+
+
+class EngineCore(Protocol):
+    """The synchronous engine the worker thread drives. One thread owns it; nothing is locked."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: object  # a transformers tokenizer (chat template, decode)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[RequestDelta]: ...
+
+    def stats(self) -> EngineStats: ...

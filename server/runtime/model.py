@@ -1,0 +1,123 @@
+"""A compact forward of the Llama family (Llama 1-3, Mistral, Qwen2) over the slot KV cache.
+
+Written here rather than forked from a modeling file: the families differ only in biases and
+rope scaling, which ModelConfig resolves, so one decoder serves all of them. Parameter names
+match Hugging Face's (model.layers.N.self_attn.q_proj.weight, ...) so checkpoints load as they
+are. The forward takes a ForwardBatch (prefill chunks, decode tokens and verification trees,
+mixed) and returns the final-norm hidden states; logits are computed only where needed, since
+a prefill chunk needs one row of them and the vocabulary projection dominates small models.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.tree_attention import tree_attention
+from server.runtime.batch import AttentionMetadata, ForwardBatch
+from server.runtime.config import ModelConfig
+from server.runtime.kv_cache import KVCache
+from server.runtime.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: the order Llama's reference uses, which
+        # matters for bit-level agreement in bf16.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.hq, self.hkv, self.hd = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.hq, self.hd).transpose(1, 2)  # (B, Hq, L, hd)
+        k = self.k_proj(x).view(B, L, self.hkv, self.hd).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.hkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(self.layer, meta, k, v)
+        out = tree_attention(
+            q, cache.k[self.layer], cache.v[self.layer],
+            meta.slots, meta.cache_lens, meta.q_lens, meta.tree_mask, self.hd**-0.5,
+        )  # (B, Hq, L, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.hq * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer(
+            "inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+
+    def make_cache(self, max_slots: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        c = self.config
+        return KVCache(c.num_layers, max_slots, c.num_kv_heads, max_len, c.head_dim, p.dtype, p.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Run the batch, writing its K/V into `cache`; returns final-norm hidden states (B, L, H).
+        Lengths are not advanced here: the caller decides what to keep (advance / commit_paths)."""
+        x = self.model.embed_tokens(batch.input_ids)
+        cos, sin = rope_cos_sin(batch.meta.positions, self.inv_freq, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch.meta, cache)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) float32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,233 @@
+"""The engine end to end on random-init models: lossless against transformers, stops, batching.
+
+A `NoisyOracleDrafter` (test-only) proposes trees built from the reference continuation with
+some tokens corrupted and some siblings added, so every step exercises acceptance, rejection at
+every depth and sibling choice; lossless means the engine's output is still exactly greedy.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.ngram import NgramDrafter
+from drafter.tree import build_trie
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.scheduler import SchedulerConfig
+from server.engine.types import EngineError, FinishReason, SamplingParams
+from server.runtime.loader import load_model
+
+
+class NoisyOracleDrafter(Drafter):
+    """Knows each request's reference continuation; proposes it with errors, plus a decoy branch."""
+
+    name = "noisy-oracle"
+
+    def __init__(self, references: dict[str, list[int]], vocab: int, seed: int = 0):
+        self.refs, self.vocab, self.rng = references, vocab, random.Random(seed)
+        self.seen: dict[str, int] = {}
+
+    def start(self, seq_id, prompt_ids):
+        self.seen[seq_id] = -len(prompt_ids)  # counts committed tokens past the prompt
+
+    def observe(self, seq_id, token_ids, hidden=None):
+        self.seen[seq_id] += len(token_ids)
+
+    def propose(self, requests: list[ProposeRequest]):
+        trees = []
+        for r in requests:
+            ref = self.refs[r.seq_id]
+            done = self.seen[r.seq_id] + 1  # output tokens emitted so far (pending included)
+            good = ref[done : done + r.budget]
+            bad = [t if self.rng.random() < 0.7 else self.rng.randrange(self.vocab) for t in good]
+            decoy = [self.rng.randrange(self.vocab) for _ in good[:2]]
+            trees.append(build_trie(r.pending_token, [bad, decoy], [0.0, -1.0], max_nodes=r.budget))
+        return trees
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+class _NoTokenizer:
+    """Random-init models have no tokenizer; decode ids as text so stop strings can be tested."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def make_engine(model, drafter=None, max_len=96, batch=4, **sched):
+    cfg = EngineConfig(max_model_len=max_len, scheduler=SchedulerConfig(max_batch_size=batch, **sched))
+    return LLMEngine(model, _NoTokenizer(), cfg, drafter=drafter)
+
+
+def run_all(engine, requests: dict[str, tuple[list[int], SamplingParams]], max_steps=2000):
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    out = {rid: {"tokens": [], "text": "", "finish": None, "drafts": 0, "accepted": 0} for rid in requests}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            break
+        for d in engine.step():
+            o = out[d.request_id]
+            o["tokens"] += d.token_ids
+            o["text"] += d.text
+            o["drafts"] += d.num_draft_tokens
+            o["accepted"] += d.num_accepted_tokens
+            if d.finished:
+                o["finish"] = d.finish_reason
+    assert not engine.has_work(), "engine did not finish"
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    family, hf, path = hf_checkpoint
+    return hf, load_model(path, dtype="float32", device="cpu")
+
+
+def prompts_for(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 160, (int(L),), generator=g).tolist() for L in torch.randint(2, 30, (n,), generator=g)]
+
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("drafter_kind", ["none", "ngram", "oracle"])
+def test_greedy_is_lossless_against_transformers(models, drafter_kind):
+    hf, model = models
+    prompts = prompts_for(6, seed=11)
+    refs = {f"r{i}": hf_greedy(hf, p, 24) for i, p in enumerate(prompts)}
+    drafter = {"none": None, "ngram": NgramDrafter(), "oracle": NoisyOracleDrafter(refs, 160)}[drafter_kind]
+    # batch 4 < 6 requests: the last two wait for slots, so admission mid-flight is exercised;
+    # a small prefill chunk splits prompts across steps.
+    engine = make_engine(model, drafter, batch=4, prefill_chunk=16, max_tree_nodes=6)
+    out = run_all(engine, {rid: (p, GREEDY) for rid, p in zip(refs, prompts)})
+    for rid, ref in refs.items():
+        assert out[rid]["tokens"] == ref, rid
+        assert out[rid]["finish"] is FinishReason.LENGTH
+    if drafter_kind == "oracle":
+        total_acc = sum(o["accepted"] for o in out.values())
+        total_draft = sum(o["drafts"] for o in out.values())
+        assert 0 < total_acc < total_draft, "the oracle should be partly right and partly wrong"
+    assert engine.cache.num_used_slots == 0
+
+
+def test_seeded_sampling_is_identical_with_and_without_speculation(models):
+    _, model = models
+    prompts = prompts_for(4, seed=12)
+    params = [SamplingParams(max_tokens=20, temperature=t, top_p=p, top_k=k, seed=100 + i, ignore_eos=True)
+              for i, (t, p, k) in enumerate([(0.7, 1.0, None), (1.0, 0.9, None), (1.3, 1.0, 20), (0.5, 0.8, 10)])]
+    reqs = {f"s{i}": (p, sp) for i, (p, sp) in enumerate(zip(prompts, params))}
+    plain = run_all(make_engine(model, None), reqs)
+    # Draft with the plain run's own outputs as the (noisy) reference: long acceptances happen.
+    refs = {rid: o["tokens"] for rid, o in plain.items()}
+    spec = run_all(make_engine(model, NoisyOracleDrafter(refs, 160, seed=3), max_tree_nodes=5), reqs)
+    again = run_all(make_engine(model, None, batch=1), reqs)
+    for rid in reqs:
+        assert spec[rid]["tokens"] == plain[rid]["tokens"] == again[rid]["tokens"], rid
+    assert sum(o["accepted"] for o in spec.values()) > 0
+
+
+def test_different_seeds_give_different_samples(models):
+    _, model = models
+    prompt = prompts_for(1, seed=13)[0]
+    reqs = {f"s{i}": (prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=i, ignore_eos=True)) for i in range(4)}
+    out = run_all(make_engine(model, None), reqs)
+    assert len({tuple(o["tokens"]) for o in out.values()}) > 1
+
+
+def test_stops_eos_max_tokens_stop_token_and_stop_string(models):
+    hf, model = models
+    prompt = prompts_for(1, seed=14)[0]
+    ref = hf_greedy(hf, prompt, 30)
+    eos = ref[5]
+    k = ref.index(eos)  # first occurrence (may be before index 5)
+    engine = make_engine(model, NgramDrafter())
+    engine.eos_ids = {eos}
+    stop_text = "".join(f"<{i}>" for i in ref[8:10])
+    reqs = {
+        "eos": (prompt, SamplingParams(max_tokens=30, temperature=0)),
+        "len": (prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)),
+        "stoptok": (prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop_token_ids=[ref[7]])),
+        "stopstr": (prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop_text])),
+    }
+    out = run_all(engine, reqs)
+    assert out["eos"]["tokens"] == ref[: k + 1] and out["eos"]["finish"] is FinishReason.STOP
+    assert out["len"]["tokens"] == ref[:3] and out["len"]["finish"] is FinishReason.LENGTH
+    j = ref.index(ref[7])
+    assert out["stoptok"]["tokens"] == ref[: j + 1] and out["stoptok"]["finish"] is FinishReason.STOP
+    full = "".join(f"<{i}>" for i in ref)
+    assert out["stopstr"]["finish"] is FinishReason.STOP
+    assert out["stopstr"]["text"] == full[: full.index(stop_text)]
+
+
+def test_context_limit_stops_with_length(models):
+    hf, model = models
+    prompt = prompts_for(1, seed=15)[0][:20]
+    engine = make_engine(model, NgramDrafter(), max_len=len(prompt) + 7)
+    out = run_all(engine, {"c": (prompt, SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))})
+    assert out["c"]["finish"] is FinishReason.LENGTH
+    assert out["c"]["tokens"] == hf_greedy(hf, prompt, 7)
+
+
+def test_abort_frees_the_slot_and_others_continue(models):
+    hf, model = models
+    prompts = prompts_for(2, seed=16)
+    engine = make_engine(model, None, batch=2)
+    engine.add_request("a", prompts[0], GREEDY)
+    engine.add_request("b", prompts[1], GREEDY)
+    engine.step()
+    engine.step()
+    engine.abort_request("a")
+    assert engine.cache.num_used_slots == 1
+    got, finish = [], {}
+    while engine.has_work():
+        for d in engine.step():
+            if d.request_id == "b":
+                got += d.token_ids
+            if d.finished:
+                finish[d.request_id] = d.finish_reason
+    assert finish == {"a": FinishReason.ABORT, "b": FinishReason.LENGTH}
+    assert engine.cache.num_used_slots == 0
+
+
+def test_bad_requests_are_refused(models):
+    _, model = models
+    engine = make_engine(model, None, max_len=32)
+    with pytest.raises(EngineError, match="context"):
+        engine.add_request("x", list(range(40)), GREEDY)
+    with pytest.raises(EngineError, match="empty"):
+        engine.add_request("y", [], GREEDY)
+    with pytest.raises(EngineError, match="token ids"):
+        engine.add_request("z", [5, 100000], GREEDY)
+    with pytest.raises(EngineError):
+        SamplingParams(temperature=-1)
+
+
+def test_a_failing_request_does_not_stop_the_others(models, monkeypatch):
+    hf, model = models
+    prompts = prompts_for(2, seed=17)
+    engine = make_engine(model, None)
+    import server.engine.speculate as spec
+
+    real = spec.decide_tokens
+
+    def flaky(logits, params, seeds, positions):
+        if any(p.temperature == 0.123 for p in params):
+            raise RuntimeError("boom")
+        return real(logits, params, seeds, positions)
+
+    monkeypatch.setattr(spec, "decide_tokens", flaky)
+    bad = SamplingParams(max_tokens=8, temperature=0.123, seed=1)
+    out = run_all(engine, {"bad": (prompts[0], bad), "good": (prompts[1], GREEDY)})
+    assert out["bad"]["finish"] is FinishReason.ERROR
+    assert out["good"]["tokens"] == hf_greedy(hf, prompts[1], 24)
+    assert engine.cache.num_used_slots == 0

@@ -1,0 +1,167 @@
+"""Token trees: construction invariants, ancestor mask, trie merging under a budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drafter.tree import TokenTree, build_trie
+
+
+def assert_valid(tree: TokenTree) -> None:
+    assert tree.parents[0] == -1 and tree.depths[0] == 0
+    for i in range(1, tree.num_nodes):
+        assert 0 <= tree.parents[i] < i
+        assert tree.depths[i] == tree.depths[tree.parents[i]] + 1
+    # A trie: no two children of one node carry the same token.
+    for i in range(tree.num_nodes):
+        kids = [tree.tokens[c] for c in tree.children(i)]
+        assert len(kids) == len(set(kids))
+
+
+def sequences(tree: TokenTree) -> set[tuple[int, ...]]:
+    """Every root-to-node token sequence (root excluded) the tree holds."""
+    return {tuple(tree.tokens[j] for j in tree.path_to(i)[1:]) for i in range(1, tree.num_nodes)}
+
+
+def test_hand_built_tree_mask_children_paths() -> None:
+    #        0
+    #      /   \
+    #     1     2
+    #    / \     \
+    #   3   4     5
+    #   |
+    #   6
+    tree = TokenTree.from_parents([100, 11, 12, 13, 14, 15, 16], [-1, 0, 0, 1, 1, 2, 3])
+    assert tree.num_nodes == 7 and tree.num_draft_tokens == 6
+    assert tree.depths == [0, 1, 1, 2, 2, 2, 3]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0],
+            [1, 0, 1, 0, 0, 1, 0],
+            [1, 1, 0, 1, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(tree.ancestor_mask(), expected)
+    assert tree.children(0) == [1, 2] and tree.children(1) == [3, 4] and tree.children(6) == []
+    assert tree.path_to(6) == [0, 1, 3, 6] and tree.path_to(0) == [0] and tree.path_to(5) == [0, 2, 5]
+    assert tree.depths_tensor().tolist() == tree.depths
+
+
+def test_ancestor_mask_matches_path_to_on_random_trees() -> None:
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(1, 40)
+        parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+        tree = TokenTree.from_parents(list(range(n)), parents)
+        mask = tree.ancestor_mask()
+        for i in range(n):
+            assert set(torch.nonzero(mask[i]).flatten().tolist()) == set(tree.path_to(i))
+
+
+def test_chain() -> None:
+    tree = TokenTree.chain(7, [1, 2, 3])
+    assert tree.tokens == [7, 1, 2, 3] and tree.parents == [-1, 0, 1, 2] and tree.depths == [0, 1, 2, 3]
+    assert torch.equal(tree.ancestor_mask(), torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    root_only = TokenTree.chain(7, [])
+    assert root_only.num_nodes == 1 and root_only.ancestor_mask().tolist() == [[True]]
+
+
+@pytest.mark.parametrize(
+    "tokens, parents, depths",
+    [
+        ([1, 2], [-1, 1], [0, 1]),  # parent not before child
+        ([1, 2], [0, 0], [0, 1]),  # root has a parent
+        ([1, 2, 3], [-1, 0, 0], [0, 1, 2]),  # wrong depth
+        ([1, 2], [-1], [0]),  # lengths differ
+        ([], [], []),  # no root
+    ],
+)
+def test_invalid_trees_are_rejected(tokens: list[int], parents: list[int], depths: list[int]) -> None:
+    with pytest.raises(ValueError):
+        TokenTree(tokens, parents, depths)
+
+
+def test_build_trie_shares_prefixes_and_dedupes() -> None:
+    cands = [[1, 2, 3], [1, 2, 4], [1, 2, 3], [5], [1, 2], []]
+    tree = build_trie(0, cands, max_nodes=64)
+    assert_valid(tree)
+    assert tree.num_draft_tokens == 5  # 1, 1-2, 1-2-3, 1-2-4, 5
+    assert sequences(tree) == {(1,), (1, 2), (1, 2, 3), (1, 2, 4), (5,)}
+    # Breadth first: depth-1 nodes, then depth 2, then depth 3.
+    assert tree.depths == sorted(tree.depths)
+    assert tree.tokens[0] == 0
+
+
+def test_build_trie_depth_is_collapsed_position() -> None:
+    # Positions are trie depths: contiguous along every path (no RoPE gap, the authors' bug 3).
+    tree = build_trie(9, [[4, 4, 6], [4, 5]], max_nodes=8)
+    for i in range(tree.num_nodes):
+        assert [tree.depths[j] for j in tree.path_to(i)] == list(range(tree.depths[i] + 1))
+
+
+def test_build_trie_budget_keeps_best_and_stays_valid() -> None:
+    cands = [[1, 2, 3, 4], [5, 6], [1, 7], [8, 9, 10]]
+    scores = [-1.0, -0.5, -3.0, -2.0]
+    tree = build_trie(0, cands, scores, max_nodes=4)
+    assert_valid(tree)
+    # Values: 5,6 -> -0.5; 1,2,3,4 -> -1.0; 8,9,10 -> -2.0; 7 -> -3.0. Top 4: 5, 6, 1, 2.
+    assert sequences(tree) == {(5,), (5, 6), (1,), (1, 2)}
+    # Best first within a depth.
+    assert tree.tokens[1:3] == [5, 1]
+
+
+def test_build_trie_budget_prefix_of_kept_always_kept() -> None:
+    # A deep excellent candidate: its prefix must come along even though the budget binds.
+    tree = build_trie(0, [[1, 2, 3, 4, 5], [6], [7]], [0.0, -1.0, -2.0], max_nodes=3)
+    assert_valid(tree)
+    assert sequences(tree) == {(1,), (1, 2), (1, 2, 3)}
+
+
+def test_build_trie_scores_none_means_ranked() -> None:
+    tree = build_trie(0, [[3, 4], [5, 6], [7]], None, max_nodes=3)
+    assert sequences(tree) == {(3,), (3, 4), (5,)}
+
+
+def test_build_trie_duplicate_takes_best_score() -> None:
+    # [2] appears twice; its better score (-0.1) beats [1] (-0.5).
+    tree = build_trie(0, [[1], [2], [2]], [-0.5, -3.0, -0.1], max_nodes=1)
+    assert sequences(tree) == {(2,)}
+
+
+def test_build_trie_zero_budget_and_bad_args() -> None:
+    tree = build_trie(42, [[1, 2]], max_nodes=0)
+    assert tree.tokens == [42] and tree.num_draft_tokens == 0
+    with pytest.raises(ValueError):
+        build_trie(0, [[1]], [0.0, 1.0])
+    with pytest.raises(ValueError):
+        build_trie(0, [[1]], max_nodes=-1)
+    with pytest.raises(ValueError):
+        build_trie(0, [[1]], [float("nan")])
+
+
+def test_build_trie_random_budget_is_valid_and_optimal() -> None:
+    rng = random.Random(1)
+    for _ in range(30):
+        cands = [[rng.randrange(3) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 12))]
+        scores = [rng.uniform(-5, 0) for _ in cands]
+        full = build_trie(0, cands, scores, max_nodes=1000)
+        budget = rng.randint(0, full.num_draft_tokens)
+        tree = build_trie(0, cands, scores, max_nodes=budget)
+        assert_valid(tree)
+        assert tree.num_draft_tokens == budget
+        assert sequences(tree) <= sequences(full)
+        # Every kept node is worth at least as much as every dropped one.
+        def value(seq: tuple[int, ...]) -> float:
+            return max(s for c, s in zip(cands, scores) if tuple(c[: len(seq)]) == seq)
+
+        kept, dropped = sequences(tree), sequences(full) - sequences(tree)
+        if kept and dropped:
+            assert min(map(value, kept)) >= max(map(value, dropped))
