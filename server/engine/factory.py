@@ -13,7 +13,7 @@ from server.runtime.loader import load_model, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def build_drafter(spec: str | None, model) -> Drafter | None:
+def build_drafter(spec: str | None, model, max_slots: int, max_len: int) -> Drafter | None:
     """`none` -> no speculation; `ngram` -> prompt lookup; a directory -> a trained drafter."""
     if spec is None or str(spec).lower() == "none":
         return None
@@ -23,13 +23,13 @@ def build_drafter(spec: str | None, model) -> Drafter | None:
         return NgramDrafter()
     from drafter.loading import load_drafter
 
-    return load_drafter(Path(spec), model)
+    return load_drafter(Path(spec), model, max_slots=max_slots, max_len=max_len)
 
 
 def build_engine(settings) -> LLMEngine:
     model = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     tokenizer = load_tokenizer(settings.model)
-    drafter = build_drafter(settings.drafter, model)
+    drafter = build_drafter(settings.drafter, model, settings.max_batch_size, settings.max_model_len)
     sched = SchedulerConfig(max_batch_size=settings.max_batch_size)
     config = EngineConfig(max_model_len=settings.max_model_len, scheduler=sched)
     name = getattr(settings, "served_model_name", None) or Path(settings.model).name

@@ -44,17 +44,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.hq * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache | None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.hq, self.hd).transpose(1, 2)  # (B, Hq, L, hd)
         k = self.k_proj(x).view(B, L, self.hkv, self.hd).transpose(1, 2)  # (B, Hkv, L, hd)
         v = self.v_proj(x).view(B, L, self.hkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(self.layer, meta, k, v)
-        out = tree_attention(
-            q, cache.k[self.layer], cache.v[self.layer],
-            meta.slots, meta.cache_lens, meta.q_lens, meta.tree_mask, self.hd**-0.5,
-        )  # (B, Hq, L, hd)
+        if cache is None:
+            # No cache (training, one-shot scoring): the new tokens only see each other, through
+            # the tree mask. Differentiable, unlike the in-place cache writes.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=meta.tree_mask[:, None], scale=self.hd**-0.5, enable_gqa=self.hq != self.hkv
+            )
+        else:
+            cache.write(self.layer, meta, k, v)
+            out = tree_attention(
+                q, cache.k[self.layer], cache.v[self.layer],
+                meta.slots, meta.cache_lens, meta.q_lens, meta.tree_mask, self.hd**-0.5,
+            )  # (B, Hq, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.hq * self.hd))
 
 

@@ -1,0 +1,158 @@
+"""`ctc-drafter`: build distillation data, train a drafter, measure its acceptance length.
+
+    ctc-drafter distill --model models/demo-llama --out drafts/demo-data [--regenerate]
+    ctc-drafter train   --model models/demo-llama --data drafts/demo-data --out models/demo-llama-ctc
+    ctc-drafter eval    --model models/demo-llama --drafter models/demo-llama-ctc --drafter ngram
+
+Many GPUs or processes: `torchrun --nproc-per-node 8 -m drafter.cli train ...` (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "data" / "corpus.jsonl"
+DEMO_MODEL = REPO / "models" / "demo-llama"
+
+
+def cmd_distill(args) -> None:
+    from drafter.data import build_distilled, encode_conversation, load_corpus, regenerate
+    from server.runtime.loader import load_model, load_tokenizer
+
+    model = load_model(args.model, dtype="float32", device=args.device)
+    tok = load_tokenizer(args.model)
+    rows = load_corpus(args.corpus)[: args.max_conversations]
+    convs = [r["messages"] for r in rows]
+    if args.regenerate:
+        from server.engine.engine import EngineConfig, LLMEngine
+        from server.engine.scheduler import SchedulerConfig
+
+        engine = LLMEngine(model, tok, EngineConfig(max_model_len=args.max_len,
+                                                    scheduler=SchedulerConfig(max_batch_size=args.batch_size)))
+        convs = regenerate(engine, tok, convs, args.max_new_tokens)
+    encoded = [encode_conversation(tok, c, args.max_len) for c in convs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    for k in range(0, len(encoded), args.shard_size):
+        build_distilled(model, encoded[k : k + args.shard_size]).save(args.out / f"shard-{k // args.shard_size:04d}.safetensors")
+    meta = {"model": str(args.model), "conversations": len(encoded), "regenerated": args.regenerate,
+            "tokens": sum(len(e[0]) for e in encoded), "max_len": args.max_len}
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    logging.info("distilled %s", meta)
+
+
+def cmd_train(args) -> None:
+    from drafter.ctc import CTCDraftModel, CTCDrafterConfig
+    from drafter.data import load_distilled
+    from drafter.medusa import MedusaConfig, MedusaHeads
+    from drafter.train import TrainConfig, train
+    from server.runtime.loader import load_model
+
+    base = load_model(args.model, dtype="float32", device=args.device)
+    base.requires_grad_(False)
+    if args.kind == "ctc":
+        cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,
+                                        num_layers=args.layers, candidates=args.candidates)
+        draft = CTCDraftModel(cfg)
+    else:
+        draft = MedusaHeads(MedusaConfig.for_base(base.config, num_heads=args.labels, num_layers=args.layers))
+    draft = draft.to(base.lm_head.weight.device).attach_base(base)
+    tc = TrainConfig(steps=args.steps, conversations_per_step=args.conversations_per_step,
+                     anchors_per_conversation=args.anchors, lr=args.lr, aux_weight=args.aux_weight, seed=args.seed)
+    metrics = train(draft, load_distilled(args.data), args.out, tc)
+    logging.info("trained %s: %s", args.out, metrics)
+
+
+def cmd_eval(args) -> None:
+    from drafter.evaluate import acceptance, load_prompts
+    from server.engine.factory import build_drafter
+    from server.runtime.loader import load_model, load_tokenizer
+
+    model = load_model(args.model, dtype="float32", device=args.device)
+    tok = load_tokenizer(args.model)
+    prompts = load_prompts(tok, args.prompts, args.source, args.num_prompts)
+    plain = None
+    results = {}
+    for spec in args.drafter or ["none"]:
+        drafter = build_drafter(spec, model, max_slots=args.batch_size, max_len=args.max_model_len)
+        r = acceptance(model, tok, drafter, prompts, args.max_tokens, args.tree_nodes, args.max_model_len, args.batch_size)
+        outputs = r.pop("outputs")
+        plain = plain or (outputs if spec == "none" else None)
+        if plain is not None and spec != "none":
+            r["equals_plain"] = outputs == plain
+        results[spec] = r
+        print(f"{spec:40s} tau {r['tau']:.2f}  tau_spec {r['tau_spec']:.2f}  drafted/step {r['draft_tokens_per_step']:.1f}")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ctc-drafter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", type=Path, default=DEMO_MODEL, help="base model directory (Hugging Face layout)")
+    common.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+    d = sub.add_parser("distill", parents=[common], help="run the base model over the corpus; store hidden states and greedy labels")
+    d.add_argument("--corpus", type=Path, default=CORPUS, help="chat transcripts, one JSON object per line (training split is used)")
+    d.add_argument("--out", type=Path, required=True, help="output directory for shard-*.safetensors")
+    d.add_argument("--regenerate", action="store_true", help="rewrite assistant turns with the base model's greedy output first (self-distillation)")
+    d.add_argument("--max-conversations", type=int, default=None, help="use only the first N training conversations")
+    d.add_argument("--max-len", type=int, default=512, help="truncate conversations to this many tokens")
+    d.add_argument("--max-new-tokens", type=int, default=320, help="longest regenerated turn")
+    d.add_argument("--batch-size", type=int, default=32, help="sequences decoded at once while regenerating")
+    d.add_argument("--shard-size", type=int, default=1000, help="conversations per shard file")
+    d.set_defaults(fn=cmd_distill)
+
+    t = sub.add_parser("train", parents=[common], help="train a CTC drafter or the Medusa baseline on distilled data")
+    t.add_argument("--data", type=Path, required=True, help="directory written by `distill`")
+    t.add_argument("--out", type=Path, required=True, help="drafter directory to write (config.json + model.safetensors); resumes from out/.train")
+    t.add_argument("--kind", choices=["ctc", "medusa"], default="ctc")
+    t.add_argument("--frames", type=int, default=6, help="CTC: N frames per draft")
+    t.add_argument("--labels", type=int, default=4, help="K next base tokens to learn (Medusa: number of heads)")
+    t.add_argument("--layers", type=int, default=1, help="CTC: decoder layers; Medusa: residual blocks per head")
+    t.add_argument("--candidates", choices=["beam", "static"], default="beam", help="CTC: candidate search at inference")
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--conversations-per-step", type=int, default=8)
+    t.add_argument("--anchors", type=int, default=24, help="CTC: anchor positions sampled per conversation")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--aux-weight", type=float, default=0.0, help="CTC: weight of the frame-aligned cross-entropy")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", parents=[common], help="acceptance length on held-out prompts (greedy)")
+    e.add_argument("--drafter", action="append", help="drafter directory, 'ngram' or 'none'; repeatable")
+    e.add_argument("--prompts", type=Path, default=REPO.parent / "shared" / "data" / "eval_prompts.jsonl")
+    e.add_argument("--source", default="gsm8k", help="gsm8k, mt_bench or all")
+    e.add_argument("--num-prompts", type=int, default=40)
+    e.add_argument("--max-tokens", type=int, default=256)
+    e.add_argument("--tree-nodes", type=int, default=16, help="draft nodes per step")
+    e.add_argument("--max-model-len", type=int, default=1024)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", type=Path, help="write the figures as JSON here")
+    e.set_defaults(fn=cmd_eval)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError) as exc:
+        logging.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The CTC draft module (the Attention Draft Module of CTC-drafter, arXiv 2412.00061).
+
+Architecture. Context position t carries the frozen base model's final-norm hidden state h_t
+fused with the embedding of the token that follows it, x_{t+1}:  c_t = W [h_t ; E(x_{t+1})].
+For the last committed position, x_{t+1} is the sequence's pending token (the tree root). After
+the context come N learned frame queries; a few Llama decoder layers (the runtime's own, so one
+attention implementation serves base and drafter) run over [c_1..c_T, f_1..f_N] causally, and each
+frame is read out through the base model's frozen LM head plus one extra output, the CTC blank:
+frame j gives a distribution over V + 1 symbols. One forward yields all N frames.
+
+Training (train.py) aligns the N frames to the next K tokens the base model would produce with
+CTC loss; inference collapses frame sequences (merge repeats, drop blanks) into candidate drafts.
+
+Its own KV cache. Each context position's K/V depend only on h_t and x_{t+1}, both final once t
+is committed (the root is always committed, so the pending token used at t = last stays right),
+so the drafter keeps a slot KV cache like the base model's and each step processes only the
+positions committed since the last step plus the N frames, whose K/V are never kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.candidates import candidates_to_tree, ctc_prefix_beam_search, static_tree_candidates
+from drafter.tree import TokenTree
+from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.config import ModelConfig
+from server.runtime.kv_cache import KVCache
+from server.runtime.model import CausalLM, DecoderLayer, RMSNorm
+from server.runtime.rope import inverse_frequencies, rope_cos_sin
+
+
+@dataclass
+class CTCDrafterConfig:
+    base_architecture: str
+    base_hidden_size: int
+    base_vocab_size: int
+    num_frames: int = 6  # N: frames per draft (> the tokens it can draft, so blanks/repeats fit)
+    num_labels: int = 4  # K: next base tokens each draft is trained to spell
+    num_layers: int = 1
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    candidates: str = "beam"  # "beam": CTC prefix beam search; "static": top-k per frame (the paper)
+    beam_width: int = 8
+    prune_topk: int = 6  # beam search extends each prefix by a frame's top tokens only
+    static_topk: list[int] = field(default_factory=lambda: [4, 3, 2, 2, 1, 1])
+    kind: str = "ctc"
+
+    def __post_init__(self) -> None:
+        if self.num_frames < self.num_labels:
+            raise ValueError(f"num_frames ({self.num_frames}) must be >= num_labels ({self.num_labels})")
+        if self.candidates not in ("beam", "static"):
+            raise ValueError(f"candidates must be 'beam' or 'static', got {self.candidates!r}")
+
+    @property
+    def blank(self) -> int:
+        return self.base_vocab_size  # the extra output after the base vocabulary
+
+    def layer_config(self) -> ModelConfig:
+        """The drafter's decoder layers as a ModelConfig (same family of layer as the base)."""
+        return ModelConfig(
+            architecture="LlamaForCausalLM", vocab_size=self.base_vocab_size, hidden_size=self.base_hidden_size,
+            intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.base_hidden_size // self.num_heads,
+            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=0, tie_word_embeddings=False,
+            qkv_bias=False, o_bias=False, mlp_bias=False, rope_theta=self.rope_theta,
+        )
+
+    @classmethod
+    def for_base(cls, base: ModelConfig, **overrides) -> CTCDrafterConfig:
+        defaults = dict(
+            base_architecture=base.architecture, base_hidden_size=base.hidden_size,
+            base_vocab_size=base.vocab_size, num_heads=base.num_heads, num_kv_heads=base.num_kv_heads,
+            intermediate_size=base.intermediate_size, rms_norm_eps=base.rms_norm_eps, rope_theta=base.rope_theta,
+        )
+        return cls(**{**defaults, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CTCDraftModel(nn.Module):
+    """Trainable part: fuse, decoder layers, final norm, frame queries, blank head. The base
+    embedding and LM head are borrowed (frozen, not saved): `attach_base` sets them."""
+
+    def __init__(self, cfg: CTCDrafterConfig):
+        super().__init__()
+        self.config = cfg
+        H = cfg.base_hidden_size
+        lc = cfg.layer_config()
+        self.fuse = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList(DecoderLayer(lc, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.frame_queries = nn.Parameter(torch.randn(cfg.num_frames, H) * 0.02)
+        self.blank_head = nn.Linear(H, 1)
+        self.register_buffer("inv_freq", inverse_frequencies(lc.head_dim, cfg.rope_theta, {}), persistent=False)
+        self._base: tuple[nn.Embedding, nn.Linear] | None = None
+
+    def attach_base(self, base: CausalLM) -> CTCDraftModel:
+        if (base.config.hidden_size, base.config.vocab_size) != (self.config.base_hidden_size, self.config.base_vocab_size):
+            raise ValueError("drafter and base model disagree on hidden or vocabulary size")
+        self._base = (base.model.embed_tokens, base.lm_head)  # a tuple: not registered, not saved
+        return self
+
+    @property
+    def base(self) -> tuple[nn.Embedding, nn.Linear]:
+        if self._base is None:
+            raise RuntimeError("call attach_base(base_model) before using the drafter")
+        return self._base
+
+    def context_inputs(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """c_t = W [h_t ; E(x_{t+1})]: hidden (..., H), next_tokens (...) -> (..., H)."""
+        embed, _ = self.base
+        return self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), embed(next_tokens)], dim=-1))
+
+    def run(self, x: torch.Tensor, meta, cache: KVCache | None) -> torch.Tensor:
+        """Decoder layers over inputs x (B, L, H) laid out as `meta` says; returns normed (B, L, H)."""
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta, cache)
+        return self.norm(x)
+
+    def frame_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V + 1) float32: the base LM head's logits, then the blank's."""
+        _, lm_head = self.base
+        return torch.cat([lm_head(y), self.blank_head(y)], dim=-1).float()
+
+
+@dataclass
+class _SeqState:
+    slot: int
+    tokens: list[int] = field(default_factory=list)  # committed tokens not yet in the drafter cache
+    hidden: list[torch.Tensor] = field(default_factory=list)  # their base hidden states, (n, H) each
+
+
+class CTCDrafter(Drafter):
+    """Inference: one batched drafter forward per step for every sequence that asks for a draft."""
+
+    name = "ctc"
+    needs_hidden = True
+
+    def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int):
+        self.model = model.eval()
+        cfg, lc = model.config, model.config.layer_config()
+        p = model.fuse.weight
+        self.cache = KVCache(cfg.num_layers, max_slots, lc.num_kv_heads, max_len + cfg.num_frames, lc.head_dim,
+                             p.dtype, p.device)
+        self.state: dict[str, _SeqState] = {}
+
+    def start(self, seq_id: str, prompt_ids: list[int]) -> None:
+        self.state[seq_id] = _SeqState(slot=self.cache.allocate())
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
+        st = self.state[seq_id]
+        st.tokens += token_ids
+        st.hidden.append(hidden)
+
+    def release(self, seq_id: str) -> None:
+        st = self.state.pop(seq_id, None)
+        if st is not None:
+            self.cache.free(st.slot)
+
+    @torch.inference_mode()
+    def frames(self, requests: list[ProposeRequest]) -> torch.Tensor:
+        """Run the drafter for each request: new context positions + N frames. Returns frame
+        log-probs (B, N, V+1) and commits the context positions to the drafter cache."""
+        m, N = self.model, self.model.config.num_frames
+        device = m.fuse.weight.device
+        items, ctx = [], []
+        for r in requests:
+            st = self.state[r.seq_id]
+            n = len(st.tokens)
+            items.append(ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)))
+            hidden = torch.cat(st.hidden).to(device)  # (n, H)
+            nxt = torch.tensor(st.tokens[1:] + [r.pending_token], device=device)
+            ctx.append(m.context_inputs(hidden, nxt))  # (n, H)
+        batch = build_batch(items, self.cache.max_len, device)
+        H = m.config.base_hidden_size
+        x = torch.zeros(len(items), batch.input_ids.shape[1], H, dtype=m.fuse.weight.dtype, device=device)
+        for b, c in enumerate(ctx):
+            x[b, : len(c)] = c
+            x[b, len(c) : len(c) + N] = m.frame_queries
+        y = m.run(x, batch.meta, self.cache)  # (B, L, H)
+        frame_idx = torch.stack([torch.arange(len(c), len(c) + N, device=device) for c in ctx])  # (B, N)
+        y = y.gather(1, frame_idx[..., None].expand(-1, -1, H))  # (B, N, H)
+        for r, c in zip(requests, ctx):
+            st = self.state[r.seq_id]
+            self.cache.advance(st.slot, len(c))
+            st.tokens, st.hidden = [], []
+        return torch.log_softmax(m.frame_logits(y), dim=-1)
+
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        cfg = self.model.config
+        log_probs = self.frames(requests).cpu()  # (B, N, V+1): candidate search is host code
+        trees = []
+        for r, lp in zip(requests, log_probs):
+            if cfg.candidates == "beam":
+                cands = ctc_prefix_beam_search(lp, cfg.blank, cfg.beam_width, cfg.prune_topk)
+            else:
+                cands = static_tree_candidates(lp, cfg.blank, cfg.static_topk)
+            trees.append(candidates_to_tree(r.pending_token, cands, r.budget))
+        return trees

@@ -1,0 +1,185 @@
+"""Distillation data for drafters: what the frozen base model says about the training corpus.
+
+For each conversation we store its token ids, which positions belong to assistant turns (drafts
+are only ever made there), the base model's final-norm hidden state at every position, and its
+greedy next-token label at every position (argmax of its logits). A drafter is trained to predict
+the base model's own continuation (self-distillation), which is what verification accepts.
+
+Two sources of text: the corpus as written (`teacher` answers of other models), or, with
+`regenerate`, each assistant turn rewritten by the base model itself with greedy decoding, so that
+the labels along the text are exactly what the base model emits at inference.
+
+Shards are safetensors files of concatenated arrays plus an offsets vector, read back whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.loader import chat_prompt_ids
+from server.runtime.model import CausalLM
+
+log = logging.getLogger(__name__)
+
+
+def question_key(row_id: str) -> str:
+    """'gsm8k-720-vc_33b' -> 'gsm8k-720': the question a row answers, whoever the teacher."""
+    return "-".join(row_id.split("-")[:2])
+
+
+def split_corpus(rows: list[dict], heldout_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Split by question, so all teachers' answers to one question land on the same side."""
+    keys = sorted({question_key(r["id"]) for r in rows})
+    random.Random(seed).shuffle(keys)
+    heldout = set(keys[: max(1, int(len(keys) * heldout_fraction))])
+    train = [r for r in rows if question_key(r["id"]) not in heldout]
+    held = [r for r in rows if question_key(r["id"]) in heldout]
+    return train, held
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation in the chat template's layout, and a 0/1 mask that is 1 on
+    assistant content and its end-of-turn token (the positions a model generates)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for m in messages:
+        prefix = tokenizer.apply_chat_template([m], tokenize=False)
+        content_at = prefix.index(m["content"]) if m["content"] else len(prefix) - len("\n")
+        head = tokenizer.encode(prefix[:content_at], add_special_tokens=False)
+        body_text = prefix[content_at:].removesuffix("\n")
+        body = tokenizer.encode(body_text, add_special_tokens=False)
+        tail = tokenizer.encode(prefix[content_at + len(body_text) :], add_special_tokens=False)
+        learn = 1 if m["role"] == "assistant" else 0
+        ids += head + body + tail
+        mask += [0] * len(head) + [learn] * len(body) + [0] * len(tail)
+    return ids[:max_len], mask[:max_len]
+
+
+def load_corpus(path: Path, heldout_fraction: float = 0.05, seed: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in path.open()]
+    train, _ = split_corpus(rows, heldout_fraction, seed)
+    return train
+
+
+def regenerate(engine, tokenizer, conversations: list[list[dict]], max_tokens: int) -> list[list[dict]]:
+    """Rewrite every assistant turn with the base model's greedy output, turn by turn (a later
+    turn sees the regenerated earlier ones). Runs all conversations through the batched engine."""
+    from server.engine.types import SamplingParams
+
+    convs = [list(c) for c in conversations]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    n_turns = max(sum(m["role"] == "assistant" for m in c) for c in convs)
+    for turn in range(n_turns):
+        todo = {}
+        for i, c in enumerate(convs):
+            idx = [j for j, m in enumerate(c) if m["role"] == "assistant"]
+            if turn < len(idx):
+                j = idx[turn]
+                prompt = chat_prompt_ids(tokenizer, c[:j])
+                if len(prompt) + max_tokens < engine.max_model_len:
+                    todo[f"{i}"] = (j, prompt)
+        texts = {k: "" for k in todo}
+        for k, (_, prompt) in todo.items():
+            engine.add_request(k, prompt, params)
+        bar = tqdm(total=len(todo), desc=f"regenerate turn {turn + 1}", dynamic_ncols=True)
+        while engine.has_work():
+            for d in engine.step():
+                texts[d.request_id] += d.text
+                if d.finished:
+                    bar.update(1)
+        bar.close()
+        for k, (j, _) in todo.items():
+            convs[int(k)][j] = {"role": "assistant", "content": texts[k]}
+    return convs
+
+
+@torch.inference_mode()
+def base_outputs(model: CausalLM, seqs: list[list[int]], max_tokens_per_batch: int = 8192):
+    """Final-norm hidden states (T, H) fp16 and greedy labels (T,) for each sequence, batched by
+    length through the runtime's forward (one chain per sequence)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list = [None] * len(seqs)
+    max_len = max(len(s) for s in seqs)
+    batch_rows = max(1, max_tokens_per_batch // max_len)
+    cache = model.make_cache(batch_rows, max_len)
+    bar = tqdm(total=len(seqs), desc="base forward", dynamic_ncols=True)
+    i = 0
+    while i < len(order):
+        width = len(seqs[order[min(i + batch_rows, len(order)) - 1]])
+        n = max(1, min(batch_rows, max_tokens_per_batch // width))
+        chunk = order[i : i + n]
+        items = [ForwardItem(slot, 0, seqs[j]) for slot, j in enumerate(chunk)]
+        hidden = model(build_batch(items, max_len, cache.k.device), cache)
+        labels = model.compute_logits(hidden).argmax(-1)
+        for b, j in enumerate(chunk):
+            T = len(seqs[j])
+            out[j] = (hidden[b, :T].to(torch.float16).cpu(), labels[b, :T].cpu())
+        i += n
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+@dataclass
+class DistilledSet:
+    """Concatenated arrays of many conversations; conversation i spans offsets[i]:offsets[i+1]."""
+
+    tokens: torch.Tensor  # (total,) int64
+    assistant: torch.Tensor  # (total,) bool
+    hidden: torch.Tensor  # (total, H) float16
+    labels: torch.Tensor  # (total,) int64 base greedy next token at each position
+    offsets: torch.Tensor  # (n + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def conversation(self, i: int) -> dict[str, torch.Tensor]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"tokens": self.tokens[a:b], "assistant": self.assistant[a:b],
+                "hidden": self.hidden[a:b], "labels": self.labels[a:b]}
+
+    def save(self, path: Path) -> None:
+        save_file({"tokens": self.tokens, "assistant": self.assistant.to(torch.uint8), "hidden": self.hidden,
+                   "labels": self.labels, "offsets": self.offsets}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> DistilledSet:
+        d = load_file(str(path))
+        return cls(d["tokens"], d["assistant"].bool(), d["hidden"], d["labels"], d["offsets"])
+
+    @classmethod
+    def concat(cls, parts: list[DistilledSet]) -> DistilledSet:
+        offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+        for p in parts:
+            offsets.append(p.offsets[1:] + base)
+            base += int(p.offsets[-1])
+        return cls(torch.cat([p.tokens for p in parts]), torch.cat([p.assistant for p in parts]),
+                   torch.cat([p.hidden for p in parts]), torch.cat([p.labels for p in parts]), torch.cat(offsets))
+
+
+def build_distilled(model: CausalLM, encoded: list[tuple[list[int], list[int]]]) -> DistilledSet:
+    outs = base_outputs(model, [ids for ids, _ in encoded])
+    lengths = torch.tensor([len(ids) for ids, _ in encoded])
+    return DistilledSet(
+        tokens=torch.tensor([t for ids, _ in encoded for t in ids], dtype=torch.long),
+        assistant=torch.tensor([m for _, mask in encoded for m in mask], dtype=torch.bool),
+        hidden=torch.cat([h for h, _ in outs]),
+        labels=torch.cat([lab for _, lab in outs]).long(),
+        offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+    )
+
+
+def load_distilled(data_dir: Path) -> DistilledSet:
+    shards = sorted(Path(data_dir).glob("shard-*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no shard-*.safetensors in {data_dir}: run `ctc-drafter distill` first")
+    return DistilledSet.concat([DistilledSet.load(s) for s in shards])

@@ -1,0 +1,114 @@
+"""Medusa heads: the CTC-drafter paper's main baseline (Cai et al., 2024, arXiv 2401.10774).
+
+K independent heads read the base model's last hidden state h_t; head k (a residual SiLU block)
+feeds the frozen base LM head to predict the token k positions after the pending token, each
+trained with cross-entropy on its own position. Unlike the CTC module, a head sees neither the
+pending token nor the other heads' choices, so its drafts are independent guesses per position;
+candidates are the top-k per head combined over a static tree, as in Medusa.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.candidates import Candidate, candidates_to_tree
+from drafter.tree import TokenTree
+from server.runtime.config import ModelConfig
+from server.runtime.model import CausalLM
+
+
+@dataclass
+class MedusaConfig:
+    base_architecture: str
+    base_hidden_size: int
+    base_vocab_size: int
+    num_heads: int = 4  # K: positions drafted after the pending token
+    num_layers: int = 1  # residual blocks per head
+    topk_per_head: list[int] = field(default_factory=lambda: [4, 3, 2, 2])
+    kind: str = "medusa"
+
+    @property
+    def num_labels(self) -> int:
+        return self.num_heads
+
+    @classmethod
+    def for_base(cls, base: ModelConfig, **overrides) -> MedusaConfig:
+        defaults = dict(base_architecture=base.architecture, base_hidden_size=base.hidden_size,
+                        base_vocab_size=base.vocab_size)
+        return cls(**{**defaults, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)  # starts as the identity: head k begins as the base head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, cfg: MedusaConfig):
+        super().__init__()
+        self.config = cfg
+        self.heads = nn.ModuleList(
+            nn.Sequential(*(ResBlock(cfg.base_hidden_size) for _ in range(cfg.num_layers))) for _ in range(cfg.num_heads)
+        )
+        self._lm_head: tuple[nn.Linear] | None = None
+
+    def attach_base(self, base: CausalLM) -> MedusaHeads:
+        self._lm_head = (base.lm_head,)  # borrowed, frozen, not saved
+        return self
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> (..., K, V) float32, head k predicting position k after the pending token."""
+        (lm_head,) = self._lm_head
+        h = hidden.to(lm_head.weight.dtype)
+        return torch.stack([lm_head(head(h)) for head in self.heads], dim=-2).float()
+
+
+def medusa_candidates(log_probs: torch.Tensor, topk_per_head: list[int]) -> list[Candidate]:
+    """log_probs (K, V) -> every combination of the heads' top tokens (its prefixes come from the
+    trie), scored by summed log-probability, best first."""
+    K = log_probs.shape[0]
+    top = [log_probs[k].topk(topk_per_head[k]) for k in range(min(K, len(topk_per_head)))]
+    cands = []
+    for ranks in itertools.product(*(range(len(t.indices)) for t in top)):
+        toks = [int(top[k].indices[r]) for k, r in enumerate(ranks)]
+        score = float(sum(top[k].values[r] for k, r in enumerate(ranks)))
+        cands.append(Candidate(toks, score))
+    cands.sort(key=lambda c: -c.score)
+    return cands
+
+
+class MedusaDrafter(Drafter):
+    name = "medusa"
+    needs_hidden = True
+
+    def __init__(self, model: MedusaHeads, max_slots: int = 0, max_len: int = 0):
+        self.model = model.eval()
+        self.last_hidden: dict[str, torch.Tensor] = {}
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
+        self.last_hidden[seq_id] = hidden[-1]
+
+    def release(self, seq_id: str) -> None:
+        self.last_hidden.pop(seq_id, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        h = torch.stack([self.last_hidden[r.seq_id] for r in requests])  # (B, H)
+        log_probs = torch.log_softmax(self.model.logits(h), dim=-1).cpu()  # (B, K, V)
+        topk = self.model.config.topk_per_head
+        return [candidates_to_tree(r.pending_token, medusa_candidates(lp, topk), r.budget)
+                for r, lp in zip(requests, log_probs)]

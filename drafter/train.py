@@ -1,0 +1,220 @@
+"""Training drafters on distilled data (data.py): the CTC module and the Medusa baseline.
+
+Anchors. A training example is an anchor position t inside an assistant turn: the drafter sees
+the context up to t (hidden states h_<=t and tokens x_<=t+1, x_{t+1} playing the pending token)
+and must spell the base model's next tokens, labels[t+1 : t+1+K] (labels[j] = the base model's
+greedy token after x_<=j), cut at the end of the assistant turn.
+
+CTC objective. All anchors of a conversation go through ONE forward: the context is a causal
+chain and each anchor hangs a branch of N frame queries off context node t, so the tree mask
+makes frames see exactly x_<=t and their own earlier frames (the layout inference uses), with
+positions t+1..t+N. Loss = CTC(frames, labels) (+ optional auxiliary cross-entropy that pins
+frame j to label j, a valid alignment, weighted by --aux-weight).
+
+Medusa objective: head k's cross-entropy against labels[t+k], at every anchor.
+
+Distributed: launched by torchrun (WORLD_SIZE > 1), the objective is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on CUDA); ranks draw disjoint conversations from the
+same shuffled order and rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from drafter.collapse import collapse_sequence
+from drafter.ctc import CTCDraftModel
+from drafter.data import DistilledSet
+from drafter.loading import save_drafter
+from drafter.medusa import MedusaHeads
+from server.runtime.batch import ForwardItem, build_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    conversations_per_step: int = 8
+    anchors_per_conversation: int = 24  # CTC only; Medusa uses every anchor (it is cheap)
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    aux_weight: float = 0.0
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def anchor_targets(conv: dict, K: int) -> list[tuple[int, list[int]]]:
+    """(t, labels[t+1 : t+1+k]) for every anchor t whose pending position t+1 is assistant text."""
+    assistant, labels = conv["assistant"].tolist(), conv["labels"].tolist()
+    T = len(labels)
+    out = []
+    for t in range(T - 1):
+        k = 0
+        while k < K and t + 1 + k < T and assistant[t + 1 + k]:
+            k += 1
+        if k:
+            out.append((t, labels[t + 1 : t + 1 + k]))
+    return out
+
+
+class CTCObjective(nn.Module):
+    def __init__(self, model: CTCDraftModel, aux_weight: float = 0.0):
+        super().__init__()
+        self.model, self.aux_weight = model, aux_weight
+
+    def forward(self, convs: list[dict], anchors: list[list[tuple[int, list[int]]]]):
+        m, cfg = self.model, self.model.config
+        N, H = cfg.num_frames, cfg.base_hidden_size
+        device = m.fuse.weight.device
+        items, xs = [], []
+        for conv, anc in zip(convs, anchors):
+            T = max(t for t, _ in anc) + 1  # context nodes 0..T-1
+            parents = list(range(-1, T - 1))
+            for t, _ in anc:
+                parents += [t] + [len(parents) + j for j in range(N - 1)]
+            items.append(ForwardItem(0, 0, [0] * len(parents), parents))
+            ctx = m.context_inputs(conv["hidden"][:T].to(device), conv["tokens"][1 : T + 1].to(device))
+            xs.append(torch.cat([ctx, m.frame_queries.repeat(len(anc), 1)]))
+        batch = build_batch(items, max_model_len=1 << 30, device=device)
+        x = torch.zeros(len(items), batch.input_ids.shape[1], H, device=device, dtype=m.fuse.weight.dtype)
+        for b, xb in enumerate(xs):
+            x[b, : len(xb)] = xb
+        y = m.run(x, batch.meta, cache=None)  # (B, L, H)
+        frames = torch.cat([y[b, len(xs[b]) - len(anc) * N : len(xs[b])] for b, anc in enumerate(anchors)])
+        log_probs = torch.log_softmax(m.frame_logits(frames), -1).view(-1, N, cfg.base_vocab_size + 1)  # (A, N, V+1)
+        targets = [lab for anc in anchors for _, lab in anc]
+        flat = torch.tensor([tok for lab in targets for tok in lab], device=device)
+        lengths = torch.tensor([len(lab) for lab in targets], device=device)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), flat, torch.full_like(lengths, N), lengths,
+                          blank=cfg.blank, reduction="mean", zero_infinity=True)
+        if self.aux_weight:
+            K = max(len(lab) for lab in targets)
+            aligned = torch.full((len(targets), K), -100, device=device)
+            for i, lab in enumerate(targets):
+                aligned[i, : len(lab)] = torch.tensor(lab)
+            loss = loss + self.aux_weight * F.cross_entropy(log_probs[:, :K].reshape(-1, log_probs.shape[-1]),
+                                                            aligned.view(-1), ignore_index=-100)
+        with torch.no_grad():
+            greedy = log_probs.argmax(-1).tolist()
+            match = [_prefix_match(collapse_sequence(g, cfg.blank), lab) for g, lab in zip(greedy, targets)]
+        return loss, {"acc1": sum(x > 0 for x in match) / len(match), "match": sum(match) / len(match)}
+
+
+class MedusaObjective(nn.Module):
+    def __init__(self, model: MedusaHeads):
+        super().__init__()
+        self.model = model
+
+    def forward(self, convs: list[dict], anchors: list[list[tuple[int, list[int]]]]):
+        K = self.model.config.num_heads
+        device = next(self.model.parameters()).device
+        hidden = torch.cat([c["hidden"][[t for t, _ in anc]] for c, anc in zip(convs, anchors)]).to(device)
+        targets = torch.full((len(hidden), K), -100, dtype=torch.long, device=device)
+        for i, lab in enumerate(lab for anc in anchors for _, lab in anc):
+            targets[i, : len(lab)] = torch.tensor(lab)
+        logits = self.model.logits(hidden)  # (A, K, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
+        with torch.no_grad():
+            hit = logits.argmax(-1) == targets  # (A, K)
+            match = torch.cumprod(hit.long(), dim=1).sum(1).float()
+        return loss, {"acc1": float(hit[:, 0].float().mean()), "match": float(match.mean())}
+
+
+def _prefix_match(draft: list[int], target: list[int]) -> int:
+    n = 0
+    while n < min(len(draft), len(target)) and draft[n] == target[n]:
+        n += 1
+    return n
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig) -> dict:
+    """Train `draft` (attached to its base) on `data`; checkpoints in out_dir/.train, resumable;
+    the final drafter is written to out_dir. Returns the last metrics."""
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    K = draft.config.num_labels
+    is_ctc = isinstance(draft, CTCDraftModel)
+    objective = CTCObjective(draft, cfg.aux_weight) if is_ctc else MedusaObjective(draft)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    work = out_dir / ".train"
+    step = 0
+    ckpt = work / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        draft.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        log.info("resumed %s at step %d", ckpt, step)
+    model = objective
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(objective)
+
+    rng = random.Random(cfg.seed)
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    per_step = cfg.conversations_per_step
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {draft.config.kind}", disable=rank != 0, dynamic_ncols=True)
+    metrics: dict = {}
+    t0 = time.time()
+    while step < cfg.steps:
+        # Step s takes a fixed window of the shuffled order, so a resumed run sees the same data.
+        start = (step * per_step * world + rank * per_step) % len(order)
+        ids = [order[(start + j) % len(order)] for j in range(per_step)]
+        convs = [data.conversation(i) for i in ids]
+        anchors = [anchor_targets(c, K) for c in convs]
+        pick = random.Random(cfg.seed * 1_000_003 + step * world + rank)
+        if is_ctc:
+            anchors = [pick.sample(a, min(len(a), cfg.anchors_per_conversation)) for a in anchors]
+        keep = [i for i, a in enumerate(anchors) if a]
+        convs, anchors = [convs[i] for i in keep], [anchors[i] for i in keep]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss, metrics = model(convs, anchors)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        metrics = {"loss": float(loss.detach()), **metrics}
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc1']:.2f}", match=f"{metrics['match']:.2f}")
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    bar.close()
+    metrics["train_minutes_this_run"] = round((time.time() - t0) / 60, 2)
+    if rank == 0:
+        save_drafter(draft, out_dir, extra={"training": {**asdict(cfg), "final": metrics}})
+    if world > 1:
+        torch.distributed.barrier()
+    return metrics
