@@ -58,6 +58,8 @@ class CTCDrafterConfig:
             raise ValueError(f"num_frames ({self.num_frames}) must be >= num_labels ({self.num_labels})")
         if self.candidates not in ("beam", "static"):
             raise ValueError(f"candidates must be 'beam' or 'static', got {self.candidates!r}")
+        # The static tree branches once per frame: fit its top-k list to N (extra frames: top-1).
+        self.static_topk = (list(self.static_topk) + [1] * self.num_frames)[: self.num_frames]
 
     @property
     def blank(self) -> int:

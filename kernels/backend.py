@@ -10,11 +10,12 @@ catching a failure at call time:
 Nothing here imports triton at module import time, so a CPU-only install never touches it.
 
 Testing mode: with `TRITON_INTERPRET=1`, Triton runs kernels in its Python interpreter on CPU
-tensors. The tests call the `*_triton` wrappers directly under it. Kernels are wrapped by
-`triton.jit` lazily, on first launch (`jit_kernel`), and cached per interpreter flag, because
-triton reads `TRITON_INTERPRET` when `triton.jit` runs: this way the flag only has to be set
-before the first launch, not before some module happens to be imported, and compiled (GPU) and
-interpreted (CPU) launches can share one test process.
+tensors; the tests call the `*_triton` wrappers directly under it. Triton reads that variable when
+`triton` is first imported (its own library functions such as `tl.zeros` are jit-wrapped then),
+so the op modules import triton lazily, on the first launch of a kernel (`jit_kernel`): merely
+importing kernels/ never imports triton, and a test run can still switch to the interpreter
+after other test modules imported kernels/. The mode is per process: compiled and interpreted
+kernels cannot share one.
 """
 
 from __future__ import annotations
@@ -80,25 +81,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return kernel_backend() is Backend.TRITON and all(t.is_cuda for t in tensors)
 
 
-def triton_interpreting() -> bool:
-    """Whether Triton would run a kernel built now in its CPU interpreter (TRITON_INTERPRET)."""
-    import triton
+def is_interpreted(kernel: Any) -> bool:
+    """Whether a `jit_kernel` result runs in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    from triton.runtime.interpreter import InterpretedFunction
 
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the env var directly
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return isinstance(kernel, InterpretedFunction)
 
 
 @functools.cache
-def _jit(fn: Callable[..., Any], interpret_flag: str) -> Any:
+def jit_kernel(fn: Callable[..., Any]) -> Any:
+    """`triton.jit(fn)`, built on first use (see the module docstring for why lazily)."""
     import triton  # lazy: only the Triton branch gets here
 
-    # triton.jit reads TRITON_INTERPRET right now, so the build matches `interpret_flag`.
     return triton.jit(fn)
-
-
-def jit_kernel(fn: Callable[..., Any]) -> Any:
-    """`triton.jit(fn)`, built on first use and cached per value of TRITON_INTERPRET (see the
-    module docstring); the raw value is the key so that triton alone decides what it means."""
-    return _jit(fn, os.environ.get("TRITON_INTERPRET", ""))

@@ -22,16 +22,15 @@ tensor so that one call moves every layer. Slots of different sequences must be 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from kernels.backend import jit_kernel, use_triton
 
-try:  # optional dependency; the kernel body below only runs when it is present
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-    tl = None
+# triton.language, bound by `_kernel()` on the first launch: triton is imported lazily (see
+# kernels/backend.py), and the kernel below is plain Python until then.
+tl: Any = None
 
 
 def kv_commit_ref(
@@ -96,6 +95,14 @@ def _kv_commit_kernel(
     tl.store(v_base + dst[:, None] * stride_vt + offs_d[None, :], v, mask=tile_mask)
 
 
+def _kernel() -> Any:
+    """The jit-wrapped kernel (built once, on first use)."""
+    global tl
+    import triton.language as tl
+
+    return jit_kernel(_kv_commit_kernel)
+
+
 def kv_commit_triton(
     k_cache: torch.Tensor,  # (num_layers, num_slots, Hkv, max_len, D)
     v_cache: torch.Tensor,  # (num_layers, num_slots, Hkv, max_len, D)
@@ -128,9 +135,10 @@ def kv_commit_triton(
         assert t.device == k_cache.device, f"all tensors must be on {k_cache.device}"
     if B == 0 or P == 0:
         return
+    import triton  # lazy, see kernels/backend.py
 
     grid = (B, num_layers * Hkv)
-    jit_kernel(_kv_commit_kernel)[grid](
+    _kernel()[grid](
         k_cache, v_cache, slots, cache_lens, src_index, num_accepted,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),

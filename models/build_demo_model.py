@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from drafter.data import encode_conversation, split_corpus
+
 log = logging.getLogger("build_demo_model")
 
 HERE = Path(__file__).resolve().parent
@@ -39,20 +41,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def question_key(row_id: str) -> str:
-    """'gsm8k-720-vc_33b' -> 'gsm8k-720': the question a row answers, whoever the teacher."""
-    return "-".join(row_id.split("-")[:2])
-
-
-def split_corpus(rows: list[dict], heldout_fraction: float, seed: int = 0) -> tuple[list, list]:
-    keys = sorted({question_key(r["id"]) for r in rows})
-    random.Random(seed).shuffle(keys)
-    heldout = set(keys[: max(1, int(len(keys) * heldout_fraction))])
-    train = [r for r in rows if question_key(r["id"]) not in heldout]
-    held = [r for r in rows if question_key(r["id"]) in heldout]
-    return train, held
 
 
 def train_tokenizer(rows: list[dict], vocab_size: int, out_dir: Path):
@@ -82,21 +70,6 @@ def train_tokenizer(rows: list[dict], vocab_size: int, out_dir: Path):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
-
-
-def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of a whole conversation and a 0/1 mask of the tokens the loss is taken on:
-    the assistant's content and its closing <|im_end|> (so the model learns when to stop)."""
-    ids: list[int] = []
-    mask: list[int] = []
-    for m in messages:
-        head = tokenizer.encode(f"<|im_start|>{m['role']}\n", add_special_tokens=False)
-        body = tokenizer.encode(m["content"] + "<|im_end|>", add_special_tokens=False)
-        tail = tokenizer.encode("\n", add_special_tokens=False)
-        learn = 1 if m["role"] == "assistant" else 0
-        ids += head + body + tail
-        mask += [0] * len(head) + [learn] * len(body) + [0] * len(tail)
-    return ids[:max_len], mask[:max_len]
 
 
 def make_batches(examples: list[tuple[list[int], list[int]]], tokens_per_batch: int, seed: int):
@@ -174,7 +147,11 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--card-only", action="store_true", help="only rewrite README.md of an already built model")
     args = ap.parse_args(argv)
+    if args.card_only:
+        write_model_card(args.out, json.loads((args.out / "training_report.json").read_text()))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,6 +257,49 @@ def main(argv=None) -> None:
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s: %s", args.out, report)
+    write_model_card(args.out, report)
+
+
+EVAL_PROMPTS = HERE.parent.parent / "shared" / "data" / "eval_prompts.jsonl"
+
+
+def write_model_card(out: Path, report: dict, n_samples: int = 3) -> None:
+    """Load the result the way users will (transformers, offline) and record greedy answers to
+    held-out GSM8K questions next to the training figures."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    rows = [json.loads(line) for line in EVAL_PROMPTS.open() if '"gsm8k"' in line][:n_samples]
+    samples = []
+    for r in rows:
+        text = tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=160, do_sample=False)
+        samples.append((r["turns"][0], tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)))
+    lines = [
+        "# demo-llama",
+        "",
+        "A tiny Llama-architecture chat model trained by ctc-serve on `../shared/data/corpus.jsonl` (GSM8K and",
+        "MT-bench conversations answered by five 7B-33B chat models), so that the server, its tests and its",
+        "benchmarks have a real model with no download. It answers in the style of its teachers; its arithmetic",
+        "is not to be trusted. Built by `python models/build_demo_model.py` (`make demo-model`).",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v} |" for k, v in report.items()],
+        "",
+        "Held-out loss: mean cross-entropy per assistant token on conversations whose questions the model never",
+        "saw (the split is by question, across all teachers).",
+        "",
+        "## Greedy answers to held-out GSM8K questions (eval_prompts.jsonl)",
+        "",
+    ]
+    for q, a in samples:
+        lines += [f"**Q:** {q}", "", "```", a.strip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

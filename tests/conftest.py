@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without CUDA, Triton kernels can only run under its interpreter, which Triton reads once, at its
+# first import: set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "models" / "demo-llama"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -53,6 +58,12 @@ def hf_checkpoint(request, tmp_path_factory):
     shard = "60KB" if family == "llama3" else "50MB"
     model.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
     return family, model, out
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The server runs on asyncio only (trio is installed too, and would double every async test)."""
+    return "asyncio"
 
 
 @pytest.fixture(autouse=True, scope="session")

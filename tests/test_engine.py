@@ -231,3 +231,17 @@ def test_a_failing_request_does_not_stop_the_others(models, monkeypatch):
     assert out["bad"]["finish"] is FinishReason.ERROR
     assert out["good"]["tokens"] == hf_greedy(hf, prompts[1], 24)
     assert engine.cache.num_used_slots == 0
+
+
+class _BrokenDrafter(NgramDrafter):
+    def propose(self, requests):
+        raise RuntimeError("drafter bug")
+
+
+def test_a_failing_drafter_degrades_to_plain_decoding(models):
+    hf, model = models
+    prompts = prompts_for(2, seed=18)
+    out = run_all(make_engine(model, _BrokenDrafter()), {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts)})
+    for i, p in enumerate(prompts):
+        assert out[f"r{i}"]["tokens"] == hf_greedy(hf, p, 24)
+        assert out[f"r{i}"]["finish"] is FinishReason.LENGTH

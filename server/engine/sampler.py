@@ -21,11 +21,14 @@ share g_t; that is harmless because at most one node per depth is ever on the ac
 
 Device choice: the noise is drawn by a generator *on the logits' device*. Drawing on the CPU and
 copying would make tokens identical across CPU and CUDA, but costs ~125 us of CPU time per 32k
-vocab vector (measured here) plus a host-to-device copy: ~50 ms per step at batch 64 x depth 6,
-more than a verify forward. CUDA's Philox generator is counter based, so seeding one per
-(seed, position) and drawing V numbers is one small kernel launch. The price: for the same seed,
-CPU and CUDA runs give different (each correct and reproducible) samples, as in other servers.
-Nothing is cached between calls: generators are created, seeded, used and dropped.
+vocab vector (measured on the project's 2-core dev machine) plus a host-to-device copy: ~50 ms
+per step at batch 64 with 6-deep trees (7 positions per sequence), the order of a whole verify
+forward. CUDA's Philox generator is counter based, so seeding one per (seed, position) and
+drawing V numbers is one small kernel launch. The price: for the same seed, CPU and CUDA runs
+give different (each correct and reproducible) samples, as in other servers. Nothing is cached
+between calls: generators are created, seeded, used and dropped. The Gumbel transform runs once
+on the stacked draws; it is elementwise, so a row's noise does not depend on what it is stacked
+with (the tests check this bitwise on CPU).
 """
 
 from __future__ import annotations

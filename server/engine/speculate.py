@@ -12,6 +12,7 @@ Plain decoding is the same step with root-only trees.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +26,21 @@ from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
 
+log = logging.getLogger(__name__)
+
 
 def propose(drafter: Drafter | None, decode: list[tuple[Sequence, int]]) -> list[TokenTree]:
     """A tree per decoding sequence; budget 0 (or no drafter) gives a root-only tree."""
     trees = [TokenTree.chain(seq.pending_token, []) for seq, _ in decode]
     asks = [(i, ProposeRequest(seq.request_id, seq.pending_token, b)) for i, (seq, b) in enumerate(decode) if b > 0]
     if drafter is not None and asks:
-        for (i, _), tree in zip(asks, drafter.propose([r for _, r in asks])):
+        try:
+            proposed = drafter.propose([r for _, r in asks])
+        except Exception:
+            # A drafter failure costs this step its speedup, never a request: decode plainly.
+            log.exception("drafter %s failed; decoding this step without drafts", drafter.name)
+            return trees
+        for (i, _), tree in zip(asks, proposed):
             trees[i] = tree
     return trees
 

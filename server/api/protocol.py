@@ -1,0 +1,283 @@
+"""OpenAI-compatible request and response schemas (pydantic), and the request -> SamplingParams map.
+
+The chat and completion requests share one base class, so every sampling field is defined once
+with its bounds and description. Unknown fields are ignored (clients send many optional OpenAI
+fields); fields we know but do not implement (n > 1, logprobs, penalties, ...) are refused with a
+clear message instead of being silently dropped. Shapes follow the OpenAI API reference
+(https://platform.openai.com/docs/api-reference/chat, .../completions); `speculative`,
+`ignore_eos` and `stop_token_ids` are our extensions (the last two as in vLLM).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.engine.types import SamplingParams
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, rendered as OpenAI's {"error": {...}} body by the app."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+        self.headers = headers or {}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="Send a last chunk with usage and no choices.")
+
+
+class SamplingRequest(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="Served model name; defaults to the only model served.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins if both.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
+    top_k: int | None = Field(None, ge=-1, description="Keep the k likeliest tokens; 0, -1 or unset: off.")
+    stop: list[str] = Field(default_factory=list, description=f"A stop string, or up to {MAX_STOP_SEQUENCES}.")
+    seed: int | None = Field(None, description="Seed for sampling, for reproducible outputs.")
+    stream: bool = Field(False, description="Stream chunks as server-sent events.")
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, description="Choices per request; only 1 is supported.")
+    logprobs: bool | int | None = Field(None, description="Not supported.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+    presence_penalty: float = Field(0.0, description="Not supported; must be 0.")
+    frequency_penalty: float = Field(0.0, description="Not supported; must be 0.")
+    user: str | None = Field(None, description="End-user id, for logs.")
+    # Extensions.
+    speculative: bool = Field(True, description="False decodes this request without speculation.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
+    stop_token_ids: list[int] | None = Field(None, description="Extra token ids that end generation.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else [] if stop is None else stop
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stops: list[str]) -> list[str]:
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"n={n} is not supported: this server returns exactly one choice (n=1)")
+        return n
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise ValueError("logprobs and top_logprobs are not implemented by this server")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float) -> float:
+        if value:
+            raise ValueError("presence_penalty and frequency_penalty are not implemented by this server")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[dict[str, Any]] | None) -> str:
+        """Flatten OpenAI content parts to text; refuse images, audio and other non-text parts."""
+        if content is None or isinstance(content, str):
+            return content or ""
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] = Field(..., description="A string, or a list holding exactly one string.")
+    echo: bool = Field(False, description="Not supported; must be false.")
+    suffix: str | None = Field(None, description="Not supported.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_text_prompt(cls, prompt: Any) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise ValueError(f"batched prompts are not supported: send one prompt, got a list of {len(prompt)}")
+            return prompt[0]
+        raise ValueError("prompt must be a string (or a list of one string); token-id prompts are not supported")
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _no_echo_or_suffix(cls, value: bool | str | None) -> bool | str | None:
+        if value:
+            raise ValueError("echo and suffix are not implemented by this server")
+        return value
+
+
+def to_sampling_params(request: SamplingRequest, max_tokens: int) -> SamplingParams:
+    """The one place an API request becomes engine SamplingParams (max_tokens resolved by serving)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k if request.top_k and request.top_k > 0 else None,
+        stop=list(request.stop),
+        stop_token_ids=list(request.stop_token_ids or []),
+        ignore_eos=request.ignore_eos,
+        seed=request.seed,
+        speculative=request.speculative,
+    )
+
+
+# ---------------------------------------------------------------- responses
+
+FinishReasonName = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReasonName | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    """A stream delta; unset fields are left out (`{}` on the finishing chunk), as OpenAI sends them."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
+    content: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: FinishReasonName | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReasonName | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the full response and each stream chunk (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ctc-serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,91 @@
+"""`ctc-serve`: run the OpenAI-compatible server.
+
+Every flag mirrors a field of `server.settings.Settings` (the flags are generated from it, so the
+help text, bounds and environment fallbacks are defined once). Precedence: flag, then the
+`CTC_<NAME>` environment variable, then the default. With no arguments it serves the demo model
+embedded in models/. The engine is built inside the app's start-up (`build_engine(settings)`);
+SIGTERM or Ctrl-C stop accepting connections, let requests in flight finish for up to
+--shutdown-timeout seconds, abort the rest and join the engine worker; uvicorn then re-raises the
+signal, so supervisors see the usual "terminated by SIGTERM" status (143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from server import __version__
+from server.settings import Settings
+
+log = logging.getLogger("server.cli")
+
+STARTUP_FAILED_EXIT = 3  # uvicorn's code when the lifespan (engine loading) fails
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctc-serve",
+        description="OpenAI-compatible LLM server with lossless CTC-drafter speculative decoding.",
+        epilog="Each flag falls back to the environment variable shown in brackets, then to its default.",
+    )
+    for name, field in Settings.model_fields.items():
+        env = f"CTC_{name.upper()}"
+        choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else default
+        help_text = f"{field.description} [env {env}; default: {shown}]".replace("%", "%%")
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=None, choices=choices,
+            metavar=None if choices else name.upper(), help=help_text,
+        )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Parse flags over the environment; exit 2 with a readable message on a bad value."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        parser.error(problems)
+        raise  # unreachable: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    import uvicorn  # after argument parsing, so that --help stays light
+
+    from server.api.app import create_app
+
+    log.info("model %s, drafter %s, device %s, dtype %s", settings.model, settings.drafter, settings.device,
+             settings.dtype)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our logging.basicConfig above formats uvicorn's records too
+        log_level=settings.log_level,
+        access_log=False,  # serving logs one line per finished request instead
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+    server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, run the lifespan shutdown
+    return 0 if server.started else STARTUP_FAILED_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

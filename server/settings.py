@@ -1,0 +1,101 @@
+"""Server settings: one pydantic-settings model read from CLI flags, `CTC_*` environment variables
+and defaults, in that order of precedence. The CLI builds its flags from these fields, so every
+setting is documented and bounded once.
+
+Defaults serve the demo model embedded in the repository (models/demo-llama) with its CTC
+drafter when one has been trained (models/demo-llama-ctc), else the model-free n-gram drafter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DRAFTER_CHOICES = ("none", "ngram")  # besides a drafter directory
+DRAFTER_DIR_SUFFIX = "-ctc"  # models/<name>-ctc is the CTC drafter trained for models/<name>
+
+
+def default_model_dir() -> Path:
+    return REPO_ROOT / "models" / "demo-llama"
+
+
+class Settings(BaseSettings):
+    """Everything `ctc-serve` can be told; env var = CTC_ + upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="CTC_", extra="ignore", validate_default=True)
+
+    model: Path = Field(
+        default_factory=default_model_dir,
+        description="Base model directory (Hugging Face layout: config.json, *.safetensors, tokenizer).",
+    )
+    drafter: str | None = Field(
+        None,
+        description=(
+            "Draft model: a CTC drafter directory, 'ngram' (prompt-lookup drafting, no weights) or 'none' "
+            f"(no speculation). Default: the sibling directory <model>{DRAFTER_DIR_SUFFIX} if it exists, else 'ngram'."
+        ),
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id clients send and /v1/models lists. Default: the model directory's name."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces, as in Docker).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences decoded together in one step.")
+    max_model_len: int = Field(
+        2048, ge=16, le=1 << 20, description="Context limit per request: prompt plus generated tokens."
+    )
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens of requests that set none (lowered to what fits in max_model_len)."
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="If set, /v1/* requests must send 'Authorization: Bearer <key>'."
+    )
+    max_queue: int = Field(
+        256, ge=0, description="Most requests waiting for a batch slot; more are refused with 429."
+    )
+    shutdown_timeout: int = Field(
+        10, ge=0, description="Seconds to let requests in flight finish after SIGTERM before aborting them."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, model: Path) -> Path:
+        model = model.expanduser().resolve()
+        if not model.is_dir():
+            raise ValueError(f"model directory {model} does not exist")
+        return model
+
+    @field_validator("drafter")
+    @classmethod
+    def _drafter_known(cls, drafter: str | None) -> str | None:
+        if drafter is None or drafter.lower() in DRAFTER_CHOICES:
+            return drafter and drafter.lower()
+        path = Path(drafter).expanduser().resolve()
+        if not path.is_dir():
+            raise ValueError(f"drafter must be a directory, 'ngram' or 'none'; {path} does not exist")
+        return str(path)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if self.drafter is None:
+            sibling = self.model.with_name(self.model.name + DRAFTER_DIR_SUFFIX)
+            self.drafter = str(sibling) if sibling.is_dir() else "ngram"
+        if not self.served_model_name:
+            self.served_model_name = self.model.name
+        return self
+
+    @property
+    def drafter_path(self) -> Path | None:
+        """The drafter directory, or None for 'ngram' and 'none'."""
+        return None if self.drafter in DRAFTER_CHOICES else Path(str(self.drafter))

@@ -1,0 +1,309 @@
+"""Unit tests for server/engine/accept.py: tree walks, the batched helper, and the statistical
+proof that speculation with per-position noise samples the base model's sequence distribution
+and equals recursive rejection sampling at a node.
+
+Statistical tests use fixed seeds (deterministic); ALPHA is the p-value below which a sampler is
+declared wrong. 1e-4 means a correct sampler would be flagged for about one choice of seeds in
+10^4; every statistical test also checks that a deliberately broken variant is flagged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from server.engine.accept import AcceptResult, accept_batch, accept_tree, recursive_rejection_probs
+from server.engine.sampler import decide_tokens, process_logits
+from server.engine.types import SamplingParams
+
+ALPHA = 1e-4
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Goodness of fit of integer counts (K,) to probs (K,); cells with expected count < 5 are
+    pooled into one (the usual validity condition of the chi-square approximation)."""
+    n = float(counts.sum())
+    expected = probs.double() * n
+    small = expected < 5
+    obs = counts.double()[~small].tolist()
+    exp = expected[~small].tolist()
+    if small.any():
+        obs.append(float(counts.double()[small].sum()))
+        exp.append(float(expected[small].sum()))
+    scale = sum(obs) / sum(exp)  # tiny float mismatch only; scipy wants equal sums
+    return float(stats.chisquare(obs, [e * scale for e in exp]).pvalue)
+
+
+# ---- hand-made trees -------------------------------------------------------------------------------
+#            0:10
+#          /      \
+#       1:11      2:12
+#      /    \
+#   3:13    4:14
+#     |
+#   5:15
+TOKENS = [10, 11, 12, 13, 14, 15]
+PARENTS = [-1, 0, 0, 1, 1, 3]
+X = 99  # decided at a node the walk never reaches: must not matter
+
+
+@pytest.mark.parametrize(
+    ("decided", "path", "emitted"),
+    [
+        ([11, 13, X, 15, X, 7], [0, 1, 3, 5], [11, 13, 15, 7]),  # full acceptance down the deepest branch
+        ([12, X, 8, X, X, X], [0, 2], [12, 8]),  # second sibling at depth 1
+        ([11, 14, X, X, 5, X], [0, 1, 4], [11, 14, 5]),  # second sibling at depth 2
+        ([11, 13, X, 6, X, X], [0, 1, 3], [11, 13, 6]),  # rejection at depth 3
+        ([42, X, X, X, X, X], [0], [42]),  # first-level rejection: bonus only
+        ([11, 12, X, X, X, X], [0, 1], [11, 12]),  # 12 is a child of the root, not of node 1
+    ],
+)
+def test_walk(decided: list[int], path: list[int], emitted: list[int]) -> None:
+    res = accept_tree(TOKENS, PARENTS, decided)
+    assert res == AcceptResult(path=path, emitted=emitted)
+    assert res.emitted == [TOKENS[i] for i in res.path[1:]] + [res.bonus]  # accepted + bonus
+    assert res.num_accepted == len(path) - 1
+
+
+def test_root_only_is_plain_decoding() -> None:
+    assert accept_tree([10], [-1], [7]) == AcceptResult(path=[0], emitted=[7])
+
+
+def test_repeated_sibling_tokens_take_the_lowest_index() -> None:
+    assert accept_tree([0, 5, 5, 6], [-1, 0, 0, 2], [5, 1, 6, 9]).path == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("tokens", "parents", "decided"),
+    [([], [], []), ([1, 2], [0, 0], [1, 2]), ([1, 2, 3], [-1, 2, 0], [1, 2, 3]), ([1, 2], [-1, 0], [1])],
+)
+def test_malformed_trees_are_refused(tokens: list[int], parents: list[int], decided: list[int]) -> None:
+    with pytest.raises(ValueError):
+        accept_tree(tokens, parents, decided)
+
+
+def test_batch_equals_tree_by_tree() -> None:
+    trees = [
+        (TOKENS, PARENTS, [11, 13, X, 15, X, 7]),
+        ([3], [-1], [4]),
+        ([1, 2, 3], [-1, 0, 1], [2, 3, 4]),
+        (TOKENS, PARENTS, [12, X, 8, X, X, X]),
+    ]
+    flat = [sum((list(t[k]) for t in trees), []) for k in range(3)]
+    sizes = [len(t[0]) for t in trees]
+    expected = [accept_tree(*t) for t in trees]
+    assert accept_batch(flat[0], flat[1], flat[2], sizes) == expected
+    assert accept_batch(flat[0], flat[1], torch.tensor(flat[2]), sizes) == expected
+    with pytest.raises(ValueError):
+        accept_batch(flat[0], flat[1], flat[2], [*sizes[:-1], sizes[-1] + 1])
+
+
+# ---- a toy base model: next-token distribution depends on the previous token only -----------------
+
+V = 5
+LENGTH = 3  # tokens per continuation
+START = 0  # the pending token before the continuation
+N_SEQS = 10_000  # continuations per sequence-distribution test (125 cells, rare ones pooled)
+N_NODE_DRAWS = 20_000  # draws per one-node equivalence test
+
+
+def toy_logits(seed: int = 0) -> torch.Tensor:
+    """(V, V) logits: row a = log P(next | previous token a), P ~ Dirichlet(2) (every prob > 0)."""
+    rng = np.random.default_rng(seed)
+    return torch.tensor(np.log(rng.dirichlet([2.0] * V, size=V)), dtype=torch.float32)
+
+
+def random_tree(rng: random.Random, root: int, max_depth: int = 3) -> tuple[list[int], list[int], list[int]]:
+    """A random trie of deterministic drafts under `root`: 0-3 distinct children per node, depth
+    <= max_depth. Returns (tokens, parents, depths) in topological (breadth-first) order."""
+    tokens, parents, depths = [root], [-1], [0]
+    i = 0
+    while i < len(tokens):
+        if depths[i] < max_depth:
+            for tok in rng.sample(range(V), rng.randint(0, 3)):
+                tokens.append(tok)
+                parents.append(i)
+                depths.append(depths[i] + 1)
+        i += 1
+    return tokens, parents, depths
+
+
+def sample_plain(table: torch.Tensor, params: SamplingParams, seeds: list[int]) -> torch.Tensor:
+    """(N, LENGTH) continuations by plain decoding: position t decided from the previous token."""
+    prev = torch.full((len(seeds),), START)
+    out = []
+    for t in range(LENGTH):
+        prev = decide_tokens(table[prev], [params] * len(seeds), seeds, [t] * len(seeds))
+        out.append(prev)
+    return torch.stack(out, dim=1)
+
+
+def sample_speculative(
+    table: torch.Tensor, params: SamplingParams, seeds: list[int], tree_seed: int, depth_offset: bool = True
+) -> torch.Tensor:
+    """(N, LENGTH) continuations by tree speculation: each step every unfinished sequence gets a
+    random draft tree, all trees are verified (decided) in one batched call and walked by
+    accept_batch. `depth_offset=False` is a deliberate bug: every node uses the step's base position."""
+    rng = random.Random(tree_seed)
+    emitted: list[list[int]] = [[] for _ in seeds]
+    while True:
+        active = [s for s in range(len(seeds)) if len(emitted[s]) < LENGTH]
+        if not active:
+            break
+        tokens, parents, seed_rows, positions, sizes = [], [], [], [], []
+        for s in active:
+            t, p, d = random_tree(rng, emitted[s][-1] if emitted[s] else START)
+            base = len(emitted[s])  # output position of the token after the root
+            tokens += t
+            parents += p
+            seed_rows += [seeds[s]] * len(t)
+            positions += [base + (dep if depth_offset else 0) for dep in d]
+            sizes.append(len(t))
+        logits = table[torch.tensor(tokens)]  # (N_nodes, V): the model after path root..i sees token i last
+        decided = decide_tokens(logits, [params] * len(tokens), seed_rows, positions)
+        for s, res in zip(active, accept_batch(tokens, parents, decided, sizes)):
+            emitted[s] += res.emitted
+    return torch.tensor([e[:LENGTH] for e in emitted])  # a step may overshoot: keep the first LENGTH
+
+
+def exact_sequence_probs(table: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(V**LENGTH,) exact probability of every continuation, index = x1 * V^2 + x2 * V + x3."""
+    if params.greedy:
+        raise ValueError("sampled params only")
+    n = table.shape[0]
+    filtered = process_logits(
+        table,
+        torch.full((n,), params.temperature),
+        torch.full((n,), params.top_k or 0),
+        torch.full((n,), params.top_p),
+    )
+    p = torch.softmax(filtered.double() / params.temperature, dim=-1)  # (V, V) transition matrix
+    probs = torch.zeros(V**LENGTH, dtype=torch.float64)
+    for seq in itertools.product(range(V), repeat=LENGTH):
+        prob, prev = 1.0, START
+        for tok in seq:
+            prob *= float(p[prev, tok])
+            prev = tok
+        probs[int(np.ravel_multi_index(seq, (V,) * LENGTH))] = prob
+    return probs
+
+
+def sequence_counts(seqs: torch.Tensor) -> torch.Tensor:
+    index = (seqs * torch.tensor([V * V, V, 1])).sum(-1)
+    return torch.bincount(index, minlength=V**LENGTH)
+
+
+def fit_pvalue(seqs: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = sequence_counts(seqs)
+    assert counts[probs == 0].sum() == 0  # never an impossible (filtered-out) continuation
+    return chi_square_pvalue(counts[probs > 0], probs[probs > 0])
+
+
+def test_greedy_speculation_equals_greedy_decoding() -> None:
+    table = toy_logits(1)
+    greedy = SamplingParams(temperature=0.0)
+    seeds = list(range(200))
+    plain = sample_plain(table, greedy, seeds)
+    assert (plain == plain[0]).all()  # greedy: one continuation whatever the seed
+    assert torch.equal(sample_speculative(table, greedy, seeds, tree_seed=5), plain)
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=0.8, top_k=4, top_p=0.9, seed=0)]
+)
+def test_speculative_sampling_matches_the_exact_sequence_distribution(params: SamplingParams) -> None:
+    table = toy_logits(0)
+    seeds = list(range(N_SEQS))
+    probs = exact_sequence_probs(table, params)
+    plain = sample_plain(table, params, seeds)
+    spec = sample_speculative(table, params, seeds, tree_seed=1)
+    assert fit_pvalue(plain, probs) > ALPHA
+    assert fit_pvalue(spec, probs) > ALPHA
+    assert torch.equal(spec, plain)  # pathwise: same seed, same continuation
+
+
+def test_biased_sequence_samplers_are_detected() -> None:
+    table = toy_logits(0)
+    probs = exact_sequence_probs(table, SamplingParams(temperature=1.0))
+    # plain sampling at a 20% wrong temperature (p ~ 1e-31 with N_SEQS draws; 5000 suffice)
+    wrong_t = sample_plain(table, SamplingParams(temperature=1.2), list(range(5_000)))
+    assert fit_pvalue(wrong_t, probs) < ALPHA
+    # speculation that forgets the depth offset, so a step reuses one noise vector at every depth;
+    # the bias is gross (p ~ 1e-117 here), so fewer sequences suffice
+    buggy = sample_speculative(table, SamplingParams(temperature=1.0), list(range(2_000)), tree_seed=1, depth_offset=False)
+    assert fit_pvalue(buggy, probs) < ALPHA
+
+
+# ---- equivalence with recursive rejection sampling at one node -------------------------------------
+
+P = torch.softmax(torch.tensor([0.5, -0.2, 1.0, 0.1, -1.0]), dim=-1)  # (V,) target at the node
+
+
+def outcome_probs(children: list[int]) -> torch.Tensor:
+    """(C + V,) RRS outcome law: accept child j (cells 0..C-1) or bonus token v (cells C..C+V-1)."""
+    accept, bonus = recursive_rejection_probs(P, children)
+    return torch.cat([accept, bonus])
+
+
+@pytest.mark.parametrize("children", [[], [2], [2, 0, 4], [4, 0, 2], [1, 3, 0, 2]])
+def test_recursive_rejection_matches_the_closed_form(children: list[int]) -> None:
+    accept, bonus = recursive_rejection_probs(P, children)
+    assert torch.allclose(accept, P.double()[children], atol=1e-12)  # P(accept c_j) = p(c_j)
+    expected_bonus = P.double().clone()
+    expected_bonus[children] = 0.0  # P(bonus v) = p(v) outside the children
+    assert torch.allclose(bonus, expected_bonus, atol=1e-12)
+    assert abs(float(accept.sum() + bonus.sum()) - 1.0) < 1e-12
+
+
+def test_recursive_rejection_edge_cases() -> None:
+    one_hot = torch.tensor([0.0, 1.0, 0.0])
+    accept, bonus = recursive_rejection_probs(one_hot, [0, 1, 2])  # child 2 takes all: nothing after it
+    assert accept.tolist() == [0.0, 1.0, 0.0] and bonus.tolist() == [0.0, 0.0, 0.0]
+    accept, bonus = recursive_rejection_probs(torch.tensor([0.5, 0.5]), [0, 0])  # a repeat is never accepted
+    assert accept.tolist() == [0.5, 0.0] and bonus.tolist() == [0.0, 0.5]
+
+
+def gumbel_rule_outcomes(children: list[int], n: int) -> torch.Tensor:
+    """Outcome counts (C + V,) of decide_tokens + accept_tree at a root with these children."""
+    tokens, parents = [0, *children], [-1] + [0] * len(children)
+    x = torch.log(P).expand(n, -1)
+    decided = decide_tokens(x, [SamplingParams(temperature=1.0)] * n, list(range(n)), [0] * n)
+    counts = torch.zeros(len(children) + V, dtype=torch.long)
+    for tok in decided.tolist():
+        res = accept_tree(tokens, parents, [tok] + [0] * len(children))
+        cell = res.path[1] - 1 if res.num_accepted else len(children) + res.bonus
+        counts[cell] += 1
+    return counts
+
+
+def naive_rejection_outcomes(children: list[int], n: int) -> torch.Tensor:
+    """A deliberately wrong rule: accept c_j w.p. p(c_j) *without* renormalising after rejections."""
+    rng = np.random.default_rng(0)
+    p = P.double().numpy()
+    rest = p.copy()
+    rest[children] = 0.0
+    counts = torch.zeros(len(children) + V, dtype=torch.long)
+    for _ in range(n):
+        for j, c in enumerate(children):
+            if rng.random() < p[c]:
+                counts[j] += 1
+                break
+        else:
+            counts[len(children) + int(rng.choice(V, p=rest / rest.sum()))] += 1
+    return counts
+
+
+def test_gumbel_rule_has_the_recursive_rejection_outcome_law() -> None:
+    children = [2, 0, 4]
+    expected = outcome_probs(children)
+    counts = gumbel_rule_outcomes(children, N_NODE_DRAWS)
+    assert counts[expected == 0].sum() == 0  # a child's token is never the bonus
+    assert chi_square_pvalue(counts[expected > 0], expected[expected > 0]) > ALPHA
+    # the comparison can fail: an unnormalised rejection rule is flagged
+    naive = naive_rejection_outcomes(children, N_NODE_DRAWS)
+    assert chi_square_pvalue(naive[expected > 0], expected[expected > 0]) < ALPHA

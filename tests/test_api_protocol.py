@@ -1,0 +1,84 @@
+"""Request schemas: defaults, refusals with clear messages, and the request -> SamplingParams map."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields})
+
+
+def refusal(model: type, body: dict) -> str:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return str(info.value)
+
+
+def test_defaults_and_unknown_fields_ignored() -> None:
+    request = chat(some_future_field=True, tools=None, user="u1")
+    assert request.temperature == 1.0 and request.top_p == 1.0 and request.speculative is True
+    assert request.stream is False and request.include_usage is False and request.requested_max_tokens is None
+    assert request.stop == [] and request.user == "u1"
+    assert not hasattr(request, "some_future_field")
+
+
+def test_stop_accepts_string_or_up_to_four() -> None:
+    assert chat(stop="\n").stop == ["\n"]
+    assert chat(stop=["a", "b", "c", "d"]).stop == ["a", "b", "c", "d"]
+    assert "at most 4 stop sequences" in refusal(ChatCompletionRequest, {"messages": MESSAGES, "stop": list("abcde")})
+    assert "non-empty" in refusal(ChatCompletionRequest, {"messages": MESSAGES, "stop": [""]})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"n": 2}, "n=2 is not supported"),
+        ({"logprobs": True}, "logprobs and top_logprobs are not implemented"),
+        ({"top_logprobs": 3}, "logprobs and top_logprobs are not implemented"),
+        ({"frequency_penalty": 0.5}, "not implemented"),
+        ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
+        ({"temperature": 2.5}, "less than or equal to 2"),
+        ({"top_p": 0}, "greater than 0"),
+        ({"max_tokens": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_refusals_name_the_problem(fields: dict, message: str) -> None:
+    assert message in refusal(ChatCompletionRequest, {"messages": MESSAGES, **fields})
+
+
+def test_falsy_logprobs_are_fine() -> None:
+    assert chat(logprobs=False, top_logprobs=0).logprobs is False
+
+
+def test_messages_content_parts_flatten_to_text_and_images_are_refused() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert chat(messages=[{"role": "user", "content": parts}]).messages[0].content == "ab"
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    assert "only text content" in refusal(ChatCompletionRequest, {"messages": [{"role": "user", "content": image}]})
+    assert "at least 1 item" in refusal(ChatCompletionRequest, {"messages": []})
+
+
+def test_prompt_is_one_string() -> None:
+    assert CompletionRequest.model_validate({"prompt": "x"}).prompt == "x"
+    assert CompletionRequest.model_validate({"prompt": ["x"]}).prompt == "x"
+    assert "batched prompts are not supported" in refusal(CompletionRequest, {"prompt": ["a", "b"]})
+    assert "token-id prompts are not supported" in refusal(CompletionRequest, {"prompt": [1, 2, 3]})
+    assert "echo and suffix" in refusal(CompletionRequest, {"prompt": "x", "echo": True})
+
+
+def test_to_sampling_params() -> None:
+    request = chat(max_tokens=10, max_completion_tokens=20, temperature=0, top_p=0.9, top_k=0, stop="x", seed=7,
+                   speculative=False, ignore_eos=True, stop_token_ids=[5])
+    assert request.requested_max_tokens == 20  # the newer name wins
+    params = to_sampling_params(request, max_tokens=20)
+    assert params.max_tokens == 20 and params.greedy and params.top_p == 0.9
+    assert params.top_k is None  # 0 (like -1) switches top-k off
+    assert params.stop == ["x"] and params.seed == 7 and params.speculative is False
+    assert params.ignore_eos is True and params.stop_token_ids == [5]
+    assert to_sampling_params(chat(top_k=40), max_tokens=1).top_k == 40

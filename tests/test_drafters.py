@@ -1,0 +1,204 @@
+"""CTC drafter and Medusa baseline: caching, checkpoints, training, DDP, and losslessness."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from drafter.base import ProposeRequest
+from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
+from drafter.data import DistilledSet, build_distilled
+from drafter.loading import DrafterLoadError, load_drafter, save_drafter
+from drafter.medusa import MedusaConfig, MedusaHeads
+from drafter.train import TrainConfig, anchor_targets, train
+from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.loader import load_model
+from tests.conftest import REPO
+from tests.test_engine import GREEDY, make_engine, prompts_for, run_all
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from tests.conftest import make_hf_model
+
+    path = tmp_path_factory.mktemp("base")
+    make_hf_model("llama3", seed=1).save_pretrained(path)
+    model = load_model(path, dtype="float32", device="cpu")
+    model.requires_grad_(False)
+    return path, model
+
+
+def ctc_model(base_model, **kw) -> CTCDraftModel:
+    torch.manual_seed(0)
+    return CTCDraftModel(CTCDrafterConfig.for_base(base_model.config, **kw)).attach_base(base_model)
+
+
+def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], pending: int) -> torch.Tensor:
+    """All context positions and the frames in one cache-free forward (the training layout)."""
+    N = m.config.num_frames
+    ctx = m.context_inputs(hidden, torch.tensor(tokens[1:] + [pending]))
+    x = torch.cat([ctx, m.frame_queries])[None]
+    batch = build_batch([ForwardItem(0, 0, [0] * len(x[0]))], 1 << 20)
+    y = m.run(x, batch.meta, cache=None)
+    return torch.log_softmax(m.frame_logits(y[0, -N:]), -1)
+
+
+def test_ctc_drafter_incremental_cache_equals_full_forward(base):
+    _, model = base
+    m = ctc_model(model, num_frames=5, num_labels=3)
+    drafter = CTCDrafter(m, max_slots=2, max_len=64)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 160, (30,), generator=g).tolist()
+    hidden = torch.randn(30, 64, generator=g)
+    drafter.start("a", tokens[:12])
+    drafter.start("b", tokens[:7])
+    drafter.observe("a", tokens[:12], hidden[:12])
+    drafter.observe("b", tokens[:7], hidden[:7])
+    seen = {"a": 12, "b": 7}
+    for step, grow in enumerate([(3, 1), (1, 4), (2, 2)]):
+        reqs = [ProposeRequest(sid, tokens[seen[sid]], budget=8) for sid in ("a", "b")]
+        got = drafter.frames(reqs)
+        for b, sid in enumerate(("a", "b")):
+            n = seen[sid]
+            want = reference_frames(m, hidden[:n], tokens[:n], tokens[n])
+            torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5, msg=f"step {step} seq {sid}")
+        for sid, k in zip(("a", "b"), grow):  # commit the pending token + k-1 more
+            n = seen[sid]
+            drafter.observe(sid, tokens[n : n + k], hidden[n : n + k])
+            seen[sid] = n + k
+    drafter.release("a")
+    drafter.release("b")
+    assert drafter.cache.num_used_slots == 0
+
+
+def test_checkpoint_round_trip_and_mismatch_refused(base, tmp_path):
+    path, model = base
+    m = ctc_model(model, num_frames=4, num_labels=2)
+    save_drafter(m, tmp_path / "d")
+    d = load_drafter(tmp_path / "d", model, max_slots=1, max_len=32)
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), d.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    from tests.conftest import make_hf_model
+
+    other_path = tmp_path / "other"
+    make_hf_model("qwen2").save_pretrained(other_path)
+    other = load_model(other_path, dtype="float32", device="cpu")
+    with pytest.raises(DrafterLoadError, match="architecture LlamaForCausalLM.*Qwen2ForCausalLM"):
+        load_drafter(tmp_path / "d", other, max_slots=1, max_len=32)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"kind": "eagle"}')
+    with pytest.raises(DrafterLoadError, match="unknown drafter kind 'eagle'"):
+        load_drafter(tmp_path / "bad", model, max_slots=1, max_len=32)
+
+
+def synthetic_data(model, n: int = 12, T: int = 40) -> DistilledSet:
+    """Conversations whose second half is 'assistant'; labels from the base model itself."""
+    seqs = prompts_for(n, seed=21)
+    encoded = []
+    g = torch.Generator().manual_seed(22)
+    for _ in range(n):
+        ids = torch.randint(0, 160, (T,), generator=g).tolist()
+        encoded.append((ids, [0] * (T // 2) + [1] * (T - T // 2)))
+    del seqs
+    return build_distilled(model, encoded)
+
+
+def test_anchor_targets_stay_inside_assistant_turns():
+    conv = {"assistant": torch.tensor([0, 0, 1, 1, 1, 0, 1]), "labels": torch.arange(10, 17)}
+    got = anchor_targets(conv, K=2)
+    assert got == [(1, [12, 13]), (2, [13, 14]), (3, [14]), (5, [16])]
+
+
+def fixed_loss(draft, data) -> float:
+    """The objective on a fixed set of conversations and anchors (no sampling, no noise)."""
+    from drafter.train import CTCObjective, MedusaObjective
+
+    objective = CTCObjective(draft) if isinstance(draft, CTCDraftModel) else MedusaObjective(draft)
+    convs = [data.conversation(i) for i in range(len(data))]
+    anchors = [anchor_targets(c, draft.config.num_labels)[::3] for c in convs]
+    with torch.no_grad():
+        return float(objective(convs, anchors)[0])
+
+
+@pytest.mark.parametrize("kind", ["ctc", "medusa"])
+def test_training_reduces_loss_and_resumes(base, tmp_path, kind):
+    _, model = base
+    data = synthetic_data(model)
+    if kind == "ctc":
+        draft = ctc_model(model, num_frames=4, num_labels=3)
+    else:
+        torch.manual_seed(0)
+        draft = MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model)
+    before = fixed_loss(draft, data)
+    cfg = TrainConfig(steps=1, conversations_per_step=4, anchors_per_conversation=8, lr=1e-2, warmup=1,
+                      checkpoint_every=1)
+    train(draft, data, tmp_path / kind, cfg)
+    cfg.steps = 40
+    train(draft, data, tmp_path / kind, cfg)  # resumes at step 1
+    after = fixed_loss(draft, data)
+    assert after < 0.9 * before, (before, after)
+    state = torch.load(tmp_path / kind / ".train" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 40
+    assert (tmp_path / kind / "model.safetensors").is_file()
+
+
+DDP_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from tests.test_drafters import ctc_model, synthetic_data
+from server.runtime.loader import load_model
+from drafter.train import TrainConfig, train
+torch.set_num_threads(1)
+model = load_model({base!r}, dtype="float32", device="cpu"); model.requires_grad_(False)
+m = ctc_model(model, num_frames=4, num_labels=3)
+train(m, synthetic_data(model), __import__("pathlib").Path({out!r}),
+      TrainConfig(steps=4, conversations_per_step=2, anchors_per_conversation=4, warmup=1, checkpoint_every=100))
+rank = torch.distributed.get_rank()
+torch.save(m.state_dict(), {out!r} + f"/rank{{rank}}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
+    path, _ = base
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), base=str(path), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    init = ctc_model(load_model(path, dtype="float32", device="cpu"), num_frames=4, num_labels=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], init[k]) for k in a), "training changed nothing"
+
+
+@pytest.mark.parametrize("kind", ["ctc-beam", "ctc-static", "medusa"])
+def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind):
+    """Random-init drafters propose mostly wrong trees: outputs must still equal plain greedy."""
+    path, model = base
+    if kind.startswith("ctc"):
+        m = ctc_model(model, num_frames=5, num_labels=3, candidates=kind.split("-")[1])
+    else:
+        m = MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model)
+    save_drafter(m, tmp_path / kind)
+    drafter = load_drafter(tmp_path / kind, model, max_slots=4, max_len=96)
+    reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts_for(5, seed=23))}
+    plain = run_all(make_engine(model, None), reqs)
+    spec = run_all(make_engine(model, drafter, max_tree_nodes=8, min_accept=-1.0), reqs)
+    for rid in reqs:
+        assert spec[rid]["tokens"] == plain[rid]["tokens"], rid
+    assert sum(o["drafts"] for o in spec.values()) > 0
+    assert drafter_free(drafter)
+
+
+def drafter_free(drafter) -> bool:
+    cache = getattr(drafter, "cache", None)
+    return cache is None or cache.num_used_slots == 0

@@ -1,0 +1,411 @@
+"""Tests for kernels/: tree attention, KV commit and the backend choice.
+
+Three tiers:
+1. The torch references against hand-checkable cases and explicit Python loops (the oracles).
+2. Triton-vs-reference parity on tiny shapes in Triton's CPU interpreter (TRITON_INTERPRET=1).
+   Without a CUDA device this module sets TRITON_INTERPRET=1 at import, i.e. at collection,
+   before any test runs; kernels/ imports triton only on a kernel's first launch, so triton is
+   first imported under the interpreter even if other test modules imported kernels/ earlier.
+   Skipped only if triton cannot be imported at all (or if the process runs compiled: a CUDA
+   machine, where tier 3 covers the kernels; run with TRITON_INTERPRET=1 to get tier 2 there).
+3. GPU parity on realistic shapes (marked gpu), skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # must precede the first `import triton` of the process (see above)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import backend  # noqa: E402
+from kernels.kv_commit import kv_commit, kv_commit_ref, kv_commit_triton  # noqa: E402
+from kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """(n, n) bool: mask[i, j] iff node j is node i or one of its ancestors (parent -1 = root)."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+    return mask
+
+
+def random_parents(n: int, gen: torch.Generator) -> list[int]:
+    """A random tree in topological order: node 0 is the root, each node's parent comes before it."""
+    return [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+
+
+def make_attention_case(
+    q_lens: list[int],
+    cache_lens: list[int],
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    tree: bool,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> dict:
+    """Random inputs for one batch. Everything the op must ignore is filled with garbage: other
+    slots, cache positions past cache_len + q_len, tree_mask padding rows and columns."""
+    gen = torch.Generator().manual_seed(seed)
+    B, L = len(q_lens), max(q_lens)
+    num_slots, max_len = B + 2, max(c + n for c, n in zip(cache_lens, q_lens)) + 5
+    k_cache = torch.randn(num_slots, num_kv_heads, max_len, head_dim, generator=gen)
+    v_cache = torch.randn(num_slots, num_kv_heads, max_len, head_dim, generator=gen)
+    q = torch.randn(B, num_q_heads, L, head_dim, generator=gen)
+    slots = torch.randperm(num_slots, generator=gen)[:B]
+    tree_mask = torch.rand(B, L, L, generator=gen) < 0.5  # garbage outside the real block
+    for b, n in enumerate(q_lens):
+        parents = random_parents(n, gen) if tree else list(range(-1, n - 1))
+        tree_mask[b, :n, :n] = ancestor_mask(parents)
+    return dict(
+        q=q.to(device, dtype), k_cache=k_cache.to(device, dtype), v_cache=v_cache.to(device, dtype),
+        slots=slots.to(device), cache_lens=torch.tensor(cache_lens, device=device),
+        q_lens=torch.tensor(q_lens, device=device), tree_mask=tree_mask.to(device),
+        scale=1.0 / math.sqrt(head_dim),
+    )
+
+
+def as_fp32(case: dict) -> dict:
+    return {**case, **{name: case[name].float() for name in ("q", "k_cache", "v_cache")}}
+
+
+def explicit_attention(q, k_cache, v_cache, slots, cache_lens, q_lens, tree_mask, scale):
+    """Oracle: for every (b, h, i), list the allowed key positions and softmax over them."""
+    B, Hq, L, D = q.shape
+    group = Hq // k_cache.shape[1]
+    out = torch.zeros(B, Hq, L, D, dtype=torch.float64)
+    for b in range(B):
+        c, n, s = int(cache_lens[b]), int(q_lens[b]), int(slots[b])
+        for i in range(n):
+            keys = list(range(c)) + [c + j for j in range(n) if tree_mask[b, i, j]]
+            if not keys:
+                continue
+            for h in range(Hq):
+                k = k_cache[s, h // group, keys].double()  # (K, D)
+                v = v_cache[s, h // group, keys].double()
+                w = torch.softmax(k @ q[b, h, i].double() * scale, dim=0)
+                out[b, h, i] = w @ v
+    return out
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """max |actual - expected| <= rel * max |expected| (relative to the output's scale)."""
+    assert torch.isfinite(actual).all(), "non-finite output"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1e-30)
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} * {scale:.3g}"
+
+
+def make_commit_case(num_layers=2, num_slots=4, num_kv_heads=2, max_len=24, head_dim=8, seed=0,
+                     dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+    k = torch.randn(shape, generator=gen).to(device, dtype)
+    v = torch.randn(shape, generator=gen).to(device, dtype)
+    return k, v
+
+
+def commit_loop(k_cache, v_cache, slots, cache_lens, src_index, num_accepted):
+    """Oracle: read every source from a snapshot, then write, one (b, k) at a time."""
+    k_src, v_src = k_cache.clone(), v_cache.clone()
+    for b in range(len(slots)):
+        s, c = int(slots[b]), int(cache_lens[b])
+        for k in range(int(num_accepted[b])):
+            src = c + int(src_index[b, k])
+            k_cache[:, s, :, c + k] = k_src[:, s, :, src]
+            v_cache[:, s, :, c + k] = v_src[:, s, :, src]
+
+
+COMMIT_CASE = dict(
+    slots=torch.tensor([3, 0, 2, 1]),
+    cache_lens=torch.tensor([5, 0, 9, 2]),
+    # Overlaps: sequence 0 moves 2->1, 4->2 (position 2 is written after being read for the
+    # previous move), 5->3; sequence 1 keeps a chain (no-op moves); padding is -1, never read.
+    src_index=torch.tensor([[0, 2, 4, 5, -1], [0, 1, 2, 3, 4], [0, 3, -1, -1, -1], [0, -1, -1, -1, -1]]),
+    num_accepted=torch.tensor([4, 5, 2, 0]),
+)
+
+
+# ----------------------------------------------------------------------------- tier 1: references
+
+
+def test_tree_attention_ref_is_mean_of_allowed_values():
+    # q = 0 makes every allowed score equal, so each output is the plain mean of the allowed V.
+    # One kv head, D = 1, v at position t = t: the expected numbers can be read off the mask.
+    max_len = 8
+    v_cache = torch.arange(max_len, dtype=torch.float32).view(1, 1, max_len, 1)
+    k_cache = torch.randn(1, 1, max_len, 1)
+    parents = [-1, 0, 0, 1]  # root 0; 1 and 2 under 0; 3 under 1
+    tree_mask = torch.zeros(1, 5, 5, dtype=torch.bool)
+    tree_mask[0, :4, :4] = ancestor_mask(parents)
+    tree_mask[0, 4] = True  # padding row: must come out 0
+    out = tree_attention_ref(torch.zeros(1, 2, 5, 1), k_cache, v_cache, torch.tensor([0]),
+                             torch.tensor([3]), torch.tensor([4]), tree_mask, scale=1.0)
+    # prefix positions 0, 1, 2; node n at position 3 + n.
+    expected = torch.tensor([
+        (0 + 1 + 2 + 3) / 4,  # root: prefix + itself
+        (0 + 1 + 2 + 3 + 4) / 5,  # node 1: + root
+        (0 + 1 + 2 + 3 + 5) / 5,  # node 2: + root, not its sibling 1
+        (0 + 1 + 2 + 3 + 4 + 6) / 6,  # node 3: + root + 1, not 2
+        0.0,  # padding
+    ])
+    torch.testing.assert_close(out[0, :, :, 0], expected.expand(2, 5))
+
+
+def test_tree_attention_ref_rows_without_keys_are_zero():
+    # Empty prefix and a query row that may see nothing (not even itself): zeros, not NaN.
+    case = make_attention_case([2], [0], num_q_heads=2, num_kv_heads=1, head_dim=4, tree=True)
+    case["tree_mask"] = torch.tensor([[[True, False], [False, False]]])
+    out = tree_attention_ref(**case)
+    assert torch.isfinite(out).all()
+    assert out[0, :, 1].abs().max() == 0
+    assert out[0, :, 0].abs().max() > 0
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 1), (6, 2)], ids=["mha", "mqa", "gqa3"])
+def test_tree_attention_ref_matches_explicit_loop(tree, num_q_heads, num_kv_heads):
+    case = make_attention_case([5, 1, 3, 5], [4, 7, 0, 11], num_q_heads=num_q_heads,
+                               num_kv_heads=num_kv_heads, head_dim=8, tree=tree)
+    out = tree_attention_ref(**case)
+    assert_rel_close(out, explicit_attention(**case), 1e-5)
+    # Padding rows (q_len 1 and 3 in a batch of L = 5) come out as zeros.
+    assert out[1, :, 1:].abs().max() == 0 and out[2, :, 3:].abs().max() == 0
+
+
+def test_kv_commit_ref_hand_checked():
+    # Cache value at position t is t, so after the commit position c + k must hold c + src[k].
+    num_layers, num_slots, max_len = 2, 2, 10
+    positions = torch.arange(max_len, dtype=torch.float32).view(1, 1, 1, max_len, 1)
+    k_cache = positions.expand(num_layers, num_slots, 1, max_len, 3).clone()
+    v_cache = -k_cache
+    other_slot = k_cache[:, 0].clone()
+    kv_commit_ref(k_cache, v_cache, slots=torch.tensor([1]), cache_lens=torch.tensor([3]),
+                  src_index=torch.tensor([[0, 2, 3, 5, -1]]), num_accepted=torch.tensor([4]))
+    expected = torch.tensor([0, 1, 2, 3, 5, 6, 8, 7, 8, 9], dtype=torch.float32)  # 3 + {0,2,3,5}
+    for cache, sign in ((k_cache, 1), (v_cache, -1)):
+        for d in range(3):
+            torch.testing.assert_close(cache[:, 1, 0, :, d], sign * expected.expand(num_layers, max_len))
+    torch.testing.assert_close(k_cache[:, 0], other_slot)  # other slots untouched
+
+
+def test_kv_commit_ref_matches_loop():
+    k, v = make_commit_case()
+    k_exp, v_exp = k.clone(), v.clone()
+    commit_loop(k_exp, v_exp, **COMMIT_CASE)
+    kv_commit_ref(k, v, **COMMIT_CASE)
+    assert torch.equal(k, k_exp) and torch.equal(v, v_exp)
+
+
+def test_kv_commit_ref_nothing_accepted_is_a_no_op():
+    k, v = make_commit_case()
+    k0, v0 = k.clone(), v.clone()
+    kv_commit_ref(k, v, torch.tensor([1, 2]), torch.tensor([3, 4]), torch.full((2, 3), -1),
+                  torch.tensor([0, 0]))
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+@pytest.fixture
+def fresh_backend(monkeypatch):
+    """Re-run the capability check under a patched environment, and again after the test."""
+    backend.kernel_backend.cache_clear()
+    yield monkeypatch
+    backend.kernel_backend.cache_clear()
+
+
+def test_backend_torch_can_be_forced(fresh_backend):
+    fresh_backend.setenv("CTC_KERNELS", "torch")
+    assert backend.kernel_backend() is backend.Backend.TORCH
+    assert not backend.use_triton(torch.zeros(1))
+
+
+def test_backend_rejects_unknown_value(fresh_backend):
+    fresh_backend.setenv("CTC_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="CTC_KERNELS"):
+        backend.kernel_backend()
+
+
+def test_backend_forced_triton_requires_triton(fresh_backend):
+    fresh_backend.setenv("CTC_KERNELS", "triton")
+    fresh_backend.setattr(backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="triton"):
+        backend.kernel_backend()
+
+
+def test_backend_auto_matches_capabilities(fresh_backend):
+    fresh_backend.delenv("CTC_KERNELS", raising=False)
+    triton_ok = HAS_CUDA and backend.triton_available()
+    assert backend.kernel_backend() is (backend.Backend.TRITON if triton_ok else backend.Backend.TORCH)
+
+
+def test_dispatch_uses_reference_for_cpu_tensors(fresh_backend):
+    # Even with the Triton backend forced, CPU tensors take the reference path.
+    fresh_backend.setenv("CTC_KERNELS", "triton")
+    fresh_backend.setattr(backend, "triton_available", lambda: True)
+    case = make_attention_case([3, 2], [4, 0], num_q_heads=4, num_kv_heads=2, head_dim=8, tree=True)
+    assert torch.equal(tree_attention(**case), tree_attention_ref(**case))
+    k, v = make_commit_case()
+    k_exp, v_exp = k.clone(), v.clone()
+    kv_commit_ref(k_exp, v_exp, **COMMIT_CASE)
+    kv_commit(k, v, **COMMIT_CASE)
+    assert torch.equal(k, k_exp) and torch.equal(v, v_exp)
+
+
+# ----------------------------------------------------------------------------- tier 2: interpreter
+
+
+@pytest.fixture
+def interpret() -> None:
+    """Skip unless this process runs Triton kernels in Triton's CPU interpreter."""
+    if not backend.triton_available():
+        pytest.skip("triton cannot be imported: install the `gpu` extra to test the kernels")
+    if not INTERPRETING:
+        pytest.skip("TRITON_INTERPRET is not 1 (this module sets it only without CUDA)")
+    import triton.language as tl
+
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it in the "
+                    "environment (or tests/conftest.py) before anything imports triton")
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+ATTENTION_SHAPES = {
+    # name: (q_lens, cache_lens, Hq, Hkv, D, tree)
+    "tree-gqa-padded": ([5, 2, 4], [9, 0, 21], 4, 2, 16, True),
+    "chain-mha": ([6, 6], [3, 17], 2, 2, 16, False),
+    "decode-gqa4": ([1, 1, 1], [13, 1, 30], 8, 2, 32, False),
+    "tree-mqa-d24": ([7, 3], [40, 5], 3, 1, 24, True),  # head_dim not a power of two
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
+def test_tree_attention_triton_matches_ref_interpreted(interpret, shape, dtype):
+    q_lens, cache_lens, hq, hkv, d, tree = ATTENTION_SHAPES[shape]
+    case = make_attention_case(q_lens, cache_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                               tree=tree, dtype=dtype)
+    # Blocks of 16 (tl.dot's smallest tile): several key blocks even for these short caches.
+    out = tree_attention_triton(**case, block_m=16, block_n=16)
+    assert out.dtype == dtype and out.shape == case["q"].shape
+    assert_rel_close(out, tree_attention_ref(**as_fp32(case)), TOLERANCE[dtype])
+    for b, n in enumerate(q_lens):  # padding rows are exactly zero
+        assert (out[b, :, n:] == 0).all()
+
+
+def test_tree_attention_triton_strided_inputs_interpreted(interpret):
+    # q sliced out of a (B, L, H, D) projection and a cache that is a slice of a wider buffer:
+    # only the last dim is contiguous, which is all the kernel needs.
+    case = make_attention_case([4, 2], [6, 3], num_q_heads=4, num_kv_heads=2, head_dim=16, tree=True)
+    case["q"] = torch.randn(2, 4, 4, 16).transpose(1, 2)  # (B, L, Hq, D) -> (B, Hq, L, D)
+    wide_k = torch.randn(*case["k_cache"].shape[:3], 32)
+    wide_k[..., :16] = case["k_cache"]
+    case["k_cache"] = wide_k[..., :16]
+    assert not case["q"].is_contiguous() and not case["k_cache"].is_contiguous()
+    out = tree_attention_triton(**case, block_m=16, block_n=16)
+    assert_rel_close(out, tree_attention_ref(**case), 1e-5)
+
+
+def test_tree_attention_triton_default_blocks_interpreted(interpret):
+    case = make_attention_case([3, 1], [70, 2], num_q_heads=4, num_kv_heads=4, head_dim=16, tree=True)
+    assert_rel_close(tree_attention_triton(**case), tree_attention_ref(**case), 1e-5)
+
+
+def test_tree_attention_triton_rejects_bad_inputs():
+    case = make_attention_case([2], [3], num_q_heads=4, num_kv_heads=2, head_dim=8, tree=True)
+    bad = [
+        dict(q=case["q"][..., :4]),  # head_dim mismatch
+        dict(q=case["q"].repeat(1, 1, 1, 2)[..., ::2]),  # last dim strided
+        dict(q=case["q"][:, :3]),  # Hq not a multiple of Hkv
+        dict(tree_mask=case["tree_mask"].int()),
+        dict(slots=case["slots"].int()),
+        dict(k_cache=case["k_cache"].double()),
+    ]
+    for override in bad:
+        with pytest.raises(AssertionError):
+            tree_attention_triton(**{**case, **override})
+
+
+def test_kv_commit_triton_rejects_bad_inputs():
+    k, v = make_commit_case()
+    with pytest.raises(AssertionError):
+        kv_commit_triton(k[0], v[0], **COMMIT_CASE)  # a single layer's (4-D) cache
+    with pytest.raises(AssertionError):
+        kv_commit_triton(k, v, **{**COMMIT_CASE, "src_index": COMMIT_CASE["src_index"].int()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kv_commit_triton_matches_ref_interpreted(interpret, dtype):
+    k, v = make_commit_case(dtype=dtype)
+    k_exp, v_exp = k.clone(), v.clone()
+    kv_commit_ref(k_exp, v_exp, **COMMIT_CASE)
+    kv_commit_triton(k, v, **COMMIT_CASE)
+    assert torch.equal(k, k_exp) and torch.equal(v, v_exp)
+
+
+# ----------------------------------------------------------------------------- tier 3: GPU
+
+needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETING,
+                               reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["tree64", "decode", "prefill-chunk"])
+def test_tree_attention_triton_matches_ref_gpu(kind, dtype):
+    if kind == "tree64":  # B=4 verify step: a 64-node tree over ~512-token prefixes
+        q_lens, cache_lens, tree = [64, 64, 40, 64], [512, 300, 777, 1], True
+    elif kind == "decode":  # B=16, L=1, long prefixes
+        q_lens, cache_lens, tree = [1] * 16, [2047 - 97 * i for i in range(16)], False
+    else:  # a causal prefill chunk next to a fresh prompt
+        q_lens, cache_lens, tree = [256, 100], [0, 1024], False
+    case = make_attention_case(q_lens, cache_lens, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                               tree=tree, dtype=dtype, device="cuda")
+    expected = tree_attention_ref(**as_fp32(case))
+    assert_rel_close(tree_attention_triton(**case), expected, TOLERANCE[dtype])
+    assert_rel_close(tree_attention(**case), expected, TOLERANCE[dtype])  # dispatch on CUDA
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_kv_commit_triton_matches_ref_gpu():
+    gen = torch.Generator().manual_seed(0)
+    B, P, max_len, num_slots = 16, 8, 1024, 20
+    k, v = make_commit_case(num_layers=32, num_slots=num_slots, num_kv_heads=8, max_len=max_len,
+                            head_dim=128, dtype=torch.bfloat16, device="cuda")
+    # Node index >= depth, non-decreasing along the path, from a tree of up to 64 nodes.
+    src_index = torch.arange(P) + torch.randint(0, 56, (B, P), generator=gen).cummax(dim=1).values
+    args = dict(slots=torch.randperm(num_slots, generator=gen)[:B],
+                cache_lens=torch.randint(0, max_len - 64, (B,), generator=gen),
+                src_index=src_index, num_accepted=torch.randint(0, P + 1, (B,), generator=gen))
+    args = {name: t.cuda() for name, t in args.items()}
+    k_exp, v_exp = k.clone(), v.clone()
+    kv_commit_ref(k_exp, v_exp, **args)
+    kv_commit_triton(k, v, **args)
+    assert torch.equal(k, k_exp) and torch.equal(v, v_exp)
+    kv_commit(k, v, **args)  # dispatch on CUDA: a second commit of the same moves
+    kv_commit_ref(k_exp, v_exp, **args)
+    assert torch.equal(k, k_exp) and torch.equal(v, v_exp)
