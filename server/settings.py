@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(
         1024, ge=1, description="max_tokens of requests that set none (lowered to what fits in max_model_len)."
     )
+    max_tree_nodes: int = Field(
+        16, ge=0, le=256, description="Draft tokens verified per sequence and step at low load (0: no speculation)."
+    )
+    spec_token_budget: int = Field(
+        48, ge=0, description="Draft tokens per step shared by all sequences: trees shrink as the batch grows."
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
     )

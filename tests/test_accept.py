@@ -15,28 +15,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from server.engine.accept import AcceptResult, accept_batch, accept_tree, recursive_rejection_probs
 from server.engine.sampler import decide_tokens, process_logits
 from server.engine.types import SamplingParams
+from tests.statistics import chi_square_pvalue
 
 ALPHA = 1e-4
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness of fit of integer counts (K,) to probs (K,); cells with expected count < 5 are
-    pooled into one (the usual validity condition of the chi-square approximation)."""
-    n = float(counts.sum())
-    expected = probs.double() * n
-    small = expected < 5
-    obs = counts.double()[~small].tolist()
-    exp = expected[~small].tolist()
-    if small.any():
-        obs.append(float(counts.double()[small].sum()))
-        exp.append(float(expected[small].sum()))
-    scale = sum(obs) / sum(exp)  # tiny float mismatch only; scipy wants equal sums
-    return float(stats.chisquare(obs, [e * scale for e in exp]).pvalue)
 
 
 # ---- hand-made trees -------------------------------------------------------------------------------

@@ -44,6 +44,17 @@ def prefill(model, cache, prompts):
     return slots, logits
 
 
+def decode_and_compare(hf, ours, cache, slots, seqs, g, steps: int) -> None:
+    """Batched decode of random next tokens; each sequence's logits must match transformers'."""
+    for _ in range(steps):
+        nxt = [int(torch.randint(0, 160, (1,), generator=g)) for _ in seqs]
+        logits = run(ours, cache, [ForwardItem(s, cache.lengths[s], [t]) for s, t in zip(slots, nxt)])
+        for b, (s, t) in enumerate(zip(slots, nxt)):
+            cache.advance(s, 1)
+            seqs[b].append(t)
+            torch.testing.assert_close(logits[b, 0], hf_logits(hf, seqs[b])[-1], atol=ATOL, rtol=0)
+
+
 def test_prefill_matches(pair):
     hf, ours = pair
     cache = ours.make_cache(2, MAX_LEN)
@@ -65,13 +76,7 @@ def test_chunked_prefill_and_batched_decode_unequal_lengths(pair):
         for it in items:
             cache.advance(it.slot, len(it.tokens))
     seqs = [list(p) for p in prompts]
-    for step in range(5):
-        nxt = [int(torch.randint(0, 160, (1,), generator=g)) for _ in seqs]
-        logits = run(ours, cache, [ForwardItem(s, cache.lengths[s], [t]) for s, t in zip(slots, nxt)])
-        for b, (s, t) in enumerate(zip(slots, nxt)):
-            cache.advance(s, 1)
-            seqs[b].append(t)
-            torch.testing.assert_close(logits[b, 0], hf_logits(hf, seqs[b])[-1], atol=ATOL, rtol=0)
+    decode_and_compare(hf, ours, cache, slots, seqs, g, steps=5)
 
 
 # A tree with siblings at two depths and a deep branch: node: parent
@@ -109,13 +114,7 @@ def test_commit_then_decode_equals_sequential_cache(pair):
     cache.commit_paths(slots, paths)
     seqs = [p + [t[i] for i in path] for p, t, path in zip(prompts, trees, paths)]
     assert [cache.lengths[s] for s in slots] == [len(s) for s in seqs]
-    for _ in range(3):
-        nxt = [int(torch.randint(0, 160, (1,), generator=g)) for _ in seqs]
-        logits = run(ours, cache, [ForwardItem(s, cache.lengths[s], [t]) for s, t in zip(slots, nxt)])
-        for b, (s, t) in enumerate(zip(slots, nxt)):
-            cache.advance(s, 1)
-            seqs[b].append(t)
-            torch.testing.assert_close(logits[b, 0], hf_logits(hf, seqs[b])[-1], atol=ATOL, rtol=0)
+    decode_and_compare(hf, ours, cache, slots, seqs, g, steps=3)
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:

@@ -17,6 +17,7 @@ from scipy import stats
 from server.engine import sampler
 from server.engine.sampler import batch_noise, decide_tokens, noise_seed, position_noise, process_logits
 from server.engine.types import SamplingParams
+from tests.statistics import chi_square_pvalue
 
 ALPHA = 1e-4
 NEG_INF = float("-inf")
@@ -28,21 +29,6 @@ def kept(logits: list[float], temperature: float = 1.0, top_k: int = 0, top_p: f
         torch.tensor([logits]), torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p])
     )
     return set(torch.nonzero(out[0] > NEG_INF).flatten().tolist())
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness of fit of integer counts (K,) to probs (K,); cells with expected count < 5 are
-    pooled into one (the usual validity condition of the chi-square approximation)."""
-    n = float(counts.sum())
-    expected = probs.double() * n
-    small = expected < 5
-    obs = counts.double()[~small].tolist()
-    exp = expected[~small].tolist()
-    if small.any():
-        obs.append(float(counts.double()[small].sum()))
-        exp.append(float(expected[small].sum()))
-    scale = sum(obs) / sum(exp)  # tiny float mismatch only; scipy wants equal sums
-    return float(stats.chisquare(obs, [e * scale for e in exp]).pvalue)
 
 
 # ---- process_logits: filter tables -----------------------------------------------------------
