@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench demo-model
+.PHONY: install serve test bench demo-model demo-drafters
 
 install:
 	$(if $(TORCH),$(PYTHON) -m pip install -q "$(TORCH)")
@@ -22,3 +22,14 @@ bench: install
 
 demo-model: install
 	$(PYTHON) models/build_demo_model.py $(ARGS)
+
+# The demo model's drafters: self-distilled data, then the CTC drafter and the Medusa baseline with
+# the same data and steps, then their acceptance on held-out prompts (see BENCHMARKS.md).
+DRAFT_WORK ?= models/.build/drafters
+DRAFT_STEPS ?= 600
+demo-drafters: install
+	ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500
+	ctc-drafter train --data $(DRAFT_WORK)/regen --out models/demo-llama-ctc --steps $(DRAFT_STEPS)
+	ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --out models/demo-llama-medusa --steps $(DRAFT_STEPS)
+	ctc-drafter eval --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa --drafter ngram \
+		--num-prompts 80 --out $(DRAFT_WORK)/eval.json

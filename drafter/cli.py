@@ -87,7 +87,8 @@ def cmd_eval(args) -> None:
         if plain is not None and spec != "none":
             r["equals_plain"] = outputs == plain
         results[spec] = r
-        print(f"{spec:40s} tau {r['tau']:.2f}  tau_spec {r['tau_spec']:.2f}  drafted/step {r['draft_tokens_per_step']:.1f}")
+        print(f"{spec:40s} tau {r['tau']:.2f}  tau_spec {r['tau_spec']:.2f}  drafted/step "
+              f"{r['draft_tokens_per_step']:.1f}  draft time / verify time {r['propose_share_of_verify']:.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -65,8 +65,11 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> tuple[
 
 
 def load_corpus(path: Path, heldout_fraction: float = 0.05, seed: int = 0) -> list[dict]:
+    """The training side of the demo model's split (same fraction and seed), shuffled with a
+    fixed seed so that a prefix of it mixes teachers and sources."""
     rows = [json.loads(line) for line in path.open()]
     train, _ = split_corpus(rows, heldout_fraction, seed)
+    random.Random(seed).shuffle(train)
     return train
 
 

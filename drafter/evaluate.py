@@ -6,6 +6,8 @@ verification steps depends on the drafter. Figures:
              step; the figure speed follows;
   tau_spec = 1 + accepted / drafted steps: the same over steps where the drafter proposed
              something (Prometheus' acceptance length; equals tau for drafters that always draft).
+propose_share_of_verify = time in the drafter (its forward and candidate search) / time in the
+base model's verification forwards, over the run.
 All prompts run in one engine batch with a fixed tree budget per sequence (adaptive shrinking off),
 which does not change greedy outputs or per-sequence acceptance, only wall time.
 """
@@ -32,7 +34,7 @@ def load_prompts(tokenizer, path: Path = DEFAULT_PROMPTS, source: str = "gsm8k",
 def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: int = 256,
                tree_nodes: int = 16, max_model_len: int = 1024, batch: int = 16) -> dict:
     sched = SchedulerConfig(max_batch_size=batch, max_tree_nodes=tree_nodes, spec_token_budget=tree_nodes * batch,
-                            min_accept=-1.0)  # never switch drafting off: measure the drafter itself
+                            min_accept=-1.0, governor=False)  # never switch drafting off: measure the drafter
     engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=max_model_len, scheduler=sched), drafter=drafter)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     for i, p in enumerate(prompts):
@@ -51,8 +53,11 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
                 drafted += 1
                 accepted += d.num_accepted_tokens
                 draft_tokens += d.num_draft_tokens
+    ph = engine.phase_seconds
     return {
         "tau": tokens / max(steps, 1),
+        # Draft cost: drafter time (forward + candidate search) over the base model's verify forward.
+        "propose_share_of_verify": ph["propose"] / ph["verify"] if ph["verify"] else 0.0,
         "tau_spec": 1 + accepted / max(drafted, 1),
         "draft_tokens_per_step": draft_tokens / max(drafted, 1),
         "decode_steps": steps,

@@ -9,6 +9,8 @@ slot back) and leaves the engine serving; a failure while finishing one sequence
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,8 @@ class LLMEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self._seqs: dict[str, Sequence] = {}
         self._outbox: list[RequestDelta] = []  # deltas produced outside step() (aborts)
+        # Wall seconds spent per phase since start (propose / verify / finish): where a step's time goes.
+        self.phase_seconds: Counter[str] = Counter()
 
     # -- EngineCore ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -109,8 +113,10 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------------
     def _run(self, plan: Plan) -> list[RequestDelta]:
+        t0 = time.perf_counter()
         decode = [(seq, self._clamp_budget(seq, b)) for seq, b in plan.decode]
         trees = speculate.propose(self.drafter, decode)
+        t1 = time.perf_counter()
         items, positions = [], []
         for seq, n in plan.prefill:
             chunk = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + n]
@@ -121,6 +127,7 @@ class LLMEngine:
             items.append(ForwardItem(seq.slot, self.cache.lengths[seq.slot], tree.tokens, tree.parents))
             positions.append(list(range(tree.num_nodes)))
         out = speculate.verify(self.model, self.cache, items, positions)
+        t2 = time.perf_counter()
 
         # decide: one batched call for every logits row
         row_seqs = [seq for (seq, _), pos in zip(plan.prefill, positions) for _ in pos]
@@ -166,6 +173,11 @@ class LLMEngine:
                 delta.num_accepted_tokens = res.num_accepted
                 seq.accept_ema = 0.8 * seq.accept_ema + 0.2 * res.num_accepted
             deltas.append(delta)
+        t3 = time.perf_counter()
+        self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
+        if not plan.prefill and decode:  # a pure decode step: what the governor compares
+            emitted = sum(len(d.token_ids) for d in deltas)
+            self.scheduler.governor.record(len(decode), plan.speculative, emitted, t3 - t0)
         return deltas
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:

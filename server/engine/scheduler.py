@@ -7,12 +7,18 @@ Every step the scheduler
 3. fills what is left of the step's token budget with prefill chunks, oldest request first,
    so a long prompt is split over several steps and never stalls the decoding sequences.
 
-Adaptive speculation. A verification forward costs about the same for 1 or a few tokens per
-sequence while the machine is latency-bound, and grows linearly once it is compute-bound. So
-the budget a sequence gets shrinks as the batch grows (the step's `spec_token_budget` is shared
-among the decoding sequences) and as its own acceptance drops: a sequence whose recent steps
-accepted (EMA) fewer than `min_accept` draft tokens decodes plainly, and probes with a small
-tree every `probe_every` steps to notice when drafting starts paying again.
+Adaptive speculation, three layers:
+- the tree budget a sequence gets shrinks as the batch grows: the step's `spec_token_budget` is
+  shared among the drafting sequences (a verification forward costs about the same for 1 or a few
+  tokens per sequence while the machine is latency-bound, and grows linearly once it is
+  compute-bound);
+- a sequence whose recent steps accepted (EMA) fewer than `min_accept` draft tokens decodes
+  plainly, probing with a small tree every `probe_every` steps;
+- `SpeculationGovernor` measures what speculation buys at the current batch size: per batch-size
+  bucket it keeps moving averages of emitted tokens per second for speculative and for plain
+  steps, speculates only while that is faster, and re-tries the other mode every
+  `explore_every` steps, so a drafter that costs more than it saves (a heavy drafter at a large
+  batch, drafts the text does not follow) is switched off by measurement, not by a guess.
 """
 
 from __future__ import annotations
@@ -32,12 +38,49 @@ class SchedulerConfig:
     min_accept: float = 0.5  # EMA of accepted draft tokens below which a sequence stops drafting
     probe_every: int = 8  # steps between small probe trees for a sequence that stopped drafting
     probe_nodes: int = 2
+    governor: bool = True  # decide by measured throughput whether to speculate at all (below)
+    explore_every: int = 16  # steps between tries of the mode the governor currently rejects
+    governor_ema: float = 0.2  # weight of the newest step in the governor's tokens/s averages
+
+
+class SpeculationGovernor:
+    """Speculate or not, per batch-size bucket, by measured throughput (emitted tokens / second)."""
+
+    def __init__(self, explore_every: int, ema: float):
+        self.explore_every, self.ema = explore_every, ema
+        self.rate: dict[tuple[int, bool], float] = {}  # (bucket, speculative) -> tokens/s EMA
+        self.steps: dict[int, int] = {}  # decode steps seen per bucket
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return max(1, batch).bit_length()  # 1, 2-3, 4-7, 8-15, 16-31, ...
+
+    def speculate(self, batch: int) -> bool:
+        b = self.bucket(batch)
+        spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
+        if spec is None:
+            return True  # try speculation first,
+        if plain is None:
+            return False  # then plain decoding, then the faster one
+        best = spec >= plain
+        n = self.steps.get(b, 0)
+        return (not best) if n % self.explore_every == self.explore_every - 1 else best
+
+    def record(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        b = self.bucket(batch)
+        self.steps[b] = self.steps.get(b, 0) + 1
+        key, rate = (b, speculative), tokens / seconds
+        old = self.rate.get(key)
+        self.rate[key] = rate if old is None else (1 - self.ema) * old + self.ema * rate
 
 
 @dataclass
 class Plan:
     prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
     decode: list[tuple[Sequence, int]]  # (sequence, draft-node budget; 0 = plain decoding)
+    speculative: bool = False  # the governor allowed drafting this step
 
     @property
     def empty(self) -> bool:
@@ -49,6 +92,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.governor = SpeculationGovernor(config.explore_every, config.governor_ema)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -75,6 +119,9 @@ class Scheduler:
         cfg = self.config
         decoding = [s for s in self.running if s.status is Status.DECODE]
         drafting = [s for s in decoding if speculation_enabled and s.params.speculative]
+        speculative = bool(drafting) and (not cfg.governor or self.governor.speculate(len(decoding)))
+        if not speculative:
+            drafting = []
         share = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting)))
         decode = []
         for seq in decoding:
@@ -86,7 +133,7 @@ class Scheduler:
                 n = min(seq.remaining_prompt, left)
                 prefill.append((seq, n))
                 left -= n
-        return Plan(prefill=prefill, decode=decode)
+        return Plan(prefill=prefill, decode=decode, speculative=speculative)
 
     def _tree_budget(self, seq: Sequence, share: int) -> int:
         if share <= 0:

@@ -1,0 +1,96 @@
+"""Scheduler policy on toy sequences: admission, prefill chunking, tree budgets, the governor."""
+
+from __future__ import annotations
+
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.scheduler import Scheduler, SchedulerConfig, SpeculationGovernor
+from server.engine.sequence import Sequence, Status
+from server.engine.types import SamplingParams
+
+
+def seq(i: int, prompt_len: int = 10, speculative: bool = True) -> Sequence:
+    return Sequence(f"r{i}", list(range(prompt_len)), SamplingParams(speculative=speculative),
+                    IncrementalDetokenizer(None))
+
+
+def admitted(sched: Scheduler, slots: int) -> list[Sequence]:
+    free = list(range(slots))
+    return sched.admit(lambda: bool(free), free.pop)
+
+
+def test_admission_is_fifo_and_bounded_by_slots_and_batch():
+    s = Scheduler(SchedulerConfig(max_batch_size=3))
+    for i in range(5):
+        s.add(seq(i))
+    got = admitted(s, slots=2)
+    assert [x.request_id for x in got] == ["r0", "r1"] and all(x.status is Status.PREFILL for x in got)
+    assert [x.request_id for x in admitted(s, slots=4)] == ["r2"]  # batch of 3 is full
+    assert len(s.waiting) == 2
+
+
+def test_prefill_chunks_share_the_step_budget_oldest_first():
+    s = Scheduler(SchedulerConfig(prefill_chunk=16))
+    for i, n in enumerate((10, 30)):
+        s.add(seq(i, prompt_len=n))
+    admitted(s, slots=4)
+    plan = s.plan(speculation_enabled=True)
+    assert [(x.request_id, n) for x, n in plan.prefill] == [("r0", 10), ("r1", 6)]
+
+
+def decoding(s: Scheduler, n: int, **kw) -> list[Sequence]:
+    seqs = [seq(i, **kw) for i in range(n)]
+    for x in seqs:
+        s.add(x)
+    admitted(s, slots=n)
+    for x in seqs:
+        x.status, x.num_prefilled, x.output_ids = Status.DECODE, len(x.prompt_ids), [1]
+    return seqs
+
+
+def test_tree_budget_shrinks_as_the_batch_grows():
+    cfg = SchedulerConfig(max_batch_size=32, max_tree_nodes=16, spec_token_budget=48, governor=False)
+    for n, share in ((1, 16), (3, 16), (6, 8), (16, 3), (32, 1)):
+        s = Scheduler(cfg)
+        decoding(s, n)
+        assert {b for _, b in s.plan(True).decode} == {share}, n
+
+
+def test_low_acceptance_switches_a_sequence_off_with_periodic_probes():
+    s = Scheduler(SchedulerConfig(governor=False, probe_every=4, probe_nodes=2))
+    (x,) = decoding(s, 1)
+    x.accept_ema = 0.1
+    budgets = [s.plan(True).decode[0][1] for _ in range(8)]
+    assert budgets == [0, 0, 0, 2, 0, 0, 0, 2]
+
+
+def test_requests_that_opt_out_never_draft():
+    s = Scheduler(SchedulerConfig(governor=False))
+    decoding(s, 2, speculative=False)
+    assert {b for _, b in s.plan(True).decode} == {0}
+
+
+def test_governor_picks_the_faster_mode_per_batch_bucket_and_explores():
+    g = SpeculationGovernor(explore_every=4, ema=0.5)
+    assert g.speculate(1) is True
+    g.record(1, True, tokens=30, seconds=1.0)
+    assert g.speculate(1) is False
+    g.record(1, False, tokens=10, seconds=1.0)
+    # batch 1: speculation is 3x faster; batch 16: plain is faster.
+    g.record(16, True, tokens=16, seconds=1.0)
+    g.record(16, False, tokens=40, seconds=1.0)
+    choices = []
+    for _ in range(8):
+        choices.append(g.speculate(1))
+        g.record(1, choices[-1], tokens=30 if choices[-1] else 10, seconds=1.0)
+    assert choices.count(True) == 6 and choices.count(False) == 2  # one exploration per 4 steps
+    assert g.speculate(16) is False
+
+
+def test_governor_switches_when_speculation_stops_paying():
+    g = SpeculationGovernor(explore_every=4, ema=0.5)
+    g.record(1, True, 30, 1.0)
+    g.record(1, False, 10, 1.0)
+    for _ in range(20):  # drafts stop being accepted: speculative steps now emit 8 tokens/s
+        mode = g.speculate(1)
+        g.record(1, mode, 8 if mode else 10, 1.0)
+    assert g.speculate(1) is False
