@@ -81,6 +81,8 @@ def cmd_eval(args) -> None:
     results = {}
     for spec in args.drafter or ["none"]:
         drafter = build_drafter(spec, model, max_slots=args.batch_size, max_len=args.max_model_len)
+        if args.ctc_candidates and getattr(drafter, "name", "") == "ctc":
+            drafter.model.config.candidates = args.ctc_candidates
         r = acceptance(model, tok, drafter, prompts, args.max_tokens, args.tree_nodes, args.max_model_len, args.batch_size)
         outputs = r.pop("outputs")
         plain = plain or (outputs if spec == "none" else None)
@@ -137,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tree-nodes", type=int, default=16, help="draft nodes per step")
     e.add_argument("--max-model-len", type=int, default=1024)
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--ctc-candidates", choices=["beam", "static"],
+                   help="override CTC drafters' candidate search: prefix beam search or the paper's static top-k tree")
     e.add_argument("--out", type=Path, help="write the figures as JSON here")
     e.set_defaults(fn=cmd_eval)
     return ap

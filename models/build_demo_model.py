@@ -242,7 +242,6 @@ def main(argv=None) -> None:
     held_loss = evaluate(model, held_ex, held_batches, pad)
     log.info("held-out loss %.4f (perplexity %.2f)", held_loss, math.exp(held_loss))
     model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
     report = {
         "parameters": n_params,
         "steps": args.steps,

@@ -70,14 +70,16 @@ def test_requests_that_opt_out_never_draft():
 
 
 def test_governor_picks_the_faster_mode_per_batch_bucket_and_explores():
-    g = SpeculationGovernor(explore_every=4, ema=0.5)
-    assert g.speculate(1) is True
-    g.record(1, True, tokens=30, seconds=1.0)
-    assert g.speculate(1) is False
-    g.record(1, False, tokens=10, seconds=1.0)
+    g = SpeculationGovernor(explore_every=4, ema=0.5, min_samples=2)
+    warm = []
+    for _ in range(4):  # two samples of each mode first, speculation first
+        warm.append(g.speculate(1))
+        g.record(1, warm[-1], tokens=30 if warm[-1] else 10, seconds=1.0)
+    assert warm == [True, True, False, False]
     # batch 1: speculation is 3x faster; batch 16: plain is faster.
-    g.record(16, True, tokens=16, seconds=1.0)
-    g.record(16, False, tokens=40, seconds=1.0)
+    for _ in range(2):
+        g.record(16, True, tokens=16, seconds=1.0)
+        g.record(16, False, tokens=40, seconds=1.0)
     choices = []
     for _ in range(8):
         choices.append(g.speculate(1))
@@ -87,7 +89,7 @@ def test_governor_picks_the_faster_mode_per_batch_bucket_and_explores():
 
 
 def test_governor_switches_when_speculation_stops_paying():
-    g = SpeculationGovernor(explore_every=4, ema=0.5)
+    g = SpeculationGovernor(explore_every=4, ema=0.5, min_samples=1)
     g.record(1, True, 30, 1.0)
     g.record(1, False, 10, 1.0)
     for _ in range(20):  # drafts stop being accepted: speculative steps now emit 8 tokens/s

@@ -149,19 +149,19 @@ class LLMEngine:
                 seq.status = Status.DECODE
                 deltas.append(self._emit(seq, [decided[out.rows[b][0]]]))
         base = len(plan.prefill)
-        committed, results = [], []
+        committed, results, index = [], [], []
         for j, ((seq, _), tree) in enumerate(zip(decode, trees)):
             rows = out.rows[base + j]
             try:
                 results.append(speculate.accept(tree, [decided[r] for r in rows]))
                 committed.append(seq)
+                index.append(j)
             except Exception as exc:
                 log.exception("request %s failed in acceptance", seq.request_id)
                 self._finish(seq, FinishReason.ERROR)
                 deltas.append(self._delta(seq, [], "", error=f"internal error: {type(exc).__name__}"))
         speculate.commit(self.cache, committed, results)
-        for seq, res in zip(committed, results):
-            j = next(k for k, (s, _) in enumerate(decode) if s is seq)
+        for seq, res, j in zip(committed, results, index):
             tree = trees[j]
             if self.drafter is not None:
                 h = out.hidden[base + j, res.path] if needs_hidden else None

@@ -46,9 +46,10 @@ class SchedulerConfig:
 class SpeculationGovernor:
     """Speculate or not, per batch-size bucket, by measured throughput (emitted tokens / second)."""
 
-    def __init__(self, explore_every: int, ema: float):
-        self.explore_every, self.ema = explore_every, ema
+    def __init__(self, explore_every: int, ema: float, min_samples: int = 3):
+        self.explore_every, self.ema, self.min_samples = explore_every, ema, min_samples
         self.rate: dict[tuple[int, bool], float] = {}  # (bucket, speculative) -> tokens/s EMA
+        self.samples: dict[tuple[int, bool], int] = {}  # steps measured per (bucket, mode)
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
 
     @staticmethod
@@ -57,12 +58,12 @@ class SpeculationGovernor:
 
     def speculate(self, batch: int) -> bool:
         b = self.bucket(batch)
-        spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
-        if spec is None:
-            return True  # try speculation first,
-        if plain is None:
-            return False  # then plain decoding, then the faster one
-        best = spec >= plain
+        # A few steps of each mode before judging (one step is noise: an unlucky first draft),
+        # speculation first; then the faster one.
+        for mode in (True, False):
+            if self.samples.get((b, mode), 0) < self.min_samples:
+                return mode
+        best = self.rate[(b, True)] >= self.rate[(b, False)]
         n = self.steps.get(b, 0)
         return (not best) if n % self.explore_every == self.explore_every - 1 else best
 
@@ -72,6 +73,7 @@ class SpeculationGovernor:
         b = self.bucket(batch)
         self.steps[b] = self.steps.get(b, 0) + 1
         key, rate = (b, speculative), tokens / seconds
+        self.samples[key] = self.samples.get(key, 0) + 1
         old = self.rate.get(key)
         self.rate[key] = rate if old is None else (1 - self.ema) * old + self.ema * rate
 

@@ -91,8 +91,15 @@ class KVCache:
     def commit_paths(self, slots: list[int], paths: list[list[int]]) -> None:
         """For each sequence keep the tree nodes `path` (node indices of the last forward, root
         first) as the tokens following its prefix; every other node of its tree is dropped."""
-        if not slots:
+        # A path that is already in place (root, then nodes 1, 2, ... as in every plain decode step
+        # and every chain-shaped acceptance) needs no move: only its length advances.
+        moves = [(s, p) for s, p in zip(slots, paths) if p != list(range(len(p)))]
+        for s, p in zip(slots, paths):
+            if p == list(range(len(p))):
+                self.advance(s, len(p))
+        if not moves:
             return
+        slots, paths = [s for s, _ in moves], [p for _, p in moves]
         width = max(len(p) for p in paths)
         device = self.k.device
         src = torch.zeros(len(slots), width, dtype=torch.long)
