@@ -1,0 +1,350 @@
+"""Benchmark the engine core (LLMEngine) on one model: speculative vs plain decoding, in one run.
+
+Measures (bench/README.md explains every figure): 1. batch 1, per drafter and temperature: tokens/s,
+prefill time, acceptance length, tokens per step, speedup over plain decoding; 2. total tokens/s with
+M = level x --requests-per-slot requests submitted at once; 3. peak RSS and KV-cache size; 4. optionally
+a sweep of SchedulerConfig.max_tree_nodes at batch 1, temperature 0. Ratios only mean something within
+one run (DESIGN.md section 4), so all variants run in one process, on the same prompts, after a warm-up,
+in rotating order. Speculative outputs are compared with plain ones token for token: at temperature 0
+(and, thanks to per-position sampling noise, with seeded sampling too) any difference is a bug.
+
+Usage, from the repository root: python -m bench.bench_engine [--help]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.factory import build_drafter
+from server.engine.scheduler import SchedulerConfig
+from server.engine.types import SamplingParams
+from server.runtime.loader import load_model, load_tokenizer
+
+Requests = dict[str, tuple[list[int], SamplingParams]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One engine configuration under test: a drafter (none, ngram or a directory) and the governor."""
+
+    drafter: str
+    governor: bool = True
+
+    @property
+    def name(self) -> str:
+        base = self.drafter if self.drafter.lower() in ("none", "ngram") else Path(self.drafter).name
+        return base if self.governor or base == "none" else f"{base} (no governor)"
+
+
+@dataclass
+class RequestRun:
+    """What one request did: its tokens, timings (from submission) and speculation counters."""
+
+    tokens: list[int] = field(default_factory=list)
+    wall_s: float = 0.0  # submission -> last token
+    prefill_s: float = 0.0  # submission -> first token (time to first token)
+    steps: int = 0  # verification steps after the first token
+    spec_steps: int = 0  # of which drafted at least one token
+    draft_tokens: int = 0
+    accepted_tokens: int = 0  # bonus token excluded
+
+
+def drive(engine: LLMEngine, requests: Requests) -> tuple[dict[str, RequestRun], float, int]:
+    """Submit all requests at once and step the engine until it is idle: (runs, wall time, engine steps)."""
+    runs, engine_steps = {rid: RequestRun() for rid in requests}, 0
+    t0 = time.perf_counter()
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+    while engine.has_work():
+        engine_steps += 1
+        for d in engine.step():
+            if d.error:
+                raise RuntimeError(f"request {d.request_id} failed: {d.error}")
+            r, now = runs[d.request_id], time.perf_counter()
+            if r.tokens:
+                r.steps += 1
+            else:
+                r.prefill_s = now - t0
+            r.tokens += d.token_ids
+            r.spec_steps += d.speculated
+            r.draft_tokens += d.num_draft_tokens
+            r.accepted_tokens += d.num_accepted_tokens
+            if d.finished:
+                r.wall_s = now - t0
+    return runs, time.perf_counter() - t0, engine_steps
+
+
+def summarize(runs: list[RequestRun], wall_s: float, engine_steps: int, serial: bool) -> dict:
+    """Aggregate figures over runs that took `wall_s` and `engine_steps` in all. `serial`: the runs
+    went one at a time (batch 1), so per-request decode time (after the first token) is meaningful."""
+    n, tokens = len(runs), sum(len(r.tokens) for r in runs)
+    steps, spec = sum(r.steps for r in runs), sum(r.spec_steps for r in runs)
+    drafted, accepted = sum(r.draft_tokens for r in runs), sum(r.accepted_tokens for r in runs)
+    decode_s = sum(r.wall_s - r.prefill_s for r in runs) if serial else None
+    return {
+        "requests": n, "generated_tokens": tokens, "wall_s": wall_s, "tokens_per_s": tokens / wall_s,
+        "ttft_mean_s": sum(r.prefill_s for r in runs) / n,  # = prefill time at batch 1
+        "decode_tokens_per_s": (tokens - n) / decode_s if serial and decode_s else None,
+        "decode_ms_per_step": 1e3 * decode_s / steps if serial and steps else None,
+        "engine_steps": engine_steps, "ms_per_engine_step": 1e3 * wall_s / engine_steps,
+        "steps": steps, "spec_steps": spec, "draft_tokens": drafted, "accepted_tokens": accepted,
+        "acceptance_length": 1 + accepted / spec if spec else None,  # per speculating step, bonus included
+        "draft_acceptance_rate": accepted / drafted if drafted else None,
+        "tokens_per_step": (tokens - n) / steps if steps else None,  # per request over all its decode steps
+    }
+
+
+def mismatches(outputs: dict[str, list[list[int]]], reference: str = "none") -> list[dict]:
+    """Every (variant, prompt) whose tokens differ from the plain engine's, with the first differing index."""
+    found = []
+    for name, outs in outputs.items():
+        for i, (ref, got) in enumerate(zip(outputs[reference], outs)):
+            if got != ref:
+                first = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+                found.append({"variant": name, "prompt": i, "first_diff": first, "lens": [len(ref), len(got)]})
+    return found
+
+
+def bench_interleaved(engines: dict[str, LLMEngine], prompts: list[list[int]], args: argparse.Namespace,
+                      temperature: float) -> dict:
+    """Batch 1: each prompt alone through every engine (warmed up first), the order rotating per prompt."""
+    for e in engines.values():
+        warm_up(e, prompts[0])
+    names, runs, steps = list(engines), {n: [] for n in engines}, dict.fromkeys(engines, 0)
+    for i, ids in enumerate(prompts):
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=args.seed + i,
+                                ignore_eos=args.ignore_eos)
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            one, _, n_steps = drive(engines[name], {f"p{i}": (ids, params)})
+            runs[name].append(one[f"p{i}"])
+            steps[name] += n_steps
+    result = {n: summarize(rs, sum(r.wall_s for r in rs), steps[n], serial=True) for n, rs in runs.items()}
+    for n in names:
+        result[n]["speedup"] = result[n]["tokens_per_s"] / result["none"]["tokens_per_s"]
+    bad = mismatches({n: [r.tokens for r in rs] for n, rs in runs.items()})
+    return {"temperature": temperature, "variants": result, "mismatches": bad}
+
+
+def bench_concurrency(make: Callable[..., LLMEngine], variants: list[Variant], prompts: list[list[int]],
+                      args: argparse.Namespace, level: int) -> dict:
+    """M = level x requests-per-slot requests at once into engines of `level` slots; total tokens/s."""
+    m = level * args.requests_per_slot
+    reqs: Requests = {f"c{j}": (prompts[j % len(prompts)], SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.concurrency_temperature, seed=args.seed + j,
+        ignore_eos=args.ignore_eos)) for j in range(m)}
+    engines = {v.name: make(v, max_batch_size=level) for v in variants}
+    for e in engines.values():
+        warm_up(e, prompts[0])
+    names = list(engines)  # ABBA order over repeats: drift over time (thermal, neighbours) hits all alike
+    order = [n for r in range(args.concurrency_repeats) for n in (names if r % 2 == 0 else names[::-1])]
+    runs, walls, steps, outputs = {n: [] for n in names}, dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), {}
+    for name in order:
+        done, wall, n_steps = drive(engines[name], reqs)
+        runs[name] += done.values()
+        walls[name] += wall
+        steps[name] += n_steps
+        outputs[name] = [done[rid].tokens for rid in reqs]
+    result = {n: summarize(runs[n], walls[n], steps[n], serial=False) for n in names}
+    for n in result:
+        result[n]["speedup"] = result[n]["tokens_per_s"] / result["none"]["tokens_per_s"]
+    return {"concurrency": level, "requests": m, "variants": result, "mismatches": mismatches(outputs)}
+
+
+def warm_up(engine: LLMEngine, prompt: list[int]) -> None:
+    """A short untimed run: first-call costs (allocator, kernels, lazy imports) stay out of the figures."""
+    drive(engine, {"warmup": (prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))})
+
+
+def load_prompts(path: Path, source: str, n: int, tokenizer) -> list[list[int]]:
+    """First user turn of the first n prompts of `source`, in the chat template, ready to answer."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if source == "all" or r["source"] == source][:n]
+    if len(rows) < n:
+        raise SystemExit(f"{path} has only {len(rows)} prompts of source {source!r}")
+    msgs = [[{"role": "user", "content": r["turns"][0]}] for r in rows]
+    return [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+            for m in msgs]
+
+
+def machine(model: torch.nn.Module) -> dict:
+    """Where the figures come from: absolute times mean nothing without it."""
+    info = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def all_mismatches(res: dict) -> list[tuple[str, dict]]:
+    """(section, mismatch) over every section of the run."""
+    sections = [(f"batch 1, temperature {b['temperature']}", b) for b in res["batch1"]]
+    sections += [(f"concurrency {c['concurrency']}", c) for c in res["concurrency"]]
+    sections += [("tree sweep", res["tree_sweep"])] if res["tree_sweep"] else []
+    return [(name, x) for name, sec in sections for x in sec["mismatches"]]
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+# Markdown columns: header -> (key in a variant's summary, digits, unit suffix).
+_COLUMNS = {
+    "tok/s": ("tokens_per_s", 1, ""), "decode tok/s": ("decode_tokens_per_s", 1, ""),
+    "accept len": ("acceptance_length", 2, ""), "tok/step": ("tokens_per_step", 2, ""),
+    "ms/step": ("decode_ms_per_step", 1, ""), "ms/engine step": ("ms_per_engine_step", 1, ""),
+    "TTFT s": ("ttft_mean_s", 2, ""), "speedup": ("speedup", 2, "x"),
+}
+_COMMON = ["accept len", "tok/step", "ms/step", "speedup"]
+
+
+def table(lead: list[str], cols: list[str], rows: list[tuple[list, dict]]) -> list[str]:
+    """A Markdown table: `lead` columns given per row, then `cols` read from each variant summary."""
+    head = lead + cols
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for first, v in rows:
+        cells = [_fmt(v[key], digits) + unit for key, digits, unit in (_COLUMNS[c] for c in cols)]
+        out.append("| " + " | ".join(map(str, first + cells)) + " |")
+    return out
+
+
+def markdown(res: dict) -> str:
+    """The run's tables, ready to paste into BENCHMARKS.md."""
+    m, mem = res["machine"], res["memory"]
+    out = [f"Model `{res['model']}`, {m['device']} {m['dtype']}, {m['torch_threads']} torch threads, {m['cpu_count']} "
+           f"CPUs, torch {m['torch']}; {res['num_prompts']} {res['source']} prompts, max_tokens {res['max_tokens']}; "
+           f"scheduler {', '.join(f'{k} {v}' for k, v in res['scheduler'].items() if k != 'max_batch_size')}.",
+           "", "**Batch 1** (prefill ms = mean time to first token)", ""]
+    rows = [([n, b["temperature"], _fmt(1e3 * v["ttft_mean_s"], 1)], v) for b in res["batch1"]
+            for n, v in b["variants"].items()]
+    out += table(["drafter", "temp", "prefill ms"], ["tok/s", "decode tok/s", *_COMMON], rows)
+    out += ["", f"**Concurrency** (temperature {res['concurrency_temperature']}; TTFT includes queueing)", ""]
+    rows = [([c["concurrency"], c["requests"], n], v) for c in res["concurrency"] for n, v in c["variants"].items()]
+    out += table(["concurrency", "requests", "drafter"],
+                 ["tok/s", "TTFT s", "accept len", "tok/step", "ms/engine step", "speedup"], rows)
+    if res["tree_sweep"]:
+        out += ["", "**max_tree_nodes sweep** (batch 1, temperature 0; variant = drafter@max_tree_nodes)", ""]
+        out += table(["variant"], ["tok/s", *_COMMON], [([n], v) for n, v in res["tree_sweep"]["variants"].items()])
+    out += ["", f"Peak RSS {mem['peak_rss_mib']:.0f} MiB (after loading the model: "
+            f"{mem['rss_after_load_mib']:.0f} MiB); weights {mem['weights_mib']:.1f} MiB; "
+            f"KV cache {mem['kv_cache_mib_per_slot']:.1f} MiB per slot "
+            f"({mem['kv_cache_mib_largest']:.1f} MiB at {mem['largest_batch']} slots)."]
+    bad = all_mismatches(res)
+    out.append(f"Outputs identical to plain decoding: {'yes' if not bad else f'NO, {len(bad)} mismatches'}.")
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="models/demo-llama", help="Hugging Face model directory")
+    p.add_argument("--drafters", default="none,ngram",
+                   help="comma-separated: none, ngram, or drafter directories; 'none' (the baseline) is always run")
+    p.add_argument("--prompts", type=Path, default=Path("../shared/data/eval_prompts.jsonl"),
+                   help="eval prompts, JSONL rows {source, turns}")
+    p.add_argument("--source", default="gsm8k", help="prompt set: gsm8k, mt_bench or all")
+    p.add_argument("--num-prompts", type=int, default=20, help="prompts at batch 1 (and cycled for concurrency)")
+    p.add_argument("--max-tokens", type=int, default=256, help="max new tokens per request")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
+    p.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7],
+                   help="batch-1 temperatures; sampling is seeded per prompt (--seed + prompt index)")
+    p.add_argument("--concurrency", type=ints, default=[1, 4, 16], help="concurrency levels (engine slots)")
+    p.add_argument("--requests-per-slot", type=int, default=3, help="requests submitted per slot at each level")
+    p.add_argument("--concurrency-repeats", type=int, default=2, help="runs per drafter and level, in ABBA order")
+    p.add_argument("--concurrency-temperature", type=float, default=0.0, help="temperature of the concurrency runs")
+    p.add_argument("--tree-budgets", type=ints, default=[],
+                   help="comma-separated max_tree_nodes values to sweep at batch 1, temperature 0; empty = no sweep")
+    p.add_argument("--max-tree-nodes", type=int, default=SchedulerConfig.max_tree_nodes,
+                   help="SchedulerConfig.max_tree_nodes: draft nodes per sequence at batch 1")
+    p.add_argument("--spec-token-budget", type=int, default=SchedulerConfig.spec_token_budget,
+                   help="SchedulerConfig.spec_token_budget: draft nodes per step shared by all sequences")
+    p.add_argument("--governor", choices=["on", "off", "both"], default="on" if SchedulerConfig.governor else "off",
+                   help="SchedulerConfig.governor (speculate only while measured tokens/s beats plain steps); "
+                        "both: every drafter twice, with and without it")
+    p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16")
+    p.add_argument("--seed", type=int, default=0, help="torch seed and base of the per-request sampling seeds")
+    p.add_argument("--out", type=Path, default=None, help="JSON output; None = bench/results/<UTC timestamp>.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    rss_after_load = peak_rss_mib()
+    governors = {"on": [True], "off": [False], "both": [True, False]}[args.governor]
+    variants = [Variant("none")] + [Variant(d, g) for d in args.drafters.split(",") if d and d.lower() != "none"
+                                    for g in governors]
+    prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
+
+    def make(v: Variant, max_batch_size: int = 1, max_tree_nodes: int = args.max_tree_nodes) -> LLMEngine:
+        sched = SchedulerConfig(max_batch_size=max_batch_size, max_tree_nodes=max_tree_nodes,
+                                spec_token_budget=args.spec_token_budget, governor=v.governor)
+        drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
+        cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched)
+        return LLMEngine(model, tokenizer, cfg, drafter=drafter, model_name=Path(args.model).name)
+
+    sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget)
+    res: dict = {"command": shlex.join([sys.executable] + sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
+                 "started": datetime.now(timezone.utc).isoformat(), "machine": machine(model), "model": args.model,
+                 "source": args.source, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+                 "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "scheduler": asdict(sched)
+                 | {"governor": args.governor}, "concurrency_temperature": args.concurrency_temperature}
+    engines = {v.name: make(v) for v in variants}
+    res["batch1"] = [bench_interleaved(engines, prompts, args, t) for t in args.temperatures]
+    kv_slot = next(iter(engines.values())).cache.nbytes / 2**20
+    del engines
+    res["concurrency"] = [bench_concurrency(make, variants, prompts, args, lvl) for lvl in args.concurrency]
+    res["tree_sweep"] = None
+    if args.tree_budgets:
+        sweep = {"none": make(variants[0])} | {f"{v.name}@{b}": make(v, max_tree_nodes=b)
+                                               for b in args.tree_budgets for v in variants[1:]}
+        res["tree_sweep"] = bench_interleaved(sweep, prompts, args, 0.0)
+        del sweep
+    largest = max(args.concurrency, default=1)
+    res["memory"] = {"peak_rss_mib": peak_rss_mib(), "rss_after_load_mib": rss_after_load, "largest_batch": largest,
+                     "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                     "kv_cache_mib_per_slot": kv_slot, "kv_cache_mib_largest": kv_slot * largest}
+    if torch.cuda.is_available() and args.device != "cpu":
+        res["memory"]["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    res["finished"] = datetime.now(timezone.utc).isoformat()
+
+    out = args.out or Path("bench/results") / f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(markdown(res))
+    print(f"\nwrote {out}", file=sys.stderr)
+    for where, x in all_mismatches(res):
+        print(f"MISMATCH: speculative output differs from plain decoding (a bug) in {where}: {x}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
