@@ -93,10 +93,12 @@ class KVCache:
         first) as the tokens following its prefix; every other node of its tree is dropped."""
         # A path that is already in place (root, then nodes 1, 2, ... as in every plain decode step
         # and every chain-shaped acceptance) needs no move: only its length advances.
-        moves = [(s, p) for s, p in zip(slots, paths) if p != list(range(len(p)))]
+        moves = []
         for s, p in zip(slots, paths):
             if p == list(range(len(p))):
                 self.advance(s, len(p))
+            else:
+                moves.append((s, p))
         if not moves:
             return
         slots, paths = [s for s, _ in moves], [p for _, p in moves]
