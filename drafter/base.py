@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from drafter.tree import TokenTree
+
+if TYPE_CHECKING:
+    from drafter.candidates import Candidate
 
 
 @dataclass
@@ -38,6 +42,11 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         """One draft tree per request, rooted at its pending token (a root-only tree = no draft)."""
+
+    def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
+        """Scored draft sequences per request, before they are merged into a tree (drafters that
+        can be combined with others, see hybrid.py, offer this; `propose` builds trees from it)."""
+        raise NotImplementedError(f"the {self.name} drafter does not expose candidates")
 
     def release(self, seq_id: str) -> None:  # noqa: B027
         pass

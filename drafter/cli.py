@@ -23,13 +23,20 @@ DEMO_MODEL = REPO / "models" / "demo-llama"
 
 
 def cmd_distill(args) -> None:
-    from drafter.data import build_distilled, encode_conversation, load_corpus, regenerate
+    import random
+
+    from drafter.data import build_distilled, encode_conversation, load_corpus, perturb_numbers, regenerate
     from server.runtime.loader import load_model, load_tokenizer
 
     model = load_model(args.model, dtype="float32", device=args.device)
     tok = load_tokenizer(args.model)
     rows = load_corpus(args.corpus)[: args.max_conversations]
     convs = [r["messages"] for r in rows]
+    if args.perturb_numbers:
+        if not args.regenerate:
+            raise SystemExit("--perturb-numbers changes the questions, so it needs --regenerate for matching answers")
+        rng = random.Random(0)
+        convs = [perturb_numbers(c, rng) for c in convs]
     if args.regenerate:
         from server.engine.engine import EngineConfig, LLMEngine
         from server.engine.scheduler import SchedulerConfig
@@ -42,6 +49,7 @@ def cmd_distill(args) -> None:
     for k in range(0, len(encoded), args.shard_size):
         build_distilled(model, encoded[k : k + args.shard_size]).save(args.out / f"shard-{k // args.shard_size:04d}.safetensors")
     meta = {"model": str(args.model), "conversations": len(encoded), "regenerated": args.regenerate,
+            "perturbed_numbers": args.perturb_numbers,
             "tokens": sum(len(e[0]) for e in encoded), "max_len": args.max_len}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     logging.info("distilled %s", meta)
@@ -107,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--corpus", type=Path, default=CORPUS, help="chat transcripts, one JSON object per line (training split is used)")
     d.add_argument("--out", type=Path, required=True, help="output directory for shard-*.safetensors")
     d.add_argument("--regenerate", action="store_true", help="rewrite assistant turns with the base model's greedy output first (self-distillation)")
+    d.add_argument("--perturb-numbers", action="store_true",
+                   help="with --regenerate: replace the numbers in user turns first, so the base model answers "
+                        "questions it has not memorised (as at serving time)")
     d.add_argument("--max-conversations", type=int, default=None, help="use only the first N training conversations")
     d.add_argument("--max-len", type=int, default=512, help="truncate conversations to this many tokens")
     d.add_argument("--max-new-tokens", type=int, default=320, help="longest regenerated turn")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from drafter.base import Drafter, ProposeRequest
-from drafter.candidates import candidates_to_tree, ctc_prefix_beam_search, static_tree_candidates
+from drafter.candidates import Candidate, batched_prefix_beam_search, candidates_to_tree, static_tree_candidates
 from drafter.tree import TokenTree
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
@@ -198,14 +198,12 @@ class CTCDrafter(Drafter):
             st.tokens, st.hidden = [], []
         return torch.log_softmax(m.frame_logits(y), dim=-1)
 
-    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+    def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         cfg = self.model.config
         log_probs = self.frames(requests).cpu()  # (B, N, V+1): candidate search is host code
-        trees = []
-        for r, lp in zip(requests, log_probs):
-            if cfg.candidates == "beam":
-                cands = ctc_prefix_beam_search(lp, cfg.blank, cfg.beam_width, cfg.prune_topk)
-            else:
-                cands = static_tree_candidates(lp, cfg.blank, cfg.static_topk)
-            trees.append(candidates_to_tree(r.pending_token, cands, r.budget))
-        return trees
+        if cfg.candidates == "beam":
+            return batched_prefix_beam_search(log_probs, cfg.blank, cfg.beam_width, cfg.prune_topk)
+        return [static_tree_candidates(lp, cfg.blank, cfg.static_topk) for lp in log_probs]
+
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        return [candidates_to_tree(r.pending_token, c, r.budget) for r, c in zip(requests, self.candidates(requests))]

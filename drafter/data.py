@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,31 @@ def load_corpus(path: Path, heldout_fraction: float = 0.05, seed: int = 0) -> li
     train, _ = split_corpus(rows, heldout_fraction, seed)
     random.Random(seed).shuffle(train)
     return train
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def perturb_numbers(conversation: list[dict], rng: random.Random) -> list[dict]:
+    """The conversation with every number in its user turns replaced by another of as many digits.
+
+    The demo model has memorised its training questions (its training loss is far below its
+    held-out loss), so its greedy answers to them are recitations, unlike its answers to new
+    questions. With new numbers the question is new to it, and self-distilled answers show the
+    drafter the base model as it behaves on held-out prompts. Assistant turns are left alone: they
+    are meant to be regenerated."""
+
+    def new_number(m: re.Match) -> str:
+        old = m.group(0)
+        lo = 10 ** (len(old) - 1) if len(old) > 1 else 0
+        for _ in range(8):
+            v = str(rng.randint(lo, 10 ** len(old) - 1))
+            if v != old:
+                return v
+        return old
+
+    return [{**m, "content": _NUMBER.sub(new_number, m["content"])} if m["role"] == "user" else dict(m)
+            for m in conversation]
 
 
 def regenerate(engine, tokenizer, conversations: list[list[dict]], max_tokens: int) -> list[list[dict]]:

@@ -106,9 +106,10 @@ class MedusaDrafter(Drafter):
         self.last_hidden.pop(seq_id, None)
 
     @torch.inference_mode()
-    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+    def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         h = torch.stack([self.last_hidden[r.seq_id] for r in requests])  # (B, H)
         log_probs = torch.log_softmax(self.model.logits(h), dim=-1).cpu()  # (B, K, V)
-        topk = self.model.config.topk_per_head
-        return [candidates_to_tree(r.pending_token, medusa_candidates(lp, topk), r.budget)
-                for r, lp in zip(requests, log_probs)]
+        return [medusa_candidates(lp, self.model.config.topk_per_head) for lp in log_probs]
+
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        return [candidates_to_tree(r.pending_token, c, r.budget) for r, c in zip(requests, self.candidates(requests))]

@@ -40,9 +40,15 @@ class NgramDrafter(Drafter):
                     table[tuple(toks[end - n : end])].append(end)
 
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
-        return [self._propose_one(r) for r in requests]
+        trees = []
+        for r in requests:
+            cands, _ = self.lookup(r)
+            trees.append(build_trie(r.pending_token, cands, max_nodes=r.budget))  # ranked by recency
+        return trees
 
-    def _propose_one(self, req: ProposeRequest) -> TokenTree:
+    def lookup(self, req: ProposeRequest) -> tuple[list[list[int]], int]:
+        """Continuations of the longest matching n-gram, most recent occurrence first, and that n
+        (0 and no candidates when nothing matches)."""
         toks = self._tokens[req.seq_id]
         context = toks + [req.pending_token]
         depth = min(self.max_depth, req.budget)
@@ -60,9 +66,8 @@ class NgramDrafter(Drafter):
                 if len(cands) == self.max_candidates:
                     break
             if cands:
-                scores = [-float(i) for i in range(len(cands))]  # recency rank
-                return build_trie(req.pending_token, cands, scores, max_nodes=req.budget)
-        return TokenTree.chain(req.pending_token, [])
+                return cands, n
+        return [], 0
 
     def release(self, seq_id: str) -> None:
         self._tokens.pop(seq_id, None)

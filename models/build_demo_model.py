@@ -120,6 +120,27 @@ def evaluate(model, examples, batches, pad_id: int) -> float:
     return total / max(count, 1)
 
 
+def unlikelihood_loss(logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood (Welleck et al. 2019, "Neural text generation with unlikelihood
+    training"): at each trained position, push down the probability of every token that already
+    occurred earlier in the conversation, except the correct next token. Added to the usual
+    cross-entropy, it makes greedy decoding fall into repetition loops far less often.
+
+    logits (B, T, V) predict token t+1 from tokens <= t; labels are -100 where nothing is learned."""
+    target = labels[:, 1:]  # (B, T-1): the token position t must predict
+    logits = logits[:, :-1].float()
+    V = logits.shape[-1]
+    seen = torch.zeros(input_ids.shape[0], input_ids.shape[1], V, dtype=torch.bool)
+    seen.scatter_(2, input_ids[..., None], True)
+    seen = seen.cummax(dim=1).values[:, :-1]  # (B, T-1, V): tokens at positions <= t
+    learn = target != -100
+    seen &= learn[..., None]
+    seen.scatter_(2, target.clamp(min=0)[..., None], False)  # the right answer is never a negative
+    p = logits.softmax(-1)
+    penalty = -torch.log((1 - p).clamp(min=1e-5)) * seen
+    return penalty.sum() / learn.sum().clamp(min=1)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -148,6 +169,11 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--card-only", action="store_true", help="only rewrite README.md of an already built model")
+    ap.add_argument("--unlikelihood", type=float, default=0.0,
+                    help="weight of a token-level unlikelihood loss against repeating earlier tokens (0: off)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue training this built model (its weights and tokenizer; a fresh optimizer and "
+                         "schedule of --steps more steps) instead of starting from random weights")
     args = ap.parse_args(argv)
     if args.card_only:
         write_model_card(args.out, json.loads((args.out / "training_report.json").read_text()))
@@ -166,6 +192,8 @@ def main(argv=None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None and not (args.out / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(args.init_from).save_pretrained(args.out)
     if (args.out / "tokenizer.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(args.out)
     else:
@@ -193,6 +221,13 @@ def main(argv=None) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    previous: dict = {}
+    if args.init_from is not None:
+        start = LlamaForCausalLM.from_pretrained(args.init_from)
+        model.load_state_dict(start.state_dict())
+        report_file = args.init_from / "training_report.json"
+        previous = json.loads(report_file.read_text()) if report_file.exists() else {}
+        log.info("continuing from %s (%s steps before)", args.init_from, previous.get("steps", "?"))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -221,7 +256,10 @@ def main(argv=None) -> None:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             input_ids, attn, labels = collate(train_ex, idx, pad)
-            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+            out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
+            loss = out.loss
+            if args.unlikelihood > 0:
+                loss = loss + args.unlikelihood * unlikelihood_loss(out.logits, input_ids, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -242,18 +280,25 @@ def main(argv=None) -> None:
     held_loss = evaluate(model, held_ex, held_batches, pad)
     log.info("held-out loss %.4f (perplexity %.2f)", held_loss, math.exp(held_loss))
     model.save_pretrained(args.out, safe_serialization=True)
+    steps_before = int(previous.get("steps", 0))
     report = {
         "parameters": n_params,
-        "steps": args.steps,
+        "steps": steps_before + args.steps,
         "tokens_per_batch": args.tokens_per_batch,
         "train_tokens_per_epoch": n_tok,
-        "epochs_seen": round(args.steps / len(make_batches(train_ex, args.tokens_per_batch, 0)), 2),
+        "epochs_seen": round((steps_before + args.steps) / len(make_batches(train_ex, args.tokens_per_batch, 0)), 2),
         "heldout_questions_fraction": args.heldout_fraction,
         "heldout_loss": round(held_loss, 4),
         "heldout_perplexity": round(math.exp(held_loss), 3),
         "train_minutes_this_run": round(train_minutes, 1),
         "threads": torch.get_num_threads(),
     }
+    if args.unlikelihood > 0:
+        report["unlikelihood_weight"] = args.unlikelihood
+    if args.init_from is not None:
+        report["schedule"] = (f"{steps_before} steps ({previous.get('schedule', 'one schedule')}), then continued with a "
+                              f"fresh optimizer for {args.steps} steps: {args.warmup}-step warm-up to lr {args.lr}, cosine "
+                              f"decay; {train_minutes:.0f} minutes on {torch.get_num_threads()} threads")
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s: %s", args.out, report)
     write_model_card(args.out, report)

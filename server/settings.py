@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DRAFTER_CHOICES = ("none", "ngram")  # besides a drafter directory
+HYBRID_SUFFIX = "+ngram"  # DIRECTORY+ngram: that drafter and prompt lookup in one tree
 DRAFTER_DIR_SUFFIX = "-ctc"  # models/<name>-ctc is the CTC drafter trained for models/<name>
 
 
@@ -35,7 +36,8 @@ class Settings(BaseSettings):
     drafter: str | None = Field(
         None,
         description=(
-            "Draft model: a CTC drafter directory, 'ngram' (prompt-lookup drafting, no weights) or 'none' "
+            "Draft model: a CTC drafter directory, 'ngram' (prompt-lookup drafting, no weights), a drafter "
+            "directory followed by '+ngram' (both, merged into one draft tree per step) or 'none' "
             f"(no speculation). Default: the sibling directory <model>{DRAFTER_DIR_SUFFIX} if it exists, else 'ngram'."
         ),
     )
@@ -87,10 +89,11 @@ class Settings(BaseSettings):
     def _drafter_known(cls, drafter: str | None) -> str | None:
         if drafter is None or drafter.lower() in DRAFTER_CHOICES:
             return drafter and drafter.lower()
-        path = Path(drafter).expanduser().resolve()
+        hybrid = drafter.endswith(HYBRID_SUFFIX)
+        path = Path(drafter.removesuffix(HYBRID_SUFFIX)).expanduser().resolve()
         if not path.is_dir():
-            raise ValueError(f"drafter must be a directory, 'ngram' or 'none'; {path} does not exist")
-        return str(path)
+            raise ValueError(f"drafter must be a directory, a directory + '+ngram', 'ngram' or 'none'; {path} does not exist")
+        return str(path) + (HYBRID_SUFFIX if hybrid else "")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -104,4 +107,4 @@ class Settings(BaseSettings):
     @property
     def drafter_path(self) -> Path | None:
         """The drafter directory, or None for 'ngram' and 'none'."""
-        return None if self.drafter in DRAFTER_CHOICES else Path(str(self.drafter))
+        return None if self.drafter in DRAFTER_CHOICES else Path(str(self.drafter).removesuffix(HYBRID_SUFFIX))

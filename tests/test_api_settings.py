@@ -33,6 +33,10 @@ def test_drafter_default_is_the_sibling_ctc_directory(tmp_path: Path) -> None:
     settings = Settings(model=tmp_path / "m")
     assert settings.drafter == str(tmp_path / "m-ctc") and settings.drafter_path == tmp_path / "m-ctc"
     assert Settings(model=tmp_path / "m", drafter="NONE").drafter == "none"
+    hybrid = Settings(model=tmp_path / "m", drafter=str(tmp_path / "m-ctc") + "+ngram")
+    assert hybrid.drafter == str(tmp_path / "m-ctc") + "+ngram" and hybrid.drafter_path == tmp_path / "m-ctc"
+    with pytest.raises(ValueError, match="does not exist"):
+        Settings(model=tmp_path / "m", drafter=str(tmp_path / "nope") + "+ngram")
 
 
 def test_env_fallback_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:

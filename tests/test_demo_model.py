@@ -22,6 +22,7 @@ from server.engine.types import SamplingParams
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DRAFTERS = ["ngram"] + [str(p) for p in sorted(DEMO_MODEL.parent.glob("demo-llama-*")) if (p / "config.json").is_file()]
+DRAFTERS += [d + "+ngram" for d in DRAFTERS[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,22 @@ def test_model_card_records_heldout_loss():
     report = json.loads((DEMO_MODEL / "training_report.json").read_text())
     assert report["heldout_loss"] > 0
     assert "held-out" in (DEMO_MODEL / "README.md").read_text().lower()
+
+
+def test_unlikelihood_loss_penalises_earlier_tokens_except_the_target():
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("build_demo_model", DEMO_MODEL.parent / "build_demo_model.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    ids = torch.tensor([[5, 6, 5, 7]])
+    labels = torch.tensor([[-100, 6, 5, 7]])  # position 0 (a prompt token) is not trained
+    # Uniform predictions over 10 tokens. Position 0 predicts 6 with {5} seen before; 1 predicts 5
+    # with {5, 6} seen, minus the target 5; 2 predicts 7 with {5, 6} seen: 4 negatives, 3 targets.
+    loss = build.unlikelihood_loss(torch.zeros(1, 4, 10), ids, labels)
+    assert loss.item() == pytest.approx(-math.log(0.9) * 4 / 3)
+    # A model sure of the target gets no penalty.
+    sure = torch.full((1, 4, 10), -30.0)
+    sure[0, 0, 6] = sure[0, 1, 5] = sure[0, 2, 7] = 30.0
+    assert build.unlikelihood_loss(sure, ids, labels).item() < 1e-6

@@ -10,12 +10,15 @@ import sys
 import pytest
 import torch
 
-from drafter.base import ProposeRequest
+from drafter.base import Drafter, ProposeRequest
+from drafter.candidates import Candidate
 from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
 from drafter.data import DistilledSet, build_distilled
+from drafter.hybrid import LookupHybridDrafter
 from drafter.loading import DrafterLoadError, load_drafter, save_drafter
 from drafter.medusa import MedusaConfig, MedusaHeads
 from drafter.train import TrainConfig, anchor_targets, train
+from server.engine.factory import build_drafter
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.loader import load_model
 from tests.conftest import REPO
@@ -108,6 +111,25 @@ def synthetic_data(model, n: int = 12, T: int = 40) -> DistilledSet:
     return build_distilled(model, encoded)
 
 
+def test_perturb_numbers_changes_user_numbers_only():
+    import random
+    import re
+
+    from drafter.data import perturb_numbers
+
+    conv = [{"role": "system", "content": "Be brief, 3 lines."},
+            {"role": "user", "content": "Tom has 12 apples and 3 pears; each costs $4.50 in 2024."},
+            {"role": "assistant", "content": "12 + 3 = 15"}]
+    out = perturb_numbers(conv, random.Random(0))
+    assert out[0] == conv[0] and out[2] == conv[2] and conv[1]["content"].startswith("Tom has 12")
+    before, after = conv[1]["content"], out[1]["content"]
+    nums_before, nums_after = re.findall(r"\d+", before), re.findall(r"\d+", after)
+    assert [len(n) for n in nums_before] == [len(n) for n in nums_after]
+    assert all(a != b for a, b in zip(nums_before, nums_after))
+    assert re.sub(r"\d", "#", before) == re.sub(r"\d", "#", after)  # only the digits moved
+    assert all(len(n) == 1 or not n.startswith("0") for n in nums_after)
+
+
 def test_anchor_targets_stay_inside_assistant_turns():
     conv = {"assistant": torch.tensor([0, 0, 1, 1, 1, 0, 1]), "labels": torch.arange(10, 17)}
     got = anchor_targets(conv, K=2)
@@ -186,16 +208,19 @@ def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a), "training changed nothing"
 
 
-@pytest.mark.parametrize("kind", ["ctc-beam", "ctc-static", "medusa"])
+@pytest.mark.parametrize("kind", ["ctc-beam", "ctc-static", "medusa", "ctc-beam+ngram", "medusa+ngram"])
 def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind):
     """Random-init drafters propose mostly wrong trees: outputs must still equal plain greedy."""
     path, model = base
-    if kind.startswith("ctc"):
-        m = ctc_model(model, num_frames=5, num_labels=3, candidates=kind.split("-")[1])
+    learned = kind.removesuffix("+ngram")
+    if learned.startswith("ctc"):
+        m = ctc_model(model, num_frames=5, num_labels=3, candidates=learned.split("-")[1])
     else:
         m = MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model)
-    save_drafter(m, tmp_path / kind)
-    drafter = load_drafter(tmp_path / kind, model, max_slots=4, max_len=96)
+    save_drafter(m, tmp_path / learned)
+    drafter = build_drafter(str(tmp_path / kind), model, max_slots=4, max_len=96)
+    assert drafter.name == {"ctc-beam": "ctc", "ctc-static": "ctc", "medusa": "medusa"}.get(
+        kind, learned.split("-")[0] + "+ngram")
     reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts_for(5, seed=23))}
     plain = run_all(make_engine(model, None), reqs)
     spec = run_all(make_engine(model, drafter, max_tree_nodes=8, min_accept=-1.0), reqs)
@@ -206,5 +231,55 @@ def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind):
 
 
 def drafter_free(drafter) -> bool:
+    drafter = getattr(drafter, "learned", drafter)
     cache = getattr(drafter, "cache", None)
     return cache is None or cache.num_used_slots == 0
+
+
+class _ScriptedDrafter(Drafter):
+    """A learned drafter stand-in that offers fixed candidates and records who asked."""
+
+    name = "scripted"
+
+    def __init__(self, cands: list[Candidate]):
+        self.cands, self.asked, self.seen = cands, [], []
+
+    def observe(self, seq_id, token_ids, hidden):
+        self.seen += token_ids
+
+    def candidates(self, requests):
+        self.asked += [r.seq_id for r in requests]
+        return [list(self.cands) for _ in requests]
+
+    def propose(self, requests):  # pragma: no cover - the hybrid only calls candidates()
+        raise AssertionError
+
+
+def test_hybrid_ranks_strong_lookup_first_and_skips_the_learned_drafter_on_long_matches():
+    learned = _ScriptedDrafter([Candidate([70, 71], -0.1), Candidate([72], -0.5)])
+    hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2, skip_learned_ngram=3)
+    hybrid.start("a", [])
+    hybrid.observe("a", [1, 2, 3, 4, 5, 9, 1, 2], None)  # with the pending 3, "1 2 3" recurs
+    assert learned.seen == [1, 2, 3, 4, 5, 9, 1, 2]
+
+    # A 3-gram match (1 2 3): lookup drafts alone, the learned drafter is not asked.
+    tree = hybrid.propose([ProposeRequest("a", 3, budget=3)])[0]
+    assert tree.tokens == [3, 4, 5, 9] and learned.asked == []
+    assert hybrid.learned_skipped == 1
+
+    # Pending 9 after "... 2 3": only the 1-gram "9" matches (continuation 1 2 3), weak evidence, so
+    # the learned drafter is asked and its candidates take the budget first.
+    hybrid.observe("a", [3], None)
+    tree = hybrid.propose([ProposeRequest("a", 9, budget=4)])[0]
+    assert learned.asked == ["a"]
+    assert tree.tokens == [9, 70, 72, 1, 71] and tree.parents == [-1, 0, 0, 0, 1]
+
+
+def test_hybrid_without_any_lookup_match_is_the_learned_drafter():
+    learned = _ScriptedDrafter([Candidate([70, 71], -0.1), Candidate([72], -0.5)])
+    hybrid = LookupHybridDrafter(learned)
+    hybrid.start("a", [])
+    hybrid.observe("a", [1, 2], None)
+    tree = hybrid.propose([ProposeRequest("a", 3, budget=8)])[0]
+    assert sorted(zip(tree.tokens, tree.parents)) == sorted([(3, -1), (70, 0), (72, 0), (71, 1)])
+    hybrid.release("a")

@@ -9,12 +9,14 @@ from drafter.base import Drafter
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
 from server.runtime.loader import load_model, load_tokenizer
+from server.settings import HYBRID_SUFFIX
 
 log = logging.getLogger(__name__)
 
 
 def build_drafter(spec: str | None, model, max_slots: int, max_len: int) -> Drafter | None:
-    """`none` -> no speculation; `ngram` -> prompt lookup; a directory -> a trained drafter."""
+    """`none` -> no speculation; `ngram` -> prompt lookup; a directory -> a trained drafter;
+    `DIRECTORY+ngram` -> that trained drafter and prompt lookup merged in one tree (hybrid.py)."""
     if spec is None or str(spec).lower() == "none":
         return None
     if str(spec).lower() == "ngram":
@@ -23,6 +25,12 @@ def build_drafter(spec: str | None, model, max_slots: int, max_len: int) -> Draf
         return NgramDrafter()
     from drafter.loading import load_drafter
 
+    spec = str(spec)
+    if spec.endswith(HYBRID_SUFFIX):
+        from drafter.hybrid import LookupHybridDrafter
+
+        learned = load_drafter(Path(spec.removesuffix(HYBRID_SUFFIX)), model, max_slots=max_slots, max_len=max_len)
+        return LookupHybridDrafter(learned)
     return load_drafter(Path(spec), model, max_slots=max_slots, max_len=max_len)
 
 

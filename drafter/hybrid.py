@@ -1,0 +1,70 @@
+"""A learned drafter (CTC or Medusa) and prompt lookup, merged into one draft tree per step.
+
+The two are strong in different places. Prompt lookup (ngram.py) is nearly free and, where the
+text repeats itself (an answer quoting its question, step-by-step arithmetic reusing its numbers,
+a model's own repetition), it drafts long runs that are almost always accepted; elsewhere it has
+nothing. The learned drafter drafts everywhere, at the price of a forward pass. Per sequence and
+step:
+
+- lookup runs first. Its candidates enter the trie ranked above the learned drafter's when they
+  come from a match of at least `lookup_min_ngram` tokens, below them otherwise (a one-token match
+  is weak evidence);
+- when lookup matched at least `skip_learned_ngram` tokens, the learned drafter is not asked for
+  this sequence this step: the text is repeating and lookup alone drafts it. Its context is not
+  lost: a drafter with its own cache (CTC) catches up on every token it skipped in its next forward;
+- otherwise the learned drafter's candidates join the trie, which keeps the best `budget` nodes
+  (`build_trie`: a node's value is the best score of any candidate through it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.ngram import NgramDrafter
+from drafter.tree import TokenTree, build_trie
+
+# Lookup candidates ranked above every learned candidate get scores above any log-probability
+# (<= 0); weak ones sit at the log-probability of a roughly 1-in-20 guess.
+_STRONG, _WEAK = 1.0, -3.0
+
+
+class LookupHybridDrafter(Drafter):
+    def __init__(self, learned: Drafter, lookup: NgramDrafter | None = None, lookup_min_ngram: int = 2,
+                 skip_learned_ngram: int = 3):
+        if skip_learned_ngram < lookup_min_ngram:
+            raise ValueError("skip_learned_ngram must be >= lookup_min_ngram")
+        self.learned = learned
+        self.lookup = lookup if lookup is not None else NgramDrafter()
+        self.lookup_min_ngram, self.skip_learned_ngram = lookup_min_ngram, skip_learned_ngram
+        self.name = f"{learned.name}+ngram"
+        self.needs_hidden = learned.needs_hidden
+        self.learned_skipped = 0  # requests whose learned draft lookup made unnecessary (for logs/benchmarks)
+
+    def start(self, seq_id: str, prompt_ids: list[int]) -> None:
+        self.learned.start(seq_id, prompt_ids)
+        self.lookup.start(seq_id, prompt_ids)
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
+        self.learned.observe(seq_id, token_ids, hidden)
+        self.lookup.observe(seq_id, token_ids)
+
+    def release(self, seq_id: str) -> None:
+        self.learned.release(seq_id)
+        self.lookup.release(seq_id)
+
+    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
+        found = [self.lookup.lookup(r) for r in requests]
+        ask = [i for i, (_, n) in enumerate(found) if n < self.skip_learned_ngram]
+        self.learned_skipped += len(requests) - len(ask)
+        learned = dict(zip(ask, self.learned.candidates([requests[i] for i in ask]))) if ask else {}
+        trees = []
+        for i, (r, (looked, n)) in enumerate(zip(requests, found)):
+            top = _STRONG if n >= self.lookup_min_ngram else _WEAK
+            cands = list(looked)
+            scores = [top - 0.01 * rank for rank in range(len(looked))]  # most recent occurrence first
+            for c in learned.get(i, []):
+                cands.append(c.tokens)
+                scores.append(c.score)
+            trees.append(build_trie(r.pending_token, cands, scores, max_nodes=r.budget))
+        return trees
