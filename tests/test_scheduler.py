@@ -69,30 +69,46 @@ def test_requests_that_opt_out_never_draft():
     assert {b for _, b in s.plan(True).decode} == {0}
 
 
-def test_governor_picks_the_faster_mode_per_batch_bucket_and_explores():
-    g = SpeculationGovernor(explore_every=4, ema=0.5, min_samples=2)
+def test_governor_picks_the_fastest_budget_per_batch_bucket_and_explores():
+    g = SpeculationGovernor([4, 16], explore_every=4, ema=0.5, min_samples=2)
+    speed = {16: 20, 4: 30, 0: 10}  # tokens/s at batch 1: the small tree wins
     warm = []
-    for _ in range(4):  # two samples of each mode first, speculation first
-        warm.append(g.speculate(1))
-        g.record(1, warm[-1], tokens=30 if warm[-1] else 10, seconds=1.0)
-    assert warm == [True, True, False, False]
-    # batch 1: speculation is 3x faster; batch 16: plain is faster.
+    for _ in range(6):  # two samples of each budget first, largest first
+        warm.append(g.choose(1, cap=16))
+        g.record(1, warm[-1], tokens=speed[warm[-1]], seconds=1.0)
+    assert warm == [16, 16, 4, 4, 0, 0]
+    # batch 16: plain is faster (and the cap of 3 per sequence makes 4 and 16 the same arm, 3).
     for _ in range(2):
-        g.record(16, True, tokens=16, seconds=1.0)
-        g.record(16, False, tokens=40, seconds=1.0)
+        assert g.choose(16, cap=3) in (3, 0)
+        g.record(16, 3, tokens=16, seconds=1.0)
+        g.record(16, 0, tokens=40, seconds=1.0)
     choices = []
     for _ in range(8):
-        choices.append(g.speculate(1))
-        g.record(1, choices[-1], tokens=30 if choices[-1] else 10, seconds=1.0)
-    assert choices.count(True) == 6 and choices.count(False) == 2  # one exploration per 4 steps
-    assert g.speculate(16) is False
+        choices.append(g.choose(1, cap=16))
+        g.record(1, choices[-1], tokens=speed[choices[-1]], seconds=1.0)
+    assert choices.count(4) == 6 and sorted(c for c in choices if c != 4) == [0, 16]  # explores in turn
+    assert g.choose(16, cap=3) == 0
 
 
 def test_governor_switches_when_speculation_stops_paying():
-    g = SpeculationGovernor(explore_every=4, ema=0.5, min_samples=1)
-    g.record(1, True, 30, 1.0)
-    g.record(1, False, 10, 1.0)
+    g = SpeculationGovernor([16], explore_every=4, ema=0.5, min_samples=1)
+    g.record(1, 16, 30, 1.0)
+    g.record(1, 0, 10, 1.0)
     for _ in range(20):  # drafts stop being accepted: speculative steps now emit 8 tokens/s
-        mode = g.speculate(1)
-        g.record(1, mode, 8 if mode else 10, 1.0)
-    assert g.speculate(1) is False
+        budget = g.choose(1, cap=16)
+        g.record(1, budget, 8 if budget else 10, 1.0)
+    assert g.choose(1, cap=16) == 0
+
+
+def test_plan_uses_the_governors_budget():
+    s = Scheduler(SchedulerConfig(max_tree_nodes=16, governor_budgets=(4,)))
+    decoding(s, 1)
+    plan = s.plan(True)
+    assert plan.budget == 16 and plan.decode[0][1] == 16  # the largest tree is tried first
+    for _ in range(3):
+        s.governor.record(1, 16, 10, 1.0)
+        s.governor.record(1, 4, 30, 1.0)
+        s.governor.record(1, 0, 5, 1.0)
+    plan = s.plan(True)
+    assert plan.budget == 4 and plan.decode[0][1] == 4
+    assert s.plan(False).budget == 0

@@ -177,7 +177,7 @@ class LLMEngine:
         self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
         if not plan.prefill and decode:  # a pure decode step: what the governor compares
             emitted = sum(len(d.token_ids) for d in deltas)
-            self.scheduler.governor.record(len(decode), plan.speculative, emitted, t3 - t0)
+            self.scheduler.governor.record(len(decode), plan.budget, emitted, t3 - t0)
         return deltas
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:

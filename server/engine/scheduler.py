@@ -15,15 +15,17 @@ Adaptive speculation, three layers:
 - a sequence whose recent steps accepted (EMA) fewer than `min_accept` draft tokens decodes
   plainly, probing with a small tree every `probe_every` steps;
 - `SpeculationGovernor` measures what speculation buys at the current batch size: per batch-size
-  bucket it keeps moving averages of emitted tokens per second for speculative and for plain
-  steps, speculates only while that is faster, and re-tries the other mode every
-  `explore_every` steps, so a drafter that costs more than it saves (a heavy drafter at a large
-  batch, drafts the text does not follow) is switched off by measurement, not by a guess.
+  bucket it keeps moving averages of emitted tokens per second for each tree budget it tries
+  (0 = plain decoding, a few small trees, the largest allowed), plays the fastest and re-tries
+  the others every `explore_every` steps. So the tree shrinks where a node costs more than it is
+  likely to gain (a CPU, where every tree token is compute; a large batch) and speculation stops
+  where a drafter costs more than it saves, by measurement, not by a guess.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from server.engine.sequence import Sequence, Status
@@ -38,41 +40,53 @@ class SchedulerConfig:
     min_accept: float = 0.5  # EMA of accepted draft tokens below which a sequence stops drafting
     probe_every: int = 8  # steps between small probe trees for a sequence that stopped drafting
     probe_nodes: int = 2
-    governor: bool = True  # decide by measured throughput whether to speculate at all (below)
+    governor: bool = True  # choose the tree budget (0 = plain decoding) by measured throughput (below)
+    governor_budgets: tuple[int, ...] = (2, 4, 8)  # budgets it tries besides 0 and max_tree_nodes
     explore_every: int = 16  # steps between tries of the mode the governor currently rejects
     governor_ema: float = 0.2  # weight of the newest step in the governor's tokens/s averages
 
 
 class SpeculationGovernor:
-    """Speculate or not, per batch-size bucket, by measured throughput (emitted tokens / second)."""
+    """How large a tree to verify, per batch-size bucket, chosen by measured throughput.
 
-    def __init__(self, explore_every: int, ema: float, min_samples: int = 3):
+    A small bandit: the arms are per-sequence tree budgets (0 = plain decoding). For every
+    (bucket, budget) it keeps a moving average of emitted tokens per second of decode steps run
+    with that budget; it plays the best one and, every `explore_every` steps of a bucket, one of the
+    others in turn, so the choice follows the drafter's acceptance and the machine's cost of a
+    tree as both change. Before judging, each arm gets `min_samples` steps, largest tree first.
+    """
+
+    def __init__(self, budgets: Seq[int], explore_every: int, ema: float, min_samples: int = 3):
+        self.budgets = sorted(set(budgets) | {0}, reverse=True)
         self.explore_every, self.ema, self.min_samples = explore_every, ema, min_samples
-        self.rate: dict[tuple[int, bool], float] = {}  # (bucket, speculative) -> tokens/s EMA
-        self.samples: dict[tuple[int, bool], int] = {}  # steps measured per (bucket, mode)
+        self.rate: dict[tuple[int, int], float] = {}  # (bucket, budget) -> tokens/s EMA
+        self.samples: dict[tuple[int, int], int] = {}  # steps measured per (bucket, budget)
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
 
     @staticmethod
     def bucket(batch: int) -> int:
         return max(1, batch).bit_length()  # 1, 2-3, 4-7, 8-15, 16-31, ...
 
-    def speculate(self, batch: int) -> bool:
+    def choose(self, batch: int, cap: int) -> int:
+        """The tree budget per sequence for a decode step of `batch` sequences, at most `cap`."""
         b = self.bucket(batch)
-        # A few steps of each mode before judging (one step is noise: an unlucky first draft),
-        # speculation first; then the faster one.
-        for mode in (True, False):
-            if self.samples.get((b, mode), 0) < self.min_samples:
-                return mode
-        best = self.rate[(b, True)] >= self.rate[(b, False)]
+        options = sorted({min(x, cap) for x in self.budgets}, reverse=True)
+        for x in options:
+            if self.samples.get((b, x), 0) < self.min_samples:
+                return x
+        best = max(options, key=lambda x: self.rate[(b, x)])
         n = self.steps.get(b, 0)
-        return (not best) if n % self.explore_every == self.explore_every - 1 else best
+        if n % self.explore_every == self.explore_every - 1 and len(options) > 1:
+            others = [x for x in options if x != best]
+            return others[(n // self.explore_every) % len(others)]
+        return best
 
-    def record(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
+    def record(self, batch: int, budget: int, tokens: int, seconds: float) -> None:
         if seconds <= 0:
             return
         b = self.bucket(batch)
         self.steps[b] = self.steps.get(b, 0) + 1
-        key, rate = (b, speculative), tokens / seconds
+        key, rate = (b, budget), tokens / seconds
         self.samples[key] = self.samples.get(key, 0) + 1
         old = self.rate.get(key)
         self.rate[key] = rate if old is None else (1 - self.ema) * old + self.ema * rate
@@ -82,7 +96,7 @@ class SpeculationGovernor:
 class Plan:
     prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
     decode: list[tuple[Sequence, int]]  # (sequence, draft-node budget; 0 = plain decoding)
-    speculative: bool = False  # the governor allowed drafting this step
+    budget: int = 0  # the step's tree budget per drafting sequence (0: nobody drafts)
 
     @property
     def empty(self) -> bool:
@@ -94,7 +108,8 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.governor = SpeculationGovernor(config.explore_every, config.governor_ema)
+        self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes),
+                                            config.explore_every, config.governor_ema)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -121,13 +136,12 @@ class Scheduler:
         cfg = self.config
         decoding = [s for s in self.running if s.status is Status.DECODE]
         drafting = [s for s in decoding if speculation_enabled and s.params.speculative]
-        speculative = bool(drafting) and (not cfg.governor or self.governor.speculate(len(decoding)))
-        if not speculative:
-            drafting = []
-        share = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting)))
+        share = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting))) if drafting else 0
+        if share and cfg.governor:
+            share = self.governor.choose(len(decoding), share)
         decode = []
         for seq in decoding:
-            budget = self._tree_budget(seq, share) if seq in drafting else 0
+            budget = self._tree_budget(seq, share) if share and seq in drafting else 0
             decode.append((seq, budget))
         prefill, left = [], cfg.prefill_chunk
         for seq in self.running:
@@ -135,7 +149,7 @@ class Scheduler:
                 n = min(seq.remaining_prompt, left)
                 prefill.append((seq, n))
                 left -= n
-        return Plan(prefill=prefill, decode=decode, speculative=speculative)
+        return Plan(prefill=prefill, decode=decode, budget=share)
 
     def _tree_budget(self, seq: Sequence, share: int) -> int:
         if share <= 0:
