@@ -30,7 +30,6 @@ import torch
 from drafter.collapse import ctc_collapse
 from drafter.tree import TokenTree, build_trie
 
-NEG_INF = float("-inf")
 
 
 class Candidate(NamedTuple):
@@ -121,52 +120,51 @@ def static_tree_candidates(
 # ----------------------------------------------------------------------------- prefix beam search
 
 
-def _logaddexp(a: float, b: float) -> float:
-    """log(e^a + e^b), exact at -inf."""
-    if a < b:
-        a, b = b, a
-    if b == NEG_INF:
-        return a
-    return a + math.log1p(math.exp(b - a))
-
-
 def _prefix_beam_search(
-    lp: list[list[float]],
+    probs: list[list[float]],
     column: dict[int, int],
     extensions: list[list[int]],
     blank: int,
     beam_width: int,
 ) -> list[Candidate]:
-    """Prefix beam search on pre-gathered log-probs.
+    """Prefix beam search on pre-gathered probabilities.
 
-    lp[t][column[s]] = log p_t(s) for every symbol s that can appear (blank and all extensions);
+    probs[t][column[s]] = p_t(s) for every symbol s that can appear (blank and all extensions);
     extensions[t] = the non-blank symbols that may start a new token at frame t.
     Recursion, for prefix l with last token e and symbol c at frame t:
       p_b'(l)    += (p_b(l) + p_nb(l)) p_t(blank)
       p_nb'(l)   += p_nb(l) p_t(e)                       (repeat of e merges into it)
       p_nb'(l+c) += (p_b(l) + p_nb(l)) p_t(c)   if c != e
       p_nb'(l+c) += p_b(l) p_t(c)               if c == e (only a blank separates equal tokens)
+    Plain float64 probabilities, not logs: over a handful of frames a product of probabilities stays
+    far above the smallest double unless it is astronomically unlikely (then it drops out as 0),
+    and additions instead of log-add-exps make this several times faster.
     """
     blank_col = column[blank]
-    beam: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, NEG_INF)}  # prefix -> (log p_b, log p_nb)
-    for row, ext in zip(lp, extensions):
+    beam: dict[tuple[int, ...], tuple[float, float]] = {(): (1.0, 0.0)}  # prefix -> (p_b, p_nb)
+    for row, ext in zip(probs, extensions):
         nxt: dict[tuple[int, ...], list[float]] = {}
-        lp_blank = row[blank_col]
+        p_blank = row[blank_col]
         for prefix, (pb, pnb) in beam.items():
-            total = _logaddexp(pb, pnb)
-            entry = nxt.setdefault(prefix, [NEG_INF, NEG_INF])
-            entry[0] = _logaddexp(entry[0], total + lp_blank)
+            total = pb + pnb
+            entry = nxt.get(prefix)
+            if entry is None:
+                entry = nxt[prefix] = [0.0, 0.0]
+            entry[0] += total * p_blank
             last = prefix[-1] if prefix else None
             if last is not None:
-                entry[1] = _logaddexp(entry[1], pnb + row[column[last]])
+                entry[1] += pnb * row[column[last]]
             for c in ext:
-                grown = nxt.setdefault(prefix + (c,), [NEG_INF, NEG_INF])
-                source = pb if c == last else total
-                grown[1] = _logaddexp(grown[1], source + row[column[c]])
-        scored = ((_logaddexp(pb, pnb), prefix, (pb, pnb)) for prefix, (pb, pnb) in nxt.items())
-        scored = (item for item in scored if item[0] > NEG_INF)  # e.g. "a a" after 2 frames: impossible
-        beam = {prefix: state for _, prefix, state in heapq.nlargest(beam_width, scored, key=lambda x: x[0])}
-    final = [Candidate(list(prefix), _logaddexp(*state)) for prefix, state in beam.items() if prefix]
+                key = prefix + (c,)
+                grown = nxt.get(key)
+                if grown is None:
+                    grown = nxt[key] = [0.0, 0.0]
+                grown[1] += (pb if c == last else total) * row[column[c]]
+        # Impossible prefixes (e.g. "a a" after 2 frames) have probability 0 and are dropped.
+        alive = [(pb + pnb, prefix) for prefix, (pb, pnb) in nxt.items() if pb + pnb > 0.0]
+        best = heapq.nlargest(beam_width, alive, key=lambda x: x[0]) if len(alive) > beam_width else alive
+        beam = {prefix: tuple(nxt[prefix]) for _, prefix in best}
+    final = [Candidate(list(prefix), math.log(pb + pnb)) for prefix, (pb, pnb) in beam.items() if prefix]
     final.sort(key=lambda c: -c.score)
     return final
 
@@ -200,7 +198,7 @@ def batched_prefix_beam_search(
     width = max(len(s) for s in symbols)
     gather_idx = torch.tensor([s + [blank] * (width - len(s)) for s in symbols], device=log_probs.device)  # (B, U)
     gathered = log_probs.gather(2, gather_idx[:, None, :].expand(batch, num_frames, width))  # (B, N, U)
-    gathered_l = gathered.double().tolist()
+    gathered_l = gathered.double().exp().tolist()
 
     out: list[list[Candidate]] = []
     for b in range(batch):
