@@ -30,7 +30,7 @@ from drafter.tree import TokenTree
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
 from server.runtime.kv_cache import KVCache
-from server.runtime.model import CausalLM, DecoderLayer, RMSNorm
+from server.runtime.model import CausalLM, DecoderLayer, RMSNorm, fuse_projections
 from server.runtime.rope import inverse_frequencies, rope_cos_sin
 
 
@@ -149,7 +149,7 @@ class CTCDrafter(Drafter):
     needs_hidden = True
 
     def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int):
-        self.model = model.eval()
+        self.model = fuse_projections(model.eval())  # inference only from here on
         cfg, lc = model.config, model.config.layer_config()
         p = model.fuse.weight
         self.cache = KVCache(cfg.num_layers, max_slots, lc.num_kv_heads, max_len + cfg.num_frames, lc.head_dim,

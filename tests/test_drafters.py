@@ -15,7 +15,7 @@ from drafter.candidates import Candidate
 from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
 from drafter.data import DistilledSet, build_distilled
 from drafter.hybrid import LookupHybridDrafter
-from drafter.loading import DrafterLoadError, load_drafter, save_drafter
+from drafter.loading import DrafterLoadError, load_draft_model, load_drafter, save_drafter
 from drafter.medusa import MedusaConfig, MedusaHeads
 from drafter.train import TrainConfig, anchor_targets, train
 from server.engine.factory import build_drafter
@@ -83,9 +83,10 @@ def test_checkpoint_round_trip_and_mismatch_refused(base, tmp_path):
     path, model = base
     m = ctc_model(model, num_frames=4, num_labels=2)
     save_drafter(m, tmp_path / "d")
-    d = load_drafter(tmp_path / "d", model, max_slots=1, max_len=32)
-    for (k, v), (k2, v2) in zip(m.state_dict().items(), d.model.state_dict().items()):
+    loaded = load_draft_model(tmp_path / "d", model)
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+    assert isinstance(load_drafter(tmp_path / "d", model, max_slots=1, max_len=32), CTCDrafter)
     from tests.conftest import make_hf_model
 
     other_path = tmp_path / "other"

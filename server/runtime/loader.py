@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from server.runtime.config import ModelConfig, ModelConfigError
-from server.runtime.model import CausalLM
+from server.runtime.model import CausalLM, fuse_projections
 from server.runtime.rope import inverse_frequencies
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers built under the meta device hold no data: derive the rope frequencies for real.
     model.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
-    model.eval()
+    fuse_projections(model.eval())
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%s, %.1fM parameters) on %s in %s", model_dir, cfg.architecture, n / 1e6, dev, dt)
     return model

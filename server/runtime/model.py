@@ -44,11 +44,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.hq * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
+    def fuse(self) -> None:
+        """For inference: one q|k|v matmul instead of three (fewer launches, the same products)."""
+        self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache | None) -> torch.Tensor:
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.hq, self.hd).transpose(1, 2)  # (B, Hq, L, hd)
-        k = self.k_proj(x).view(B, L, self.hkv, self.hd).transpose(1, 2)  # (B, Hkv, L, hd)
-        v = self.v_proj(x).view(B, L, self.hkv, self.hd).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([self.hq * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, L, self.hq, self.hd).transpose(1, 2)  # (B, Hq, L, hd)
+        k = k.view(B, L, self.hkv, self.hd).transpose(1, 2)  # (B, Hkv, L, hd)
+        v = v.view(B, L, self.hkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             # No cache (training, one-shot scoring): the new tokens only see each other, through
@@ -72,8 +81,38 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+    def fuse(self) -> None:
+        """For inference: one gate|up matmul instead of two."""
+        self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    first = linears[0]
+    out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                    device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in linears]))
+    return out.requires_grad_(first.weight.requires_grad)
+
+
+def fuse_projections(module: nn.Module) -> nn.Module:
+    """Fuse every attention's q/k/v and every MLP's gate/up projections in `module`, for inference.
+    Parameter names change (qkv_proj, gate_up_proj), so fuse after loading weights, never before
+    training or saving."""
+    for m in list(module.modules()):
+        if isinstance(m, (Attention, MLP)):
+            m.fuse()
+    return module
 
 
 class DecoderLayer(nn.Module):
