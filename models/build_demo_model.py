@@ -266,13 +266,21 @@ def main(argv=None) -> None:
         "heldout_perplexity": round(math.exp(held_loss), 3),
         "train_minutes_this_run": round(train_minutes, 1),
         "threads": torch.get_num_threads(),
-        "stages": [*previous.get("stages", []), *(st.describe() for st in stages)],
+        "stages": [*earlier_stages(previous), *(st.describe() for st in stages)],
     }
-    if "schedule" in previous:
-        report["schedule"] = previous["schedule"]
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s: %s", args.out, report)
     write_model_card(args.out, report)
+
+
+def earlier_stages(report: dict) -> list[str]:
+    """The stages recorded in the report of the model training started from (older reports have
+    one `schedule` line instead)."""
+    if "stages" in report:
+        return list(report["stages"])
+    if "steps" in report:
+        return [f"pretrain: {report['steps']} steps ({report.get('schedule', 'one schedule')})"]
+    return []
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -95,6 +96,7 @@ def test_unlikelihood_loss_penalises_earlier_tokens_except_the_target():
 
     spec = importlib.util.spec_from_file_location("build_demo_model", DEMO_MODEL.parent / "build_demo_model.py")
     build = importlib.util.module_from_spec(spec)
+    sys.modules["build_demo_model"] = build  # its dataclasses look their module up
     spec.loader.exec_module(build)
     ids = torch.tensor([[5, 6, 5, 7]])
     labels = torch.tensor([[-100, 6, 5, 7]])  # position 0 (a prompt token) is not trained
