@@ -178,11 +178,11 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--card-only", action="store_true", help="only rewrite README.md of an already built model")
-    ap.add_argument("--finetune-steps", type=int, default=300,
+    ap.add_argument("--finetune-steps", type=int, default=150,
                     help="second stage: steps of cross-entropy + unlikelihood fine-tuning (0: none)")
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
     ap.add_argument("--finetune-warmup", type=int, default=30)
-    ap.add_argument("--unlikelihood", type=float, default=1.0,
+    ap.add_argument("--unlikelihood", type=float, default=2.0,
                     help="second stage: weight of the token-level unlikelihood loss against repeating earlier tokens")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="skip pre-training: start the fine-tuning stage from this built model (its weights and tokenizer)")
@@ -295,7 +295,7 @@ class Stage:
 
     def describe(self) -> str:
         extra = f", unlikelihood weight {self.unlikelihood}" if self.unlikelihood else ""
-        return f"{self.name}: {self.steps} steps, peak lr {self.lr}, {self.warmup} warm-up{extra}"
+        return f"{self.name}: {self.steps} steps (cosine), peak lr {self.lr}, {self.warmup} warm-up{extra}"
 
 
 def run_stage(model, stage: Stage, train_ex, pad: int, args) -> None:
@@ -397,6 +397,12 @@ def write_model_card(out: Path, report: dict, n_samples: int = 3) -> None:
         "256 tokens. Before the unlikelihood stage, 19 of the 40 looped (`+ $6 + $6 + ...`, `x x x x`)",
         "and 8 ended on their own: a model this small, on this little text, repeats itself under greedy",
         "decoding unless taught not to.",
+        "",
+        "How the second stage was chosen (2026-12-01, each variant from the same pre-trained model; loops of",
+        "40 at 256 tokens / answers of 40 whose word-type ratio at 160 tokens is <= 0.3 / held-out loss):",
+        "before it: 19 / 17 / 2.857; 150 steps, weight 2 (shipped): 6 / 3 / 2.920; 300 steps, weight 1:",
+        "8 / 5 / 2.829; 100 steps, weight 1: 10 / 12 / 2.880; the first 100 steps of the 300-step run:",
+        "1 / 6 / 2.910.",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
