@@ -24,12 +24,14 @@ demo-model: install
 	$(PYTHON) models/build_demo_model.py $(ARGS)
 
 # The demo model's drafters: self-distilled data, then the CTC drafter and the Medusa baseline with
-# the same data and steps, then their acceptance on held-out prompts (see BENCHMARKS.md).
+# the same data and steps, then their acceptance on held-out prompts, alone and with prompt lookup
+# (see BENCHMARKS.md).
 DRAFT_WORK ?= models/.build/drafters
-DRAFT_STEPS ?= 600
+DRAFT_STEPS ?= 1000
 demo-drafters: install
-	ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500
-	ctc-drafter train --data $(DRAFT_WORK)/regen --out models/demo-llama-ctc --steps $(DRAFT_STEPS)
+	ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500 --max-new-tokens 256 --batch-size 48
+	ctc-drafter train --data $(DRAFT_WORK)/regen --out models/demo-llama-ctc --layers 2 --steps $(DRAFT_STEPS)
 	ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --out models/demo-llama-medusa --steps $(DRAFT_STEPS)
-	ctc-drafter eval --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa --drafter ngram \
-		--num-prompts 80 --out $(DRAFT_WORK)/eval.json
+	ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \
+		--drafter models/demo-llama-ctc+ngram --drafter models/demo-llama-medusa+ngram \
+		--num-prompts 40 --max-tokens 192 --out $(DRAFT_WORK)/eval.json
