@@ -175,26 +175,25 @@ class CTCDrafter(Drafter):
         log-probs (B, N, V+1) and commits the context positions to the drafter cache."""
         m, N = self.model, self.model.config.num_frames
         device = m.fuse.weight.device
-        items, ctx = [], []
-        for r in requests:
-            st = self.state[r.seq_id]
-            n = len(st.tokens)
-            items.append(ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)))
-            hidden = torch.cat(st.hidden).to(device)  # (n, H)
-            nxt = torch.tensor(st.tokens[1:] + [r.pending_token], device=device)
-            ctx.append(m.context_inputs(hidden, nxt))  # (n, H)
+        states = [self.state[r.seq_id] for r in requests]
+        lens = [len(st.tokens) for st in states]
+        items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)) for st, n in zip(states, lens)]
+        # Every request's new context positions in one fuse call: h_t with the token after t (the
+        # pending token after the last one).
+        hidden = torch.cat([h for st in states for h in st.hidden]).to(device)  # (sum n, H)
+        nxt = [t for st, r in zip(states, requests) for t in (*st.tokens[1:], r.pending_token)]
+        ctx = m.context_inputs(hidden, torch.tensor(nxt, device=device)).split(lens)  # n_b x H each
         batch = build_batch(items, self.cache.max_len, device)
         H = m.config.base_hidden_size
         x = torch.zeros(len(items), batch.input_ids.shape[1], H, dtype=m.fuse.weight.dtype, device=device)
-        for b, c in enumerate(ctx):
-            x[b, : len(c)] = c
-            x[b, len(c) : len(c) + N] = m.frame_queries
+        for b, (c, n) in enumerate(zip(ctx, lens)):
+            x[b, :n] = c
+            x[b, n : n + N] = m.frame_queries
         y = m.run(x, batch.meta, self.cache)  # (B, L, H)
-        frame_idx = torch.stack([torch.arange(len(c), len(c) + N, device=device) for c in ctx])  # (B, N)
+        frame_idx = torch.tensor(lens, device=device)[:, None] + torch.arange(N, device=device)  # (B, N)
         y = y.gather(1, frame_idx[..., None].expand(-1, -1, H))  # (B, N, H)
-        for r, c in zip(requests, ctx):
-            st = self.state[r.seq_id]
-            self.cache.advance(st.slot, len(c))
+        for st, n in zip(states, lens):
+            self.cache.advance(st.slot, n)
             st.tokens, st.hidden = [], []
         return torch.log_softmax(m.frame_logits(y), dim=-1)
 
