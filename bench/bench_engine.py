@@ -104,6 +104,7 @@ def summarize(runs: list[RequestRun], wall_s: float, engine_steps: int, serial: 
         "steps": steps, "spec_steps": spec, "draft_tokens": drafted, "accepted_tokens": accepted,
         "acceptance_length": 1 + accepted / spec if spec else None,  # per speculating step, bonus included
         "draft_acceptance_rate": accepted / drafted if drafted else None,
+        "drafts_per_spec_step": drafted / spec if spec else None,  # the tree size actually verified
         "tokens_per_step": (tokens - n) / steps if steps else None,  # per request over all its decode steps
     }
 
@@ -215,8 +216,9 @@ _COLUMNS = {
     "accept len": ("acceptance_length", 2, ""), "tok/step": ("tokens_per_step", 2, ""),
     "ms/step": ("decode_ms_per_step", 1, ""), "ms/engine step": ("ms_per_engine_step", 1, ""),
     "TTFT s": ("ttft_mean_s", 2, ""), "speedup": ("speedup", 2, "x"),
+    "drafts/step": ("drafts_per_spec_step", 1, ""),
 }
-_COMMON = ["accept len", "tok/step", "ms/step", "speedup"]
+_COMMON = ["drafts/step", "accept len", "tok/step", "ms/step", "speedup"]
 
 
 def table(lead: list[str], cols: list[str], rows: list[tuple[list, dict]]) -> list[str]:
@@ -242,7 +244,7 @@ def markdown(res: dict) -> str:
     out += ["", f"**Concurrency** (temperature {res['concurrency_temperature']}; TTFT includes queueing)", ""]
     rows = [([c["concurrency"], c["requests"], n], v) for c in res["concurrency"] for n, v in c["variants"].items()]
     out += table(["concurrency", "requests", "drafter"],
-                 ["tok/s", "TTFT s", "accept len", "tok/step", "ms/engine step", "speedup"], rows)
+                 ["tok/s", "TTFT s", "drafts/step", "accept len", "tok/step", "ms/engine step", "speedup"], rows)
     if res["tree_sweep"]:
         out += ["", "**max_tree_nodes sweep** (batch 1, temperature 0; variant = drafter@max_tree_nodes)", ""]
         out += table(["variant"], ["tok/s", *_COMMON], [([n], v) for n, v in res["tree_sweep"]["variants"].items()])
