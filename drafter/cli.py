@@ -89,8 +89,9 @@ def cmd_eval(args) -> None:
     results = {}
     for spec in args.drafter or ["none"]:
         drafter = build_drafter(spec, model, max_slots=args.batch_size, max_len=args.max_model_len)
-        if args.ctc_candidates and getattr(drafter, "name", "") == "ctc":
-            drafter.model.config.candidates = args.ctc_candidates
+        learned = getattr(drafter, "learned", drafter)  # a lookup hybrid's learned part
+        if args.ctc_candidates and getattr(learned, "name", "") == "ctc":
+            learned.model.config.candidates = args.ctc_candidates
         r = acceptance(model, tok, drafter, prompts, args.max_tokens, args.tree_nodes, args.max_model_len, args.batch_size)
         outputs = r.pop("outputs")
         plain = plain or (outputs if spec == "none" else None)
