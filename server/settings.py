@@ -3,7 +3,8 @@ and defaults, in that order of precedence. The CLI builds its flags from these f
 setting is documented and bounded once.
 
 Defaults serve the demo model embedded in the repository (models/demo-llama) with its CTC
-drafter when one has been trained (models/demo-llama-ctc), else the model-free n-gram drafter.
+drafter and prompt lookup together when the CTC drafter has been trained (models/demo-llama-ctc),
+else the model-free n-gram drafter alone.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Settings(BaseSettings):
         description=(
             "Draft model: a CTC drafter directory, 'ngram' (prompt-lookup drafting, no weights), a drafter "
             "directory followed by '+ngram' (both, merged into one draft tree per step) or 'none' "
-            f"(no speculation). Default: the sibling directory <model>{DRAFTER_DIR_SUFFIX} if it exists, else 'ngram'."
+            f"(no speculation). Default: <model>{DRAFTER_DIR_SUFFIX}{HYBRID_SUFFIX} if the sibling directory "
+            f"<model>{DRAFTER_DIR_SUFFIX} exists, else 'ngram'."
         ),
     )
     served_model_name: str | None = Field(
@@ -99,7 +101,7 @@ class Settings(BaseSettings):
     def _fill_defaults(self) -> Settings:
         if self.drafter is None:
             sibling = self.model.with_name(self.model.name + DRAFTER_DIR_SUFFIX)
-            self.drafter = str(sibling) if sibling.is_dir() else "ngram"
+            self.drafter = str(sibling) + HYBRID_SUFFIX if sibling.is_dir() else "ngram"
         if not self.served_model_name:
             self.served_model_name = self.model.name
         return self

@@ -20,18 +20,19 @@ def test_defaults_serve_the_demo_model() -> None:
     assert settings.model == default_model_dir() == REPO / "models" / "demo-llama"
     assert settings.served_model_name == "demo-llama"
     expected_drafter = REPO / "models" / "demo-llama-ctc"
-    assert settings.drafter == (str(expected_drafter) if expected_drafter.is_dir() else "ngram")
+    assert settings.drafter == (str(expected_drafter) + "+ngram" if expected_drafter.is_dir() else "ngram")
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert (settings.max_batch_size, settings.max_model_len) == (16, 2048)
     assert settings.api_key is None
 
 
-def test_drafter_default_is_the_sibling_ctc_directory(tmp_path: Path) -> None:
+def test_drafter_default_is_the_sibling_ctc_directory_with_lookup(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     assert Settings(model=tmp_path / "m").drafter == "ngram"
     (tmp_path / "m-ctc").mkdir()
     settings = Settings(model=tmp_path / "m")
-    assert settings.drafter == str(tmp_path / "m-ctc") and settings.drafter_path == tmp_path / "m-ctc"
+    assert settings.drafter == str(tmp_path / "m-ctc") + "+ngram" and settings.drafter_path == tmp_path / "m-ctc"
+    assert Settings(model=tmp_path / "m", drafter=str(tmp_path / "m-ctc")).drafter == str(tmp_path / "m-ctc")
     assert Settings(model=tmp_path / "m", drafter="NONE").drafter == "none"
     hybrid = Settings(model=tmp_path / "m", drafter=str(tmp_path / "m-ctc") + "+ngram")
     assert hybrid.drafter == str(tmp_path / "m-ctc") + "+ngram" and hybrid.drafter_path == tmp_path / "m-ctc"
