@@ -112,3 +112,7 @@ def test_plan_uses_the_governors_budget():
     plan = s.plan(True)
     assert plan.budget == 4 and plan.decode[0][1] == 4
     assert s.plan(False).budget == 0
+    # A sequence switched off by its low acceptance decodes plainly: the step counts as plain.
+    s.running[0].accept_ema = 0.0
+    plan = s.plan(True)
+    assert plan.decode[0][1] == 0 and plan.budget == 0

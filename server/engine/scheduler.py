@@ -149,7 +149,11 @@ class Scheduler:
                 n = min(seq.remaining_prompt, left)
                 prefill.append((seq, n))
                 left -= n
-        return Plan(prefill=prefill, decode=decode, budget=share)
+        # Measured as what the step actually runs: if the per-sequence policy left nobody drafting it
+        # is a plain step (no drafter forward), if only probes it is a probe-sized one, whatever the
+        # governor offered.
+        budget = max((b for _, b in decode), default=0)
+        return Plan(prefill=prefill, decode=decode, budget=budget)
 
     def _tree_budget(self, seq: Sequence, share: int) -> int:
         if share <= 0:
