@@ -10,16 +10,13 @@ at the sequence's pending token, and `release` when the sequence ends. Trees com
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from drafter.candidates import Candidate, candidates_to_tree
 from drafter.tree import TokenTree
-
-if TYPE_CHECKING:
-    from drafter.candidates import Candidate
 
 
 @dataclass
@@ -39,13 +36,15 @@ class Drafter(ABC):
     def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:  # noqa: B027
         """`token_ids` just entered the base KV cache; `hidden` is (len(token_ids), H) or None."""
 
-    @abstractmethod
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
-        """One draft tree per request, rooted at its pending token (a root-only tree = no draft)."""
+        """One draft tree per request, rooted at its pending token (a root-only tree = no draft),
+        within the request's node budget. By default the trie of `candidates()`."""
+        return [candidates_to_tree(r.pending_token, c, r.budget) for r, c in zip(requests, self.candidates(requests))]
 
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
-        """Scored draft sequences per request, before they are merged into a tree (drafters that
-        can be combined with others, see hybrid.py, offer this; `propose` builds trees from it)."""
+        """Scored draft sequences per request, before they are merged into a tree. Learned
+        drafters implement this (and inherit `propose`), so they can also be combined with others
+        (hybrid.py); a drafter that builds its trees another way overrides `propose` instead."""
         raise NotImplementedError(f"the {self.name} drafter does not expose candidates")
 
     def release(self, seq_id: str) -> None:  # noqa: B027

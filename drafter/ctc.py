@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from drafter.base import Drafter, ProposeRequest
-from drafter.candidates import Candidate, batched_prefix_beam_search, candidates_to_tree, static_tree_candidates
-from drafter.tree import TokenTree
+from drafter.candidates import Candidate, batched_prefix_beam_search, static_tree_candidates
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
 from server.runtime.kv_cache import KVCache
@@ -203,6 +202,3 @@ class CTCDrafter(Drafter):
         if cfg.candidates == "beam":
             return batched_prefix_beam_search(log_probs, cfg.blank, cfg.beam_width, cfg.prune_topk)
         return [static_tree_candidates(lp, cfg.blank, cfg.static_topk) for lp in log_probs]
-
-    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
-        return [candidates_to_tree(r.pending_token, c, r.budget) for r, c in zip(requests, self.candidates(requests))]

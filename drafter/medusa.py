@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafter.base import Drafter, ProposeRequest
-from drafter.candidates import Candidate, candidates_to_tree
-from drafter.tree import TokenTree
+from drafter.candidates import Candidate
 from server.runtime.config import ModelConfig
 from server.runtime.model import CausalLM
 
@@ -110,6 +109,3 @@ class MedusaDrafter(Drafter):
         h = torch.stack([self.last_hidden[r.seq_id] for r in requests])  # (B, H)
         log_probs = torch.log_softmax(self.model.logits(h), dim=-1).cpu()  # (B, K, V)
         return [medusa_candidates(lp, self.model.config.topk_per_head) for lp in log_probs]
-
-    def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
-        return [candidates_to_tree(r.pending_token, c, r.budget) for r, c in zip(requests, self.candidates(requests))]

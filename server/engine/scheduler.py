@@ -96,7 +96,7 @@ class SpeculationGovernor:
 class Plan:
     prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
     decode: list[tuple[Sequence, int]]  # (sequence, draft-node budget; 0 = plain decoding)
-    budget: int = 0  # the step's tree budget per drafting sequence (0: nobody drafts)
+    budget: int = 0  # the largest tree budget a sequence got this step (0: a plain step)
 
     @property
     def empty(self) -> bool:
@@ -141,7 +141,7 @@ class Scheduler:
             share = self.governor.choose(len(decoding), share)
         decode = []
         for seq in decoding:
-            budget = self._tree_budget(seq, share) if share and seq in drafting else 0
+            budget = self._tree_budget(seq, share) if seq in drafting else 0
             decode.append((seq, budget))
         prefill, left = [], cfg.prefill_chunk
         for seq in self.running:
