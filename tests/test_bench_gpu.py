@@ -85,3 +85,13 @@ def test_oracle_drafts_the_reference_with_the_set_accuracy():
         assert not oracle.diverged
     oracle.observe("a", [999], None)  # leaves the reference
     assert oracle.diverged == {"a"}
+
+
+def test_bench_verify_cost_runs_and_reports_every_size(capsys):
+    from bench import bench_verify_cost
+    from tests.conftest import DEMO_MODEL
+
+    bench_verify_cost.main(["--model", str(DEMO_MODEL), "--tree-sizes", "1,4", "--repeats", "1", "--inner", "1",
+                            "--drafters", f"ngram,{DEMO_MODEL.parent / 'demo-llama-ctc'}"])
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "| 4 |" in out and out.count("propose of") == 2
