@@ -26,6 +26,7 @@ from torch import nn
 
 from drafter.base import Drafter, ProposeRequest
 from drafter.candidates import Candidate, batched_prefix_beam_search, static_tree_candidates
+from drafter.loading import borrow
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
 from server.runtime.kv_cache import KVCache
@@ -107,7 +108,9 @@ class CTCDraftModel(nn.Module):
     def attach_base(self, base: CausalLM) -> CTCDraftModel:
         if (base.config.hidden_size, base.config.vocab_size) != (self.config.base_hidden_size, self.config.base_vocab_size):
             raise ValueError("drafter and base model disagree on hidden or vocabulary size")
-        self._base = (base.model.embed_tokens, base.lm_head)  # a tuple: not registered, not saved
+        # A tuple: not registered, not saved. In the drafter's dtype (a copy if the base differs).
+        dtype = self.fuse.weight.dtype
+        self._base = (borrow(base.model.embed_tokens, dtype), borrow(base.lm_head, dtype))
         return self
 
     @property

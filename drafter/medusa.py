@@ -18,6 +18,7 @@ from torch import nn
 
 from drafter.base import Drafter, ProposeRequest
 from drafter.candidates import Candidate
+from drafter.loading import borrow
 from server.runtime.config import ModelConfig
 from server.runtime.model import CausalLM
 
@@ -66,7 +67,8 @@ class MedusaHeads(nn.Module):
         self._lm_head: tuple[nn.Linear] | None = None
 
     def attach_base(self, base: CausalLM) -> MedusaHeads:
-        self._lm_head = (base.lm_head,)  # borrowed, frozen, not saved
+        dtype = next(self.parameters()).dtype
+        self._lm_head = (borrow(base.lm_head, dtype),)  # borrowed (a copy in our dtype if it differs), frozen, not saved
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -123,9 +123,12 @@ def build_trie(
     kept), and it maximises the sum of the kept nodes' values. `scores=None` means the candidates
     are ranked best first (score = -rank). Empty candidates add nothing.
 
-    Output order is breadth first (depth by depth), and within a depth by decreasing value, so
-    parents always precede children. Candidates must already be CTC-collapsed (no blanks; see the
-    module docstring for why this and depth-as-position avoid the authors' bugs 2 and 3).
+    Output order is that ranking, best first: parents precede children, and the first k draft
+    nodes are exactly the tree `max_nodes=k` would keep. So a verified tree also tells what any
+    smaller budget would have accepted (the accepted path's nodes of index <= k), which is how the
+    speculation governor (server/engine/scheduler.py) prices every tree size from the one it ran.
+    Candidates must already be CTC-collapsed (no blanks; see the module docstring for why this and
+    depth-as-position avoid the authors' bugs 2 and 3).
     """
     if max_nodes < 0:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
@@ -160,8 +163,6 @@ def build_trie(
     # Budget: highest value first; shallower first on ties, so a parent always precedes its child.
     ranked = sorted(range(1, len(tmp_parent)), key=lambda v: (-tmp_value[v], tmp_depth[v], v))
     kept = ranked[:max_nodes]
-    # Flatten breadth first, best first within a depth.
-    kept.sort(key=lambda v: (tmp_depth[v], -tmp_value[v], v))
     new_index = {0: 0}
     for i, v in enumerate(kept, start=1):
         new_index[v] = i

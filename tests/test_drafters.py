@@ -15,7 +15,7 @@ from drafter.candidates import Candidate
 from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
 from drafter.data import DistilledSet, build_distilled
 from drafter.hybrid import LookupHybridDrafter
-from drafter.loading import DrafterLoadError, load_draft_model, load_drafter, save_drafter
+from drafter.loading import DrafterLoadError, inference_dtype, load_draft_model, load_drafter, save_drafter
 from drafter.medusa import MedusaConfig, MedusaHeads
 from drafter.train import TrainConfig, anchor_targets, train
 from server.engine.factory import build_drafter
@@ -79,11 +79,29 @@ def test_ctc_drafter_incremental_cache_equals_full_forward(base):
     assert drafter.cache.num_used_slots == 0
 
 
+@pytest.mark.parametrize("kind", ["ctc", "medusa"])
+def test_drafter_runs_in_bfloat16_beside_a_float32_base_where_the_cpu_has_it(base, tmp_path, kind):
+    path, model = base
+    m = ctc_model(model, num_frames=4, num_labels=2) if kind == "ctc" else MedusaHeads(
+        MedusaConfig.for_base(model.config, num_heads=2)).attach_base(model)
+    save_drafter(m, tmp_path / "d")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    expected = torch.bfloat16 if native else torch.float32
+    assert inference_dtype(model) == expected
+    drafter = load_drafter(tmp_path / "d", model, max_slots=1, max_len=32)
+    assert {p.dtype for p in drafter.model.parameters()} == {expected}
+    assert model.lm_head.weight.dtype == torch.float32  # the base keeps its own weights
+    drafter.start("a", [])
+    drafter.observe("a", [5, 6, 7], torch.randn(3, model.config.hidden_size))
+    (tree,) = drafter.propose([ProposeRequest("a", 8, budget=4)])
+    assert 1 <= tree.num_nodes <= 5
+
+
 def test_checkpoint_round_trip_and_mismatch_refused(base, tmp_path):
     path, model = base
     m = ctc_model(model, num_frames=4, num_labels=2)
     save_drafter(m, tmp_path / "d")
-    loaded = load_draft_model(tmp_path / "d", model)
+    loaded = load_draft_model(tmp_path / "d", model, dtype=torch.float32)
     for (k, v), (k2, v2) in zip(m.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     assert isinstance(load_drafter(tmp_path / "d", model, max_slots=1, max_len=32), CTCDrafter)
@@ -273,7 +291,7 @@ def test_hybrid_ranks_strong_lookup_first_and_skips_the_learned_drafter_on_long_
     hybrid.observe("a", [3], None)
     tree = hybrid.propose([ProposeRequest("a", 9, budget=4)])[0]
     assert learned.asked == ["a"]
-    assert tree.tokens == [9, 70, 72, 1, 71] and tree.parents == [-1, 0, 0, 0, 1]
+    assert tree.tokens == [9, 70, 71, 72, 1] and tree.parents == [-1, 0, 1, 0, 0]  # best first
 
 
 def test_hybrid_without_any_lookup_match_is_the_learned_drafter():

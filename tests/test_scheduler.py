@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.scheduler import Scheduler, SchedulerConfig, SpeculationGovernor
+from server.engine.scheduler import DraftOutcome, Scheduler, SchedulerConfig, SpeculationGovernor
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
 
@@ -69,46 +71,76 @@ def test_requests_that_opt_out_never_draft():
     assert {b for _, b in s.plan(True).decode} == {0}
 
 
-def test_governor_picks_the_fastest_budget_per_batch_bucket_and_explores():
-    g = SpeculationGovernor([4, 16], explore_every=4, ema=0.5, min_samples=2)
-    speed = {16: 20, 4: 30, 0: 10}  # tokens/s at batch 1: the small tree wins
-    warm = []
-    for _ in range(6):  # two samples of each budget first, largest first
-        warm.append(g.choose(1, cap=16))
-        g.record(1, warm[-1], tokens=speed[warm[-1]], seconds=1.0)
+def test_draft_outcome_tells_what_smaller_budgets_would_have_accepted():
+    o = DraftOutcome(budget=16, nodes=16, accepted=[1, 3, 9])  # the tree was cut at 16 nodes
+    assert [o.accepted_within(k) for k in (2, 4, 8, 16)] == [1, 2, 2, 3]
+    assert o.accepted_within(32) is None  # what a larger tree would have held is unknown
+    short = DraftOutcome(budget=16, nodes=5, accepted=[2, 5])  # the drafter had only 5 nodes
+    assert [short.accepted_within(k) for k in (4, 16, 32)] == [1, 2, 2]
+    assert DraftOutcome(budget=8, nodes=0, accepted=[]).accepted_within(16) == 0  # nothing drafted
+
+
+def play(g: SpeculationGovernor, batch: int, cap: int, cost: dict[int, float], accepted: list[int], steps: int,
+         nodes: int = 16) -> list[int]:
+    """Drive the governor: every step at budget x costs cost[x] seconds and each sequence's tree
+    accepts the draft nodes `accepted` (indices, best first) among its first min(x, nodes)."""
+    chosen = []
+    for _ in range(steps):
+        x = g.choose(batch, cap)
+        chosen.append(x)
+        n = min(x, nodes)
+        outcomes = [DraftOutcome(x, n, [i for i in accepted if i <= n])] * batch if x else []
+        g.record(batch, x, cost[x], outcomes, cap)
+    return chosen
+
+
+def test_governor_warms_up_largest_first_then_plays_the_fastest_and_explores():
+    g = SpeculationGovernor([4, 16], explore_every=4, min_samples=2)
+    cost = {16: 2.0, 4: 1.2, 0: 1.0}
+    # Accepts nodes 1, 2, 3 (a chain the best 4 nodes hold): 4 tokens per step at 16 or 4, 1 plain.
+    warm = play(g, 1, 16, cost, [1, 2, 3], 6)
     assert warm == [16, 16, 4, 4, 0, 0]
-    # batch 16: plain is faster (and the cap of 3 per sequence makes 4 and 16 the same arm, 3).
-    for _ in range(2):
-        assert g.choose(16, cap=3) in (3, 0)
-        g.record(16, 3, tokens=16, seconds=1.0)
-        g.record(16, 0, tokens=40, seconds=1.0)
-    choices = []
-    for _ in range(8):
-        choices.append(g.choose(1, cap=16))
-        g.record(1, choices[-1], tokens=speed[choices[-1]], seconds=1.0)
-    assert choices.count(4) == 6 and sorted(c for c in choices if c != 4) == [0, 16]  # explores in turn
-    assert g.choose(16, cap=3) == 0
+    assert (g.rate(1, 4), g.rate(1, 16), g.rate(1, 0)) == pytest.approx(((1 + 3) / 1.2, (1 + 3) / 2.0, 1.0))
+    later = play(g, 1, 16, cost, [1, 2, 3], 16)
+    assert later.count(4) == 12 and sorted(x for x in later if x != 4) == [0, 16, 16, 16]  # explores
 
 
-def test_governor_switches_when_speculation_stops_paying():
-    g = SpeculationGovernor([16], explore_every=4, ema=0.5, min_samples=1)
-    g.record(1, 16, 30, 1.0)
-    g.record(1, 0, 10, 1.0)
-    for _ in range(20):  # drafts stop being accepted: speculative steps now emit 8 tokens/s
-        budget = g.choose(1, cap=16)
-        g.record(1, budget, 8 if budget else 10, 1.0)
-    assert g.choose(1, cap=16) == 0
+def test_governor_prices_small_trees_from_large_ones():
+    # Accepted nodes 1 and 7: a 4-node tree accepts one, the 16-node tree two. Only 16 and 0 were
+    # played after warm-up, yet the acceptance of budget 4 is known from the 16-node trees.
+    g = SpeculationGovernor([4, 16], explore_every=1000, min_samples=1)
+    play(g, 1, 16, {16: 1.0, 4: 1.0, 0: 1.0}, [1, 7], 3)
+    for _ in range(20):
+        g.record(1, 16, 1.0, [DraftOutcome(16, 16, [1, 7])], 16)
+    assert abs(g.accepted[(1, 4)] - 1.0) < 1e-9 and abs(g.accepted[(1, 16)] - 2.0) < 1e-9
+
+
+def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
+    g = SpeculationGovernor([16], explore_every=4, min_samples=1)
+    cost = {16: 1.5, 0: 1.0}
+    assert play(g, 1, 16, cost, [1, 2, 3], 12) == [16, 0, 16, 0] + [16, 16, 16, 0] * 2  # 4 tokens / 1.5 s beat 1 / s
+    assert g.choose(8, cap=6) == 6  # another bucket (8-15 sequences) starts its own warm-up
+    chosen = play(g, 1, 16, cost, [], 60)  # drafts stop being accepted
+    assert chosen[-12:].count(0) >= 9  # all but the explorations (every 4th step)
+    assert g.choose(1, cap=16) in (0, 16)
+
+
+def test_governor_clips_outlier_step_times():
+    g = SpeculationGovernor([16], explore_every=4, cost_ema=0.5, clip=3.0)
+    g.record(1, 0, 1.0)
+    g.record(1, 0, 100.0)  # a pause of the process: counted as 3 s
+    assert g.cost[(1, 0)] == 2.0
 
 
 def test_plan_uses_the_governors_budget():
     s = Scheduler(SchedulerConfig(max_tree_nodes=16, governor_budgets=(4,)))
     decoding(s, 1)
     plan = s.plan(True)
-    assert plan.budget == 16 and plan.decode[0][1] == 16  # the largest tree is tried first
+    assert plan.budget == 16 and plan.decode[0][1] == 16 and plan.cap == 16  # the largest tree first
     for _ in range(3):
-        s.governor.record(1, 16, 10, 1.0)
-        s.governor.record(1, 4, 30, 1.0)
-        s.governor.record(1, 0, 5, 1.0)
+        s.governor.record(1, 16, 2.0, [DraftOutcome(16, 16, [1, 2])], 16)
+        s.governor.record(1, 4, 1.0, [DraftOutcome(4, 4, [1, 2])], 16)
+        s.governor.record(1, 0, 1.0)
     plan = s.plan(True)
     assert plan.budget == 4 and plan.decode[0][1] == 4
     assert s.plan(False).budget == 0

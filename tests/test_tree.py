@@ -95,9 +95,20 @@ def test_build_trie_shares_prefixes_and_dedupes() -> None:
     assert_valid(tree)
     assert tree.num_draft_tokens == 5  # 1, 1-2, 1-2-3, 1-2-4, 5
     assert sequences(tree) == {(1,), (1, 2), (1, 2, 3), (1, 2, 4), (5,)}
-    # Breadth first: depth-1 nodes, then depth 2, then depth 3.
-    assert tree.depths == sorted(tree.depths)
     assert tree.tokens[0] == 0
+
+
+def test_build_trie_first_k_nodes_are_the_budget_k_tree() -> None:
+    # Best first: truncating a tree to its first k draft nodes gives the tree of budget k, so one
+    # verified tree prices every smaller budget (the governor relies on it).
+    rng = random.Random(3)
+    for _ in range(50):
+        cands = [[rng.randrange(4) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 8))]
+        scores = [rng.choice([-1.0, -2.0, rng.uniform(-5, 0)]) for _ in cands]
+        full = build_trie(0, cands, scores, max_nodes=64)
+        for k in range(full.num_draft_tokens + 1):
+            small = build_trie(0, cands, scores, max_nodes=k)
+            assert small.tokens == full.tokens[: k + 1] and small.parents == full.parents[: k + 1]
 
 
 def test_build_trie_depth_is_collapsed_position() -> None:
@@ -114,8 +125,8 @@ def test_build_trie_budget_keeps_best_and_stays_valid() -> None:
     assert_valid(tree)
     # Values: 5,6 -> -0.5; 1,2,3,4 -> -1.0; 8,9,10 -> -2.0; 7 -> -3.0. Top 4: 5, 6, 1, 2.
     assert sequences(tree) == {(5,), (5, 6), (1,), (1, 2)}
-    # Best first within a depth.
-    assert tree.tokens[1:3] == [5, 1]
+    # Best first (a parent before its child on ties).
+    assert tree.tokens[1:] == [5, 6, 1, 2]
 
 
 def test_build_trie_budget_prefix_of_kept_always_kept() -> None:

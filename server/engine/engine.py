@@ -18,7 +18,7 @@ import torch
 from drafter.base import Drafter
 from server.engine import speculate
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.scheduler import Plan, Scheduler, SchedulerConfig
+from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams
 from server.runtime.batch import ForwardItem
@@ -149,7 +149,7 @@ class LLMEngine:
                 seq.status = Status.DECODE
                 deltas.append(self._emit(seq, [decided[out.rows[b][0]]]))
         base = len(plan.prefill)
-        committed, results, index = [], [], []
+        committed, results, index, outcomes = [], [], [], []
         for j, ((seq, _), tree) in enumerate(zip(decode, trees)):
             rows = out.rows[base + j]
             try:
@@ -167,6 +167,8 @@ class LLMEngine:
                 h = out.hidden[base + j, res.path] if needs_hidden else None
                 self.drafter.observe(seq.request_id, [tree.tokens[i] for i in res.path], h)
             delta = self._emit(seq, res.emitted)
+            if decode[j][1] > 0:  # asked for a draft, even if the drafter found none
+                outcomes.append(DraftOutcome(decode[j][1], tree.num_draft_tokens, res.path[1:]))
             if tree.num_nodes > 1:
                 delta.speculated = True
                 delta.num_draft_tokens = tree.num_nodes - 1
@@ -176,8 +178,7 @@ class LLMEngine:
         t3 = time.perf_counter()
         self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
         if not plan.prefill and decode:  # a pure decode step: what the governor compares
-            emitted = sum(len(d.token_ids) for d in deltas)
-            self.scheduler.governor.record(len(decode), plan.budget, emitted, t3 - t0)
+            self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap)
         return deltas
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:

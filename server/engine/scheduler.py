@@ -15,9 +15,10 @@ Adaptive speculation, three layers:
 - a sequence whose recent steps accepted (EMA) fewer than `min_accept` draft tokens decodes
   plainly, probing with a small tree every `probe_every` steps;
 - `SpeculationGovernor` measures what speculation buys at the current batch size: per batch-size
-  bucket it keeps moving averages of emitted tokens per second for each tree budget it tries
-  (0 = plain decoding, a few small trees, the largest allowed), plays the fastest and re-tries
-  the others every `explore_every` steps. So the tree shrinks where a node costs more than it is
+  bucket and tree budget (0 = plain decoding, a few small trees, the largest allowed) it keeps the
+  measured cost of a step and the acceptance every budget would have had (one verified tree
+  shows that for all smaller budgets), plays the budget of most tokens per second and re-tries the
+  others every `explore_every` steps. So the tree shrinks where a node costs more than it is
   likely to gain (a CPU, where every tree token is compute; a large batch) and speculation stops
   where a drafter costs more than it saves, by measurement, not by a guess.
 """
@@ -42,54 +43,122 @@ class SchedulerConfig:
     probe_nodes: int = 2
     governor: bool = True  # choose the tree budget (0 = plain decoding) by measured throughput (below)
     governor_budgets: tuple[int, ...] = (2, 4, 8)  # budgets it tries besides 0 and max_tree_nodes
-    explore_every: int = 16  # steps between tries of the mode the governor currently rejects
-    governor_ema: float = 0.2  # weight of the newest step in the governor's tokens/s averages
+    explore_every: int = 32  # steps between tries of a tree size the governor currently rejects
+
+
+@dataclass(frozen=True)
+class DraftOutcome:
+    """What one sequence's verified tree showed: the budget it was given, the draft nodes its tree
+    had (fewer when the drafter had nothing more to offer), and the accepted draft nodes' indices
+    (increasing; trees list nodes best first, so index <= k means "in the budget-k tree")."""
+
+    budget: int
+    nodes: int
+    accepted: list[int]
+
+    def accepted_within(self, k: int) -> int | None:
+        """Draft tokens a budget-k tree would have accepted; None if this tree cannot tell (it was
+        cut by a smaller budget, so what k more nodes would have held is unknown)."""
+        if k > self.nodes and self.nodes >= self.budget:
+            return None
+        return sum(1 for i in self.accepted if i <= k)
 
 
 class SpeculationGovernor:
     """How large a tree to verify, per batch-size bucket, chosen by measured throughput.
 
-    A small bandit: the arms are per-sequence tree budgets (0 = plain decoding). For every
-    (bucket, budget) it keeps a moving average of emitted tokens per second of decode steps run
-    with that budget; it plays the best one and, every `explore_every` steps of a bucket, one of the
-    others in turn, so the choice follows the drafter's acceptance and the machine's cost of a
-    tree as both change. Before judging, each arm gets `min_samples` steps, largest tree first.
+    For every (bucket, tree budget) it estimates tokens per second as
+        (1 + accepted drafts per sequence and step) / seconds per step,
+    and plays the best budget (0 = plain decoding, with no drafter forward).
+    - Acceptance is counterfactual and cheap to learn: trees list their nodes best first
+      (drafter/tree.py), so each verified tree says what every smaller budget would have accepted
+      (`DraftOutcome.accepted_within`). One step of the largest tree updates all the budgets' means.
+      A step updates only budgets up to the one it played: a smaller tree cannot tell what a larger
+      one would have found, and counting only the steps where it happens to know (the drafter had
+      nothing more to offer) would bias the larger budgets' means towards those dry spells.
+    - Cost is measured: a moving average of the wall time of steps played at each budget, an
+      outlier (a pause of the process) clipped to `clip` times the current mean. A step's cost is
+      stable on a machine, so the means settle in a few steps and need no per-step luck.
+    Both averages are plain means of the first 1 / weight samples, then moving averages.
+    Every arm first gets `min_samples` steps (largest tree first); then, every `explore_every`
+    steps of a bucket, the governor plays another arm to keep its numbers current, alternating the
+    largest tree (which refreshes every acceptance estimate) with the others in turn.
     """
 
-    def __init__(self, budgets: Seq[int], explore_every: int, ema: float, min_samples: int = 3):
+    def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
+                 min_samples: int = 3, clip: float = 3.0):
         self.budgets = sorted(set(budgets) | {0}, reverse=True)
-        self.explore_every, self.ema, self.min_samples = explore_every, ema, min_samples
-        self.rate: dict[tuple[int, int], float] = {}  # (bucket, budget) -> tokens/s EMA
+        self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
+        self.cost_ema, self.accept_ema = cost_ema, accept_ema
+        self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # steps measured per (bucket, budget)
+        self.accepted: dict[tuple[int, int], float] = {}  # (bucket, budget) -> accepted per sequence-step
+        self.accept_samples: dict[tuple[int, int], int] = {}
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
+        self.explored: dict[int, int] = {}  # explorations per bucket
 
     @staticmethod
     def bucket(batch: int) -> int:
         return max(1, batch).bit_length()  # 1, 2-3, 4-7, 8-15, 16-31, ...
 
+    def options(self, cap: int) -> list[int]:
+        return sorted({min(x, cap) for x in self.budgets}, reverse=True)
+
+    def rate(self, bucket: int, budget: int) -> float:
+        """Estimated tokens per second and sequence of steps at `budget` (0 before it is known)."""
+        cost = self.cost.get((bucket, budget))
+        acc = 0.0 if budget == 0 else self.accepted.get((bucket, budget))
+        if not cost or acc is None:
+            return 0.0
+        return (1.0 + acc) / cost
+
     def choose(self, batch: int, cap: int) -> int:
         """The tree budget per sequence for a decode step of `batch` sequences, at most `cap`."""
         b = self.bucket(batch)
-        options = sorted({min(x, cap) for x in self.budgets}, reverse=True)
+        options = self.options(cap)
         for x in options:
             if self.samples.get((b, x), 0) < self.min_samples:
                 return x
-        best = max(options, key=lambda x: self.rate[(b, x)])
+        best = max(options, key=lambda x: (self.rate(b, x), -x))
         n = self.steps.get(b, 0)
         if n % self.explore_every == self.explore_every - 1 and len(options) > 1:
+            e = self.explored[b] = self.explored.get(b, 0) + 1
             others = [x for x in options if x != best]
-            return others[(n // self.explore_every) % len(others)]
+            if e % 2 and options[0] != best:
+                return options[0]
+            return others[(e // 2) % len(others)]
         return best
 
-    def record(self, batch: int, budget: int, tokens: int, seconds: float) -> None:
+    def record(self, batch: int, budget: int, seconds: float, outcomes: Seq[DraftOutcome] = (),
+               cap: int | None = None) -> None:
+        """A pure decode step of `batch` sequences ran with per-sequence tree budget `budget` (0:
+        plain) in `seconds`; `outcomes` are its drafting sequences' trees; `cap` the largest budget
+        a sequence could have had (which arms to update; default: every budget)."""
         if seconds <= 0:
             return
         b = self.bucket(batch)
         self.steps[b] = self.steps.get(b, 0) + 1
-        key, rate = (b, budget), tokens / seconds
-        self.samples[key] = self.samples.get(key, 0) + 1
-        old = self.rate.get(key)
-        self.rate[key] = rate if old is None else (1 - self.ema) * old + self.ema * rate
+        key = (b, budget)
+        old = self.cost.get(key)
+        _average(self.cost, self.samples, key, seconds if old is None else min(seconds, self.clip * old), self.cost_ema)
+        if not outcomes:
+            return
+        for x in self.options(cap if cap is not None else max(self.budgets)):
+            if x == 0 or x > budget:
+                continue
+            # Sequences that did not draft this step (opted out, or the per-sequence policy) count as
+            # accepting nothing, as they would at any budget.
+            seen = [o.accepted_within(x) for o in outcomes]
+            if any(a is None for a in seen):
+                continue
+            _average(self.accepted, self.accept_samples, (b, x), sum(seen) / batch, self.accept_ema)
+
+
+def _average(means: dict, counts: dict, key, value: float, weight: float) -> None:
+    """The mean of the first 1 / weight values, then a moving average with that weight."""
+    n = counts[key] = counts.get(key, 0) + 1
+    old = means.get(key, 0.0)
+    means[key] = old + max(weight, 1.0 / n) * (value - old)
 
 
 @dataclass
@@ -97,6 +166,7 @@ class Plan:
     prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
     decode: list[tuple[Sequence, int]]  # (sequence, draft-node budget; 0 = plain decoding)
     budget: int = 0  # the largest tree budget a sequence got this step (0: a plain step)
+    cap: int = 0  # the largest budget a drafting sequence could get this step (what the governor chose from)
 
     @property
     def empty(self) -> bool:
@@ -108,8 +178,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes),
-                                            config.explore_every, config.governor_ema)
+        self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes), config.explore_every)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -136,7 +205,7 @@ class Scheduler:
         cfg = self.config
         decoding = [s for s in self.running if s.status is Status.DECODE]
         drafting = [s for s in decoding if speculation_enabled and s.params.speculative]
-        share = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting))) if drafting else 0
+        share = cap = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting))) if drafting else 0
         if share and cfg.governor:
             share = self.governor.choose(len(decoding), share)
         decode = []
@@ -153,7 +222,7 @@ class Scheduler:
         # is a plain step (no drafter forward), if only probes it is a probe-sized one, whatever the
         # governor offered.
         budget = max((b for _, b in decode), default=0)
-        return Plan(prefill=prefill, decode=decode, budget=budget)
+        return Plan(prefill=prefill, decode=decode, budget=budget, cap=cap)
 
     def _tree_budget(self, seq: Sequence, share: int) -> int:
         if share <= 0:
