@@ -80,22 +80,25 @@ class SpeculationGovernor:
       outlier (a pause of the process) clipped to `clip` times the current mean. A step's cost is
       stable on a machine, so the means settle in a few steps and need no per-step luck.
     Both averages are plain means of the first 1 / weight samples, then moving averages.
-    Every arm first gets `min_samples` steps (largest tree first); then, every `explore_every`
-    steps of a bucket, the governor plays another arm to keep its numbers current, alternating the
-    largest tree (which refreshes every acceptance estimate) with the others in turn.
+    Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
+    arm it rejects once it has not played it for `explore_every` steps times (best rate / its
+    rate) squared, at most `max_backoff` times that: a near miss is re-checked often, an arm far
+    behind (a large tree at a large batch on a CPU costs several plain steps) rarely, so keeping
+    the numbers current costs a few percent at most.
     """
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
-                 min_samples: int = 3, clip: float = 3.0):
+                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0):
         self.budgets = sorted(set(budgets) | {0}, reverse=True)
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
+        self.max_backoff = max_backoff
         self.cost_ema, self.accept_ema = cost_ema, accept_ema
         self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # steps measured per (bucket, budget)
         self.accepted: dict[tuple[int, int], float] = {}  # (bucket, budget) -> accepted per sequence-step
         self.accept_samples: dict[tuple[int, int], int] = {}
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
-        self.explored: dict[int, int] = {}  # explorations per bucket
+        self.last: dict[tuple[int, int], int] = {}  # (bucket, budget) -> the bucket's step count when last played
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -120,14 +123,16 @@ class SpeculationGovernor:
             if self.samples.get((b, x), 0) < self.min_samples:
                 return x
         best = max(options, key=lambda x: (self.rate(b, x), -x))
-        n = self.steps.get(b, 0)
-        if n % self.explore_every == self.explore_every - 1 and len(options) > 1:
-            e = self.explored[b] = self.explored.get(b, 0) + 1
-            others = [x for x in options if x != best]
-            if e % 2 and options[0] != best:
-                return options[0]
-            return others[(e // 2) % len(others)]
-        return best
+        top, n = self.rate(b, best), self.steps.get(b, 0)
+        overdue = []
+        for x in options:
+            if x != best:
+                r = self.rate(b, x)
+                behind = min(self.max_backoff, (top / r) ** 2 if r > 0 else self.max_backoff)
+                late = n - self.last.get((b, x), 0) - self.explore_every * max(1.0, behind)
+                if late >= 0:
+                    overdue.append((late, x))
+        return max(overdue)[1] if overdue else best
 
     def record(self, batch: int, budget: int, seconds: float, outcomes: Seq[DraftOutcome] = (),
                cap: int | None = None) -> None:
@@ -139,6 +144,7 @@ class SpeculationGovernor:
         b = self.bucket(batch)
         self.steps[b] = self.steps.get(b, 0) + 1
         key = (b, budget)
+        self.last[key] = self.steps[b]
         old = self.cost.get(key)
         _average(self.cost, self.samples, key, seconds if old is None else min(seconds, self.clip * old), self.cost_ema)
         if not outcomes:
