@@ -83,8 +83,11 @@ class SpeculationGovernor:
     Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
     arm it rejects once it has not played it for `explore_every` steps times (best rate / its
     rate) squared, at most `max_backoff` times that: a near miss is re-checked often, an arm far
-    behind (a large tree at a large batch on a CPU costs several plain steps) rarely, so keeping
-    the numbers current costs a few percent at most.
+    behind (a large tree at a large batch on a CPU) rarely. Which arms: plain decoding, the trees
+    smaller than the best, and the largest tree, whose steps refresh every budget's acceptance;
+    the sizes between the best and the largest are priced by those. Re-checking a tree after a run
+    of plain steps is dear (a drafter with its own cache first catches up on every token it
+    missed), which this keeps to a few percent at most.
     """
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
@@ -126,7 +129,7 @@ class SpeculationGovernor:
         top, n = self.rate(b, best), self.steps.get(b, 0)
         overdue = []
         for x in options:
-            if x != best:
+            if x != best and (x < best or x == options[0]):
                 r = self.rate(b, x)
                 behind = min(self.max_backoff, (top / r) ** 2 if r > 0 else self.max_backoff)
                 late = n - self.last.get((b, x), 0) - self.explore_every * max(1.0, behind)
