@@ -27,7 +27,7 @@ demo-model: install
 # the same data and steps, then their acceptance on held-out prompts, alone and with prompt lookup
 # (see BENCHMARKS.md).
 DRAFT_WORK ?= models/.build/drafters
-DRAFT_STEPS ?= 1000
+DRAFT_STEPS ?= 3000
 demo-drafters: install
 	ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500 --max-new-tokens 256 --batch-size 48
 	ctc-drafter train --data $(DRAFT_WORK)/regen --out models/demo-llama-ctc --layers 2 --steps $(DRAFT_STEPS)

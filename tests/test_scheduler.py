@@ -98,15 +98,16 @@ def test_governor_warms_up_largest_first_then_plays_the_fastest_and_explores():
     g = SpeculationGovernor([4, 16], explore_every=4, min_samples=2)
     cost = {16: 2.0, 4: 1.2, 0: 1.0}
     # Accepts nodes 1, 2, 3 (a chain the best 4 nodes hold): 4 tokens per step at 16 or 4, 1 plain.
-    warm = play(g, 1, 16, cost, [1, 2, 3], 6)
-    assert warm == [16, 16, 4, 4, 0, 0]
+    warm = play(g, 1, 16, cost, [1, 2, 3], 9)
+    assert warm == [16] * 3 + [4] * 3 + [0] * 3  # a step after a switch does not count: 2 samples take 3
     assert (g.rate(1, 4), g.rate(1, 16), g.rate(1, 0)) == pytest.approx(((1 + 3) / 1.2, (1 + 3) / 2.0, 1.0))
-    # Rates: 4 -> 3.33 tokens/s, 16 -> 2.0, plain 1.0. The others are re-played once unplayed for
-    # explore_every (4) steps times (3.33 / rate) squared: 16 every 11.1 steps, plain at the cap, 8 x 4.
-    # Warm-up ended at step 6 (16 last at step 2, plain at 6): 16 is due at step 14, plain at 38.
+    # Rates: 4 -> 3.33 tokens/s, 16 -> 2.0, plain 1.0. The others are re-checked (two steps in a row)
+    # once unplayed for explore_every (4) steps times (3.33 / rate) squared: 16 after 11.1 steps, plain
+    # after the cap, 8 x 4. Warm-up ended at step 9 (16 last played at step 3, plain at 9).
     later = play(g, 1, 16, cost, [1, 2, 3], 64)
-    assert [(6 + 1 + i, x) for i, x in enumerate(later) if x != 4] == [(15, 16), (28, 16), (39, 0), (41, 16),
-                                                                       (54, 16), (67, 16)]
+    assert [(9 + 1 + i, x) for i, x in enumerate(later) if x != 4] == [
+        (16, 16), (17, 16), (30, 16), (31, 16), (42, 0), (43, 0), (44, 16), (45, 16), (58, 16), (59, 16),
+        (72, 16), (73, 16)]
 
 
 def test_governor_prices_small_trees_from_large_ones():
@@ -123,14 +124,16 @@ def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
     g = SpeculationGovernor([16], explore_every=4, min_samples=1)
     cost = {16: 1.5, 0: 1.0}
     # 4 tokens / 1.5 s beat 1 / s; plain, 2.7x behind, is re-checked after 4 x 7.1 = 28 steps.
-    assert play(g, 1, 16, cost, [1, 2, 3], 32) == [16, 0] + [16] * 29 + [0]
+    assert play(g, 1, 16, cost, [1, 2, 3], 35) == [16, 16, 0, 0] + [16] * 29 + [0, 0]
     assert g.choose(8, cap=6) == 6  # another bucket (8-15 sequences) starts its own warm-up
     chosen = play(g, 1, 16, cost, [], 80)  # drafts stop being accepted
-    assert chosen[-24:].count(0) >= 19  # plain, but for the re-checks of the tree
+    assert chosen[-24:].count(0) >= 16  # plain, but for the re-checks of the tree (two steps each)
 
 
 def test_governor_clips_outlier_step_times():
     g = SpeculationGovernor([16], explore_every=4, cost_ema=0.5, clip=3.0)
+    g.record(1, 0, 5.0)  # the first step at a budget: a switch, not counted
+    assert (1, 0) not in g.cost
     g.record(1, 0, 1.0)
     g.record(1, 0, 100.0)  # a pause of the process: counted as 3 s
     assert g.cost[(1, 0)] == 2.0
@@ -141,9 +144,11 @@ def test_plan_uses_the_governors_budget():
     decoding(s, 1)
     plan = s.plan(True)
     assert plan.budget == 16 and plan.decode[0][1] == 16 and plan.cap == 16  # the largest tree first
-    for _ in range(3):
+    for _ in range(4):
         s.governor.record(1, 16, 2.0, [DraftOutcome(16, 16, [1, 2])], 16)
+    for _ in range(4):
         s.governor.record(1, 4, 1.0, [DraftOutcome(4, 4, [1, 2])], 16)
+    for _ in range(4):
         s.governor.record(1, 0, 1.0)
     plan = s.plan(True)
     assert plan.budget == 4 and plan.decode[0][1] == 4

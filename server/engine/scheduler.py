@@ -78,7 +78,11 @@ class SpeculationGovernor:
       nothing more to offer) would bias the larger budgets' means towards those dry spells.
     - Cost is measured: a moving average of the wall time of steps played at each budget, an
       outlier (a pause of the process) clipped to `clip` times the current mean. A step's cost is
-      stable on a machine, so the means settle in a few steps and need no per-step luck.
+      stable on a machine, so the means settle in a few steps and need no per-step luck. Only a
+      step that follows a step of the same budget and bucket counts: what the governor compares is
+      steady states, and a switch costs extra in the step after it (a drafter catching up on the
+      tokens it missed during plain steps; the base model's weights pushed out of the CPU caches by
+      the drafter's). So an arm is always played at least twice in a row.
     Both averages are plain means of the first 1 / weight samples, then moving averages.
     Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
     arm it rejects once it has not played it for `explore_every` steps times (best rate / its
@@ -102,6 +106,8 @@ class SpeculationGovernor:
         self.accept_samples: dict[tuple[int, int], int] = {}
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
         self.last: dict[tuple[int, int], int] = {}  # (bucket, budget) -> the bucket's step count when last played
+        self.previous: tuple[int, int] | None = None  # (bucket, budget) of the last step recorded
+        self.again: dict[int, int] = {}  # bucket -> a budget to play once more (the second step of a re-check)
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -122,6 +128,9 @@ class SpeculationGovernor:
         """The tree budget per sequence for a decode step of `batch` sequences, at most `cap`."""
         b = self.bucket(batch)
         options = self.options(cap)
+        again = self.again.pop(b, None)
+        if again in options:
+            return again
         for x in options:
             if self.samples.get((b, x), 0) < self.min_samples:
                 return x
@@ -135,7 +144,11 @@ class SpeculationGovernor:
                 late = n - self.last.get((b, x), 0) - self.explore_every * max(1.0, behind)
                 if late >= 0:
                     overdue.append((late, x))
-        return max(overdue)[1] if overdue else best
+        if not overdue:
+            return best
+        x = max(overdue)[1]
+        self.again[b] = x
+        return x
 
     def record(self, batch: int, budget: int, seconds: float, outcomes: Seq[DraftOutcome] = (),
                cap: int | None = None) -> None:
@@ -148,8 +161,11 @@ class SpeculationGovernor:
         self.steps[b] = self.steps.get(b, 0) + 1
         key = (b, budget)
         self.last[key] = self.steps[b]
-        old = self.cost.get(key)
-        _average(self.cost, self.samples, key, seconds if old is None else min(seconds, self.clip * old), self.cost_ema)
+        if self.previous == key:
+            old = self.cost.get(key)
+            _average(self.cost, self.samples, key, seconds if old is None else min(seconds, self.clip * old),
+                     self.cost_ema)
+        self.previous = key
         if not outcomes:
             return
         for x in self.options(cap if cap is not None else max(self.budgets)):
