@@ -157,3 +157,10 @@ def test_plan_uses_the_governors_budget():
     s.running[0].accept_ema = 0.0
     plan = s.plan(True)
     assert plan.decode[0][1] == 0 and plan.budget == 0
+
+
+def test_governor_drafts_only_when_it_beats_plain_by_the_margin():
+    for cost16, expected in ((1.9, 0), (1.7, 16)):  # 2 tokens per step at 16: 1.05x or 1.18x plain's rate
+        g = SpeculationGovernor([16], explore_every=1000, min_samples=1, margin=0.1)
+        chosen = play(g, 1, 16, {16: cost16, 0: 1.0}, [1], 12)
+        assert chosen[4:] == [expected] * 8

@@ -69,7 +69,9 @@ class SpeculationGovernor:
 
     For every (bucket, tree budget) it estimates tokens per second as
         (1 + accepted drafts per sequence and step) / seconds per step,
-    and plays the best budget (0 = plain decoding, with no drafter forward).
+    and plays the best budget (0 = plain decoding, with no drafter forward), drafting only where
+    that beats plain decoding by `margin`: the estimates rest on timings of a machine that drifts and
+    is shared, and a tie is better settled for the steady, cheaper plain step.
     - Acceptance is counterfactual and cheap to learn: trees list their nodes best first
       (drafter/tree.py), so each verified tree says what every smaller budget would have accepted
       (`DraftOutcome.accepted_within`). One step of the largest tree updates all the budgets' means.
@@ -95,10 +97,10 @@ class SpeculationGovernor:
     """
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
-                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0):
+                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.1):
         self.budgets = sorted(set(budgets) | {0}, reverse=True)
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
-        self.max_backoff = max_backoff
+        self.max_backoff, self.margin = max_backoff, margin
         self.cost_ema, self.accept_ema = cost_ema, accept_ema
         self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # steps measured per (bucket, budget)
@@ -135,6 +137,8 @@ class SpeculationGovernor:
             if self.samples.get((b, x), 0) < self.min_samples:
                 return x
         best = max(options, key=lambda x: (self.rate(b, x), -x))
+        if best and 0 in options and self.rate(b, best) < (1 + self.margin) * self.rate(b, 0):
+            best = 0
         top, n = self.rate(b, best), self.steps.get(b, 0)
         overdue = []
         for x in options:
