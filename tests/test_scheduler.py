@@ -95,7 +95,7 @@ def play(g: SpeculationGovernor, batch: int, cap: int, cost: dict[int, float], a
 
 
 def test_governor_warms_up_largest_first_then_plays_the_fastest_and_explores():
-    g = SpeculationGovernor([4, 16], explore_every=4, min_samples=2)
+    g = SpeculationGovernor([4, 16], explore_every=4, min_samples=2, explore_share=1.0)
     cost = {16: 2.0, 4: 1.2, 0: 1.0}
     # Accepts nodes 1, 2, 3 (a chain the best 4 nodes hold): 4 tokens per step at 16 or 4, 1 plain.
     warm = play(g, 1, 16, cost, [1, 2, 3], 9)
@@ -121,7 +121,7 @@ def test_governor_prices_small_trees_from_large_ones():
 
 
 def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
-    g = SpeculationGovernor([16], explore_every=4, min_samples=1)
+    g = SpeculationGovernor([16], explore_every=4, min_samples=1, explore_share=1.0)
     cost = {16: 1.5, 0: 1.0}
     # 4 tokens / 1.5 s beat 1 / s; plain, 2.7x behind, is re-checked after 4 x 7.1 = 28 steps.
     assert play(g, 1, 16, cost, [1, 2, 3], 35) == [16, 16, 0, 0] + [16] * 29 + [0, 0]
@@ -164,3 +164,12 @@ def test_governor_drafts_only_when_it_beats_plain_by_the_margin():
         g = SpeculationGovernor([16], explore_every=1000, min_samples=1, margin=0.1)
         chosen = play(g, 1, 16, {16: cost16, 0: 1.0}, [1], 12)
         assert chosen[4:] == [expected] * 8
+
+
+def test_governor_keeps_re_checks_within_their_share_of_time():
+    # Plain wins (the tree accepts nothing); a re-check of the 3 s tree costs 6 s, and re-checks may
+    # take 3% of the time: one per 200 s of decoding at most, whatever explore_every says.
+    g = SpeculationGovernor([16], explore_every=1, min_samples=1, explore_share=0.03)
+    chosen = play(g, 1, 16, {16: 3.0, 0: 1.0}, [], 600)
+    rechecks = sum(1 for a, b in zip(chosen, chosen[1:]) if a == 0 and b == 16)
+    assert 2 <= rechecks <= 4 and chosen[-50:].count(0) >= 48  # about 620 s in all

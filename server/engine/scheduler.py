@@ -93,14 +93,16 @@ class SpeculationGovernor:
     smaller than the best, and the largest tree, whose steps refresh every budget's acceptance;
     the sizes between the best and the largest are priced by those. Re-checking a tree after a run
     of plain steps is dear (a drafter with its own cache first catches up on every token it
-    missed), which this keeps to a few percent at most.
+    missed), so re-checks also keep to a budget: they start only while the time spent in them is
+    at most `explore_share` of the bucket's decode time.
     """
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
-                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.1):
+                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.1,
+                 explore_share: float = 0.03):
         self.budgets = sorted(set(budgets) | {0}, reverse=True)
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
-        self.max_backoff, self.margin = max_backoff, margin
+        self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
         self.cost_ema, self.accept_ema = cost_ema, accept_ema
         self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
         self.samples: dict[tuple[int, int], int] = {}  # steps measured per (bucket, budget)
@@ -110,6 +112,9 @@ class SpeculationGovernor:
         self.last: dict[tuple[int, int], int] = {}  # (bucket, budget) -> the bucket's step count when last played
         self.previous: tuple[int, int] | None = None  # (bucket, budget) of the last step recorded
         self.again: dict[int, int] = {}  # bucket -> a budget to play once more (the second step of a re-check)
+        self.probe: dict[int, int] = {}  # bucket -> the budget being re-checked
+        self.seconds: dict[int, float] = {}  # bucket -> decode seconds recorded
+        self.probe_seconds: dict[int, float] = {}  # bucket -> of which in re-checks
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -133,6 +138,7 @@ class SpeculationGovernor:
         again = self.again.pop(b, None)
         if again in options:
             return again
+        self.probe.pop(b, None)
         for x in options:
             if self.samples.get((b, x), 0) < self.min_samples:
                 return x
@@ -148,10 +154,9 @@ class SpeculationGovernor:
                 late = n - self.last.get((b, x), 0) - self.explore_every * max(1.0, behind)
                 if late >= 0:
                     overdue.append((late, x))
-        if not overdue:
+        if not overdue or self.probe_seconds.get(b, 0.0) > self.explore_share * self.seconds.get(b, 0.0):
             return best
-        x = max(overdue)[1]
-        self.again[b] = x
+        x = self.again[b] = self.probe[b] = max(overdue)[1]
         return x
 
     def record(self, batch: int, budget: int, seconds: float, outcomes: Seq[DraftOutcome] = (),
@@ -165,6 +170,9 @@ class SpeculationGovernor:
         self.steps[b] = self.steps.get(b, 0) + 1
         key = (b, budget)
         self.last[key] = self.steps[b]
+        self.seconds[b] = self.seconds.get(b, 0.0) + seconds
+        if self.probe.get(b) == budget:
+            self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
         if self.previous == key:
             old = self.cost.get(key)
             _average(self.cost, self.samples, key, seconds if old is None else min(seconds, self.clip * old),
