@@ -90,8 +90,11 @@ def cmd_eval(args) -> None:
     for spec in args.drafter or ["none"]:
         drafter = build_drafter(spec, model, max_slots=args.batch_size, max_len=args.max_model_len)
         learned = getattr(drafter, "learned", drafter)  # a lookup hybrid's learned part
-        if args.ctc_candidates and getattr(learned, "name", "") == "ctc":
-            learned.model.config.candidates = args.ctc_candidates
+        if getattr(learned, "name", "") == "ctc":
+            cfg = learned.model.config
+            cfg.candidates = args.ctc_candidates or cfg.candidates
+            cfg.beam_width = args.beam_width or cfg.beam_width
+            cfg.prune_topk = args.prune_topk or cfg.prune_topk
         r = acceptance(model, tok, drafter, prompts, args.max_tokens, args.tree_nodes, args.max_model_len, args.batch_size)
         outputs = r.pop("outputs")
         plain = plain or (outputs if spec == "none" else None)
@@ -153,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--ctc-candidates", choices=["beam", "static"],
                    help="override CTC drafters' candidate search: prefix beam search or the paper's static top-k tree")
+    e.add_argument("--beam-width", type=int, help="override CTC drafters' beam width (candidates kept)")
+    e.add_argument("--prune-topk", type=int, help="override CTC drafters' per-frame top-k in beam search")
     e.add_argument("--out", type=Path, help="write the figures as JSON here")
     e.set_defaults(fn=cmd_eval)
     return ap

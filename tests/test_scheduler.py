@@ -173,3 +173,12 @@ def test_governor_keeps_re_checks_within_their_share_of_time():
     chosen = play(g, 1, 16, {16: 3.0, 0: 1.0}, [], 600)
     rechecks = sum(1 for a, b in zip(chosen, chosen[1:]) if a == 0 and b == 16)
     assert 2 <= rechecks <= 4 and chosen[-50:].count(0) >= 48  # about 620 s in all
+
+
+def test_unplayed_larger_tree_follows_the_played_ones_acceptance_at_its_ratio():
+    g = SpeculationGovernor([8, 16], explore_every=1000, accept_ema=0.5)
+    g.record(1, 16, 1.0, [DraftOutcome(16, 16, [1, 12])], 16)  # 16 accepts 2, 8 would have accepted 1
+    assert (g.accepted[(1, 16)], g.accepted[(1, 8)]) == (2.0, 1.0)
+    for _ in range(10):  # now only 8 is played, and the text got easier: it accepts 3 per step
+        g.record(1, 8, 1.0, [DraftOutcome(8, 8, [1, 2, 3])], 16)
+    assert g.accepted[(1, 8)] == pytest.approx(3.0, abs=0.01) and g.accepted[(1, 16)] > 5.0  # ratio 2 kept

@@ -180,8 +180,16 @@ class SpeculationGovernor:
         self.previous = key
         if not outcomes:
             return
-        for x in self.options(cap if cap is not None else max(self.budgets)):
-            if x == 0 or x > budget:
+        played = self.accepted.get(key)  # before this step: the ratio base for larger budgets
+        for x in sorted(self.options(cap if cap is not None else max(self.budgets))):  # the played one first
+            if x == 0:
+                continue
+            if x > budget:
+                # Unseen: keep its ratio to the played budget's acceptance but move it with the text
+                # (acceptance rises and falls with what is being written; a stale estimate of a tree
+                # not played lately must not beat a fresh one just for being old).
+                if (b, x) in self.accepted and played:
+                    self.accepted[(b, x)] *= self.accepted[key] / played
                 continue
             # Sequences that did not draft this step (opted out, or the per-sequence policy) count as
             # accepting nothing, as they would at any budget.
