@@ -62,6 +62,7 @@ class FakeEngineCore:
         self.crash_marker: str | None = None  # prompt text that makes step() raise
         self.refuse_marker: str | None = None  # prompt text that add_request refuses (EngineError)
         self.paused = threading.Event()  # set: steps schedule but emit nothing
+        self.pause_after: int | None = None  # set `paused` once a request has this many output tokens
         self.added: list[str] = []
         self.aborted: list[str] = []
         self.running: dict[str, _Seq] = {}
@@ -97,6 +98,8 @@ class FakeEngineCore:
         for delta in deltas:
             if delta.finished:
                 del self.running[delta.request_id]
+        if self.pause_after is not None and any(len(s.output) >= self.pause_after for s in self.running.values()):
+            self.paused.set()
         return deltas
 
     def stats(self) -> EngineStats:

@@ -60,11 +60,12 @@ def test_stream_disconnect_before_the_first_token_aborts(served: tuple[str, Fake
 def test_stream_disconnect_mid_stream_aborts(served: tuple[str, FakeEngineCore]) -> None:
     base, core = served
     core.tokens_per_step = 1
+    core.pause_after = 5  # hold the rest, so the request is certainly still running when we hang up
     body = {"prompt": "word " * 100, "stream": True, "ignore_eos": True, "max_tokens": 800}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=10) as response:
         assert response.status_code == 200
         assert next(line for line in response.iter_lines() if line.startswith("data: "))
-        core.paused.set()  # hold the rest, so the request is certainly still running when we hang up
+        wait_for(core.paused.is_set)
         request_id = next(iter(core.running))
     wait_for(lambda: request_id in core.aborted and not core.has_work())
     wait_for(lambda: running_gauge(base) == 0)
