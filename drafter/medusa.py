@@ -67,7 +67,7 @@ class MedusaHeads(nn.Module):
         self._lm_head: tuple[nn.Linear] | None = None
 
     def attach_base(self, base: CausalLM) -> MedusaHeads:
-        dtype = next(self.parameters()).dtype
+        dtype = next(self.parameters(), base.lm_head.weight).dtype  # heads without blocks: the base's
         self._lm_head = (borrow(base.lm_head, dtype),)  # borrowed (a copy in our dtype if it differs), frozen, not saved
         return self
 

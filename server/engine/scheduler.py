@@ -17,8 +17,8 @@ Adaptive speculation, three layers:
 - `SpeculationGovernor` measures what speculation buys at the current batch size: per batch-size
   bucket and tree budget (0 = plain decoding, a few small trees, the largest allowed) it keeps the
   measured cost of a step and the acceptance every budget would have had (one verified tree
-  shows that for all smaller budgets), plays the budget of most tokens per second and re-tries the
-  others every `explore_every` steps. So the tree shrinks where a node costs more than it is
+  shows that for all smaller budgets), plays the budget of most tokens per second and re-checks
+  the others now and then (less often the further behind they are). So the tree shrinks where a node costs more than it is
   likely to gain (a CPU, where every tree token is compute; a large batch) and speculation stops
   where a drafter costs more than it saves, by measurement, not by a guess.
 """
@@ -105,7 +105,7 @@ class SpeculationGovernor:
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
         self.cost_ema, self.accept_ema = cost_ema, accept_ema
         self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
-        self.samples: dict[tuple[int, int], int] = {}  # steps measured per (bucket, budget)
+        self.cost_samples: dict[tuple[int, int], int] = {}  # steps whose cost counted, per (bucket, budget)
         self.accepted: dict[tuple[int, int], float] = {}  # (bucket, budget) -> accepted per sequence-step
         self.accept_samples: dict[tuple[int, int], int] = {}
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
@@ -140,7 +140,7 @@ class SpeculationGovernor:
             return again
         self.probe.pop(b, None)
         for x in options:
-            if self.samples.get((b, x), 0) < self.min_samples:
+            if self.cost_samples.get((b, x), 0) < self.min_samples:
                 return x
         best = max(options, key=lambda x: (self.rate(b, x), -x))
         if best and 0 in options and self.rate(b, best) < (1 + self.margin) * self.rate(b, 0):
@@ -175,7 +175,7 @@ class SpeculationGovernor:
             self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
         if self.previous == key:
             old = self.cost.get(key)
-            _average(self.cost, self.samples, key, seconds if old is None else min(seconds, self.clip * old),
+            _average(self.cost, self.cost_samples, key, seconds if old is None else min(seconds, self.clip * old),
                      self.cost_ema)
         self.previous = key
         if not outcomes:
