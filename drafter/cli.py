@@ -30,7 +30,10 @@ def cmd_distill(args) -> None:
 
     model = load_model(args.model, dtype="float32", device=args.device)
     tok = load_tokenizer(args.model)
-    rows = load_corpus(args.corpus)[: args.max_conversations]
+    rows = load_corpus(args.corpus)[args.skip_conversations :]
+    rows = rows[: args.max_conversations]
+    if not rows:
+        raise ValueError(f"no training conversations left in {args.corpus} after skipping {args.skip_conversations}")
     convs = [r["messages"] for r in rows]
     if args.perturb_numbers:
         if not args.regenerate:
@@ -49,7 +52,7 @@ def cmd_distill(args) -> None:
     for k in range(0, len(encoded), args.shard_size):
         build_distilled(model, encoded[k : k + args.shard_size]).save(args.out / f"shard-{k // args.shard_size:04d}.safetensors")
     meta = {"model": str(args.model), "conversations": len(encoded), "regenerated": args.regenerate,
-            "perturbed_numbers": args.perturb_numbers,
+            "perturbed_numbers": args.perturb_numbers, "skipped_conversations": args.skip_conversations,
             "tokens": sum(len(e[0]) for e in encoded), "max_len": args.max_len}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     logging.info("distilled %s", meta)
@@ -123,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with --regenerate: replace the numbers in user turns first, so the base model answers "
                         "questions it has not memorised (as at serving time)")
     d.add_argument("--max-conversations", type=int, default=None, help="use only the first N training conversations")
+    d.add_argument("--skip-conversations", type=int, default=0,
+                   help="start after the first N training conversations (to distill more data into a second directory)")
     d.add_argument("--max-len", type=int, default=512, help="truncate conversations to this many tokens")
     d.add_argument("--max-new-tokens", type=int, default=320, help="longest regenerated turn")
     d.add_argument("--batch-size", type=int, default=32, help="sequences decoded at once while regenerating")
@@ -130,7 +135,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_distill)
 
     t = sub.add_parser("train", parents=[common], help="train a CTC drafter or the Medusa baseline on distilled data")
-    t.add_argument("--data", type=Path, required=True, help="directory written by `distill`")
+    t.add_argument("--data", type=Path, required=True, action="append",
+                   help="directory written by `distill`; repeat to train on several")
     t.add_argument("--out", type=Path, required=True, help="drafter directory to write (config.json + model.safetensors); resumes from out/.train")
     t.add_argument("--kind", choices=["ctc", "medusa"], default="ctc")
     t.add_argument("--frames", type=int, default=6, help="CTC: N frames per draft")

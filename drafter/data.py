@@ -207,8 +207,12 @@ def build_distilled(model: CausalLM, encoded: list[tuple[list[int], list[int]]])
     )
 
 
-def load_distilled(data_dir: Path) -> DistilledSet:
-    shards = sorted(Path(data_dir).glob("shard-*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"no shard-*.safetensors in {data_dir}: run `ctc-drafter distill` first")
+def load_distilled(data_dirs: Path | list[Path]) -> DistilledSet:
+    """Every shard of one or several `distill` output directories, as one set."""
+    shards = []
+    for data_dir in [data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs:
+        found = sorted(Path(data_dir).glob("shard-*.safetensors"))
+        if not found:
+            raise FileNotFoundError(f"no shard-*.safetensors in {data_dir}: run `ctc-drafter distill` first")
+        shards += found
     return DistilledSet.concat([DistilledSet.load(s) for s in shards])

@@ -130,6 +130,25 @@ def synthetic_data(model, n: int = 12, T: int = 40) -> DistilledSet:
     return build_distilled(model, encoded)
 
 
+def test_distilled_data_from_several_directories_loads_as_one_set(base, tmp_path):
+    from drafter.data import load_distilled
+
+    _, model = base
+    g = torch.Generator().manual_seed(5)
+    encoded = [(torch.randint(0, 160, (20 + i,), generator=g).tolist(), [0] * 10 + [1] * (10 + i)) for i in range(5)]
+    for name, part in (("a", encoded[:3]), ("b", encoded[3:])):
+        (tmp_path / name).mkdir()
+        build_distilled(model, part).save(tmp_path / name / "shard-0000.safetensors")
+    (tmp_path / "empty").mkdir()
+    both, whole = load_distilled([tmp_path / "a", tmp_path / "b"]), build_distilled(model, encoded)
+    assert len(both) == 5
+    for i in range(5):
+        got, want = both.conversation(i), whole.conversation(i)
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    with pytest.raises(FileNotFoundError, match="empty"):
+        load_distilled([tmp_path / "a", tmp_path / "empty"])
+
+
 def test_perturb_numbers_changes_user_numbers_only():
     import random
     import re
