@@ -34,7 +34,7 @@ def load_prompts(tokenizer, path: Path = DEFAULT_PROMPTS, source: str = "gsm8k",
 def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: int = 256,
                tree_nodes: int = 16, max_model_len: int = 1024, batch: int = 16) -> dict:
     sched = SchedulerConfig(max_batch_size=batch, max_tree_nodes=tree_nodes, spec_token_budget=tree_nodes * batch,
-                            min_accept=-1.0, governor=False)  # never switch drafting off: measure the drafter
+                            governor=False)  # never switch drafting off: measure the drafter
     engine = LLMEngine(model, tokenizer, EngineConfig(max_model_len=max_model_len, scheduler=sched), drafter=drafter)
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     for i, p in enumerate(prompts):

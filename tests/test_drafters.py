@@ -261,7 +261,7 @@ def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind):
         kind, learned.split("-")[0] + "+ngram")
     reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts_for(5, seed=23))}
     plain = run_all(make_engine(model, None), reqs)
-    spec = run_all(make_engine(model, drafter, max_tree_nodes=8, min_accept=-1.0), reqs)
+    spec = run_all(make_engine(model, drafter, max_tree_nodes=8), reqs)
     for rid in reqs:
         assert spec[rid]["tokens"] == plain[rid]["tokens"], rid
     assert sum(o["drafts"] for o in spec.values()) > 0

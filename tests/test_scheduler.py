@@ -57,14 +57,6 @@ def test_tree_budget_shrinks_as_the_batch_grows():
         assert {b for _, b in s.plan(True).decode} == {share}, n
 
 
-def test_low_acceptance_switches_a_sequence_off_with_periodic_probes():
-    s = Scheduler(SchedulerConfig(governor=False, probe_every=4, probe_nodes=2))
-    (x,) = decoding(s, 1)
-    x.accept_ema = 0.1
-    budgets = [s.plan(True).decode[0][1] for _ in range(8)]
-    assert budgets == [0, 0, 0, 2, 0, 0, 0, 2]
-
-
 def test_requests_that_opt_out_never_draft():
     s = Scheduler(SchedulerConfig(governor=False))
     decoding(s, 2, speculative=False)
@@ -153,8 +145,8 @@ def test_plan_uses_the_governors_budget():
     plan = s.plan(True)
     assert plan.budget == 4 and plan.decode[0][1] == 4
     assert s.plan(False).budget == 0
-    # A sequence switched off by its low acceptance decodes plainly: the step counts as plain.
-    s.running[0].accept_ema = 0.0
+    # A request that opted out of speculation decodes plainly: the step counts as plain.
+    s.running[0].params.speculative = False
     plan = s.plan(True)
     assert plan.decode[0][1] == 0 and plan.budget == 0
 

@@ -173,7 +173,6 @@ class LLMEngine:
                 delta.speculated = True
                 delta.num_draft_tokens = tree.num_nodes - 1
                 delta.num_accepted_tokens = res.num_accepted
-                seq.accept_ema = 0.8 * seq.accept_ema + 0.2 * res.num_accepted
             deltas.append(delta)
         t3 = time.perf_counter()
         self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)

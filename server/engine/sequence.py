@@ -36,10 +36,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     seed: int = 0
     arrival: float = field(default_factory=time.monotonic)
-    # Exponential moving average of draft tokens accepted per verification step; drives the
-    # adaptive tree budget. Starts optimistic so that every sequence gets to try speculation.
-    accept_ema: float = 2.0
-    steps_since_probe: int = 0
 
     def __post_init__(self) -> None:
         # Unseeded requests still get a fixed seed, so their noise is per position (sampler.py).
