@@ -12,12 +12,6 @@ step:
 - when lookup matched at least `skip_learned_ngram` tokens, the learned drafter is not asked for
   this sequence this step: the text is repeating and lookup alone drafts it. Its context is not
   lost: a drafter with its own cache (CTC) catches up on every token it skipped in its next forward;
-- when the engine asked for a tree of fewer than `learned_min_budget` nodes, the learned drafter
-  is not asked either: its forward pass (and, for CTC, catching up on the tokens it missed) costs
-  the same for a 2-node tree as for a 16-node one, most of a plain step on a CPU, so a small tree
-  is only worth verifying when it is nearly free. The governor (scheduler.py) measures each budget's
-  tokens per second, so its small budgets become "lookup only" and its large ones "lookup and
-  learned", and it plays whichever pays;
 - otherwise the learned drafter's candidates join the trie, which keeps the best `budget` nodes
   (`build_trie`: a node's value is the best score of any candidate through it).
 """
@@ -37,16 +31,15 @@ _STRONG, _WEAK = 1.0, -3.0
 
 class LookupHybridDrafter(Drafter):
     def __init__(self, learned: Drafter, lookup: NgramDrafter | None = None, lookup_min_ngram: int = 2,
-                 skip_learned_ngram: int = 3, learned_min_budget: int = 8):
+                 skip_learned_ngram: int = 3):
         if skip_learned_ngram < lookup_min_ngram:
             raise ValueError("skip_learned_ngram must be >= lookup_min_ngram")
         self.learned = learned
         self.lookup = lookup if lookup is not None else NgramDrafter()
         self.lookup_min_ngram, self.skip_learned_ngram = lookup_min_ngram, skip_learned_ngram
-        self.learned_min_budget = learned_min_budget
         self.name = f"{learned.name}+ngram"
         self.needs_hidden = learned.needs_hidden
-        self.learned_skipped = 0  # requests drafted by lookup alone (a long match or a small tree; for logs/benchmarks)
+        self.learned_skipped = 0  # requests whose learned draft lookup made unnecessary (for logs/benchmarks)
 
     def start(self, seq_id: str, prompt_ids: list[int]) -> None:
         self.learned.start(seq_id, prompt_ids)
@@ -62,8 +55,7 @@ class LookupHybridDrafter(Drafter):
 
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         found = [self.lookup.lookup(r) for r in requests]
-        ask = [i for i, (r, (_, n)) in enumerate(zip(requests, found))
-               if n < self.skip_learned_ngram and r.budget >= self.learned_min_budget]
+        ask = [i for i, (_, n) in enumerate(found) if n < self.skip_learned_ngram]
         self.learned_skipped += len(requests) - len(ask)
         learned = dict(zip(ask, self.learned.candidates([requests[i] for i in ask]))) if ask else {}
         trees = []

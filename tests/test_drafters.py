@@ -295,7 +295,7 @@ class _ScriptedDrafter(Drafter):
 
 def test_hybrid_ranks_strong_lookup_first_and_skips_the_learned_drafter_on_long_matches():
     learned = _ScriptedDrafter([Candidate([70, 71], -0.1), Candidate([72], -0.5)])
-    hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2, skip_learned_ngram=3, learned_min_budget=1)
+    hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2, skip_learned_ngram=3)
     hybrid.start("a", [])
     hybrid.observe("a", [1, 2, 3, 4, 5, 9, 1, 2], None)  # with the pending 3, "1 2 3" recurs
     assert learned.seen == [1, 2, 3, 4, 5, 9, 1, 2]
@@ -321,16 +321,3 @@ def test_hybrid_without_any_lookup_match_is_the_learned_drafter():
     tree = hybrid.propose([ProposeRequest("a", 3, budget=8)])[0]
     assert sorted(zip(tree.tokens, tree.parents)) == sorted([(3, -1), (70, 0), (72, 0), (71, 1)])
     hybrid.release("a")
-
-
-def test_hybrid_drafts_small_trees_by_lookup_alone():
-    learned = _ScriptedDrafter([Candidate([70, 71], -0.1)])
-    hybrid = LookupHybridDrafter(learned, learned_min_budget=4)
-    hybrid.start("a", [])
-    hybrid.observe("a", [5, 6, 7, 1, 2], None)  # pending 5: the 1-gram "5" recurs (continuation 6 7)
-    tree = hybrid.propose([ProposeRequest("a", 5, budget=3)])[0]
-    assert learned.asked == [] and tree.tokens == [5, 6, 7, 1] and hybrid.learned_skipped == 1
-    tree = hybrid.propose([ProposeRequest("a", 9, budget=3)])[0]  # no match at all: no draft
-    assert learned.asked == [] and tree.tokens == [9]
-    tree = hybrid.propose([ProposeRequest("a", 9, budget=4)])[0]  # large enough: the learned drafter
-    assert learned.asked == ["a"] and tree.tokens == [9, 70, 71]
