@@ -15,6 +15,14 @@ Its own KV cache. Each context position's K/V depend only on h_t and x_{t+1}, bo
 is committed (the root is always committed, so the pending token used at t = last stays right),
 so the drafter keeps a slot KV cache like the base model's and each step processes only the
 positions committed since the last step plus the N frames, whose K/V are never kept.
+
+Catching up. While a sequence decodes without drafts (the governor chose plain steps), tokens pile
+up for the drafter; its next forward would process them all, a prefill as long as the plain run,
+and that made a re-check after a long plain stretch cost several plain steps. So once the prompt is
+in, the drafter catches up on the last `catch_up` tokens only: older skipped positions are left out
+of its cache (positions there are the cache's own, so the window sits right after the text it has).
+A draft does not change the output, only how much of it is accepted, and the recent tokens and the
+prompt are what a draft of the next few tokens leans on.
 """
 
 from __future__ import annotations
@@ -150,8 +158,9 @@ class CTCDrafter(Drafter):
     name = "ctc"
     needs_hidden = True
 
-    def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int):
+    def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int, catch_up: int = 48):
         self.model = fuse_projections(model.eval())  # inference only from here on
+        self.catch_up = catch_up
         cfg, lc = model.config, model.config.layer_config()
         p = model.fuse.weight
         self.cache = KVCache(cfg.num_layers, max_slots, lc.num_kv_heads, max_len + cfg.num_frames, lc.head_dim,
@@ -178,6 +187,10 @@ class CTCDrafter(Drafter):
         m, N = self.model, self.model.config.num_frames
         device = m.fuse.weight.device
         states = [self.state[r.seq_id] for r in requests]
+        for st in states:
+            if self.cache.lengths[st.slot] and len(st.tokens) > self.catch_up:  # see "Catching up" above
+                st.tokens = st.tokens[-self.catch_up :]
+                st.hidden = [torch.cat(st.hidden)[-self.catch_up :]]
         lens = [len(st.tokens) for st in states]
         items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)) for st, n in zip(states, lens)]
         # Every request's new context positions in one fuse call: h_t with the token after t (the

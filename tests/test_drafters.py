@@ -41,10 +41,12 @@ def ctc_model(base_model, **kw) -> CTCDraftModel:
     return CTCDraftModel(CTCDrafterConfig.for_base(base_model.config, **kw)).attach_base(base_model)
 
 
-def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], pending: int) -> torch.Tensor:
-    """All context positions and the frames in one cache-free forward (the training layout)."""
+def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], pending: int,
+                     following: list[int] | None = None) -> torch.Tensor:
+    """All context positions and the frames in one cache-free forward (the training layout).
+    `following`: each position's next token, if not the next one in `tokens` (then `pending`)."""
     N = m.config.num_frames
-    ctx = m.context_inputs(hidden, torch.tensor(tokens[1:] + [pending]))
+    ctx = m.context_inputs(hidden, torch.tensor(following or tokens[1:] + [pending]))
     x = torch.cat([ctx, m.frame_queries])[None]
     batch = build_batch([ForwardItem(0, 0, [0] * len(x[0]))], 1 << 20)
     y = m.run(x, batch.meta, cache=None)
@@ -77,6 +79,27 @@ def test_ctc_drafter_incremental_cache_equals_full_forward(base):
     drafter.release("a")
     drafter.release("b")
     assert drafter.cache.num_used_slots == 0
+
+
+def test_ctc_drafter_catches_up_on_recent_tokens_only_after_a_long_plain_run(base):
+    _, model = base
+    m = ctc_model(model, num_frames=5, num_labels=3)
+    drafter = CTCDrafter(m, max_slots=1, max_len=96, catch_up=6)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 160, (60,), generator=g).tolist()
+    hidden = torch.randn(60, 64, generator=g)
+    drafter.start("a", tokens[:20])
+    drafter.observe("a", tokens[:20], hidden[:20])  # the prompt: taken in whole, whatever its length
+    drafter.frames([ProposeRequest("a", tokens[20], budget=8)])
+    assert drafter.cache.lengths[drafter.state["a"].slot] == 20
+    drafter.observe("a", tokens[20:50], hidden[20:50])  # 30 tokens decoded without drafts
+    got = drafter.frames([ProposeRequest("a", tokens[50], budget=8)])[0]
+    assert drafter.cache.lengths[drafter.state["a"].slot] == 26  # the prompt, then the last 6 of the 30
+    # The same frames as a drafter that saw exactly that context: prompt + tokens[44:50], each
+    # position fused with the token that really followed it.
+    keep = list(range(20)) + list(range(44, 50))
+    want = reference_frames(m, hidden[keep], [tokens[i] for i in keep], tokens[50], [tokens[i + 1] for i in keep])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ctc", "medusa"])

@@ -174,3 +174,26 @@ def test_unplayed_larger_tree_follows_the_played_ones_acceptance_at_its_ratio():
     for _ in range(10):  # now only 8 is played, and the text got easier: it accepts 3 per step
         g.record(1, 8, 1.0, [DraftOutcome(8, 8, [1, 2, 3])], 16)
     assert g.accepted[(1, 8)] == pytest.approx(3.0, abs=0.01) and g.accepted[(1, 16)] > 5.0  # ratio 2 kept
+
+
+def test_governor_re_learns_cost_ratios_at_re_checks():
+    # The tree first looks dear (4.0 s: the machine was busy while it was measured), so plain wins.
+    # Then the tree really costs 1.5 s (2 tokens per step: 1.33x plain). Re-checks must find it out.
+    g = SpeculationGovernor([16], explore_every=16, min_samples=2, explore_share=1.0)
+    play(g, 1, 16, {16: 4.0, 0: 1.0}, [1], 12)
+    assert g.choose(1, 16) == 0
+    later = play(g, 1, 16, {16: 1.5, 0: 1.0}, [1], 200)
+    assert later[-50:].count(16) >= 45
+
+
+def test_governor_drafts_again_after_a_dry_spell_where_drafting_pays_on_the_whole():
+    # Tree steps cost 2 s against 1 s plain. The text first accepts 3 drafts per step (4 tokens: 2x
+    # plain) for a long stretch, then nothing for a while (plain wins), then 3 again. Re-checks are
+    # off (explore_every huge): what brings the tree back is its long-run average.
+    g = SpeculationGovernor([16], explore_every=10**6, min_samples=2, revert_steps=16)
+    cost = {16: 2.0, 0: 1.0}
+    assert play(g, 1, 16, cost, [1, 2, 3], 300)[-100:] == [16] * 100
+    dry = play(g, 1, 16, cost, [], 100)
+    assert dry[-50:].count(0) >= 40  # it stopped drafting, but tried again now and then
+    back = play(g, 1, 16, cost, [1, 2, 3], 100)
+    assert back[-60:] == [16] * 60

@@ -83,7 +83,15 @@ class SpeculationGovernor:
       step that follows a step of the same budget and bucket counts: what the governor compares is
       steady states, and a switch costs extra in the step after it (a drafter catching up on the
       tokens it missed during plain steps; the base model's weights pushed out of the CPU caches by
-      the drafter's). So an arm is always played at least twice in a row.
+      the drafter's). So an arm is always played at least twice in a row. A machine's speed drifts
+      (other processes, clocks, a growing context), so the first counted step of a run moves its
+      arm's average half-way to it: a re-check compares now with now, not with an hour ago.
+    - Acceptance comes in bursts (a stretch of arithmetic the drafter knows, then prose it does
+      not), and a plain step teaches nothing about it: a governor that stopped drafting in a dry
+      spell would go on believing in it. So an estimate nothing has updated for a while drifts
+      back to the arm's long-run average (`revert_steps`: half-way back after that many steps):
+      where drafting pays on the whole, the governor drafts again soon after a dry spell, and
+      finds out whether it has ended; where it does not, plain decoding stays.
     Both averages are plain means of the first 1 / weight samples, then moving averages.
     Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
     arm it rejects once it has not played it for `explore_every` steps times (best rate / its
@@ -97,19 +105,23 @@ class SpeculationGovernor:
     """
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
-                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.1,
-                 explore_share: float = 0.03):
+                 min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.05,
+                 explore_share: float = 0.01, long_ema: float = 0.002, revert_steps: float = 8.0):
         self.budgets = sorted(set(budgets) | {0}, reverse=True)
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
-        self.cost_ema, self.accept_ema = cost_ema, accept_ema
+        self.cost_ema, self.accept_ema, self.long_ema, self.revert_steps = cost_ema, accept_ema, long_ema, revert_steps
         self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
         self.cost_samples: dict[tuple[int, int], int] = {}  # steps whose cost counted, per (bucket, budget)
         self.accepted: dict[tuple[int, int], float] = {}  # (bucket, budget) -> accepted per sequence-step
         self.accept_samples: dict[tuple[int, int], int] = {}
+        self.accepted_long: dict[tuple[int, int], float] = {}  # the same over the last 1 / long_ema steps
+        self.long_samples: dict[tuple[int, int], int] = {}
+        self.seen_at: dict[tuple[int, int], int] = {}  # (bucket, budget) -> bucket step of its last acceptance update
         self.steps: dict[int, int] = {}  # decode steps seen per bucket
         self.last: dict[tuple[int, int], int] = {}  # (bucket, budget) -> the bucket's step count when last played
         self.previous: tuple[int, int] | None = None  # (bucket, budget) of the last step recorded
+        self.before: tuple[int, int] | None = None  # the step before that
         self.again: dict[int, int] = {}  # bucket -> a budget to play once more (the second step of a re-check)
         self.probe: dict[int, int] = {}  # bucket -> the budget being re-checked
         self.seconds: dict[int, float] = {}  # bucket -> decode seconds recorded
@@ -122,10 +134,20 @@ class SpeculationGovernor:
     def options(self, cap: int) -> list[int]:
         return sorted({min(x, cap) for x in self.budgets}, reverse=True)
 
+    def acceptance(self, bucket: int, budget: int) -> float | None:
+        """Expected accepted drafts per sequence and step at `budget`: the recent average, drifting
+        back to the long-run one (half-way every `revert_steps` steps) while nothing updates it."""
+        key = (bucket, budget)
+        recent = self.accepted.get(key)
+        if recent is None:
+            return None
+        age = self.steps.get(bucket, 0) - self.seen_at.get(key, 0)
+        return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / self.revert_steps)
+
     def rate(self, bucket: int, budget: int) -> float:
         """Estimated tokens per second and sequence of steps at `budget` (0 before it is known)."""
         cost = self.cost.get((bucket, budget))
-        acc = 0.0 if budget == 0 else self.accepted.get((bucket, budget))
+        acc = 0.0 if budget == 0 else self.acceptance(bucket, budget)
         if not cost or acc is None:
             return 0.0
         return (1.0 + acc) / cost
@@ -174,8 +196,12 @@ class SpeculationGovernor:
             self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
         if self.previous == key:
             old = self.cost.get(key)
+            # The first sample of a run meets an average that may be stale (the arm was last played
+            # a while ago, the machine has drifted since): it counts as much as all of them.
+            weight = 0.5 if self.previous != self.before else self.cost_ema
             _average(self.cost, self.cost_samples, key, seconds if old is None else min(seconds, self.clip * old),
-                     self.cost_ema)
+                     weight)
+        self.before = self.previous
         self.previous = key
         if not outcomes:
             return
@@ -189,13 +215,16 @@ class SpeculationGovernor:
                 # not played lately must not beat a fresh one just for being old).
                 if (b, x) in self.accepted and played:
                     self.accepted[(b, x)] *= self.accepted[key] / played
+                    self.seen_at[(b, x)] = self.steps[b]
                 continue
-            # Sequences that did not draft this step (opted out, or the per-sequence policy) count as
-            # accepting nothing, as they would at any budget.
+            # Sequences that did not draft this step (they opted out) count as accepting nothing, as
+            # they would at any budget.
             seen = [o.accepted_within(x) for o in outcomes]
             if any(a is None for a in seen):
                 continue
             _average(self.accepted, self.accept_samples, (b, x), sum(seen) / batch, self.accept_ema)
+            _average(self.accepted_long, self.long_samples, (b, x), sum(seen) / batch, self.long_ema)
+            self.seen_at[(b, x)] = self.steps[b]
 
 
 def _average(means: dict, counts: dict, key, value: float, weight: float) -> None:
