@@ -89,9 +89,11 @@ class SpeculationGovernor:
     - Acceptance comes in bursts (a stretch of arithmetic the drafter knows, then prose it does
       not), and a plain step teaches nothing about it: a governor that stopped drafting in a dry
       spell would go on believing in it. So an estimate nothing has updated for a while drifts
-      back to the arm's long-run average (`revert_steps`: half-way back after that many steps):
-      where drafting pays on the whole, the governor drafts again soon after a dry spell, and
-      finds out whether it has ended; where it does not, plain decoding stays.
+      back to the arm's long-run average (`revert_steps`: half-way back after that many steps at
+      batch 1, proportionally more for larger batches, whose averages swing less): where drafting
+      pays on the whole, the governor drafts again soon after a dry spell, and finds out whether it
+      has ended; where it does not, plain decoding stays. (Tuned with bench/governor_sim.py at batch
+      1; at concurrency 4, CTC alone ran at 0.99x plain with a half-life of 8 steps, 1.07x with 32.)
     Both averages are plain means of the first 1 / weight samples, then moving averages.
     Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
     arm it rejects once it has not played it for `explore_every` steps times (best rate / its
@@ -136,13 +138,15 @@ class SpeculationGovernor:
 
     def acceptance(self, bucket: int, budget: int) -> float | None:
         """Expected accepted drafts per sequence and step at `budget`: the recent average, drifting
-        back to the long-run one (half-way every `revert_steps` steps) while nothing updates it."""
+        back to the long-run one while nothing updates it, half-way every `revert_steps` steps per
+        sequence of the bucket's smallest batch (an average over a batch has fewer dry spells)."""
         key = (bucket, budget)
         recent = self.accepted.get(key)
         if recent is None:
             return None
         age = self.steps.get(bucket, 0) - self.seen_at.get(key, 0)
-        return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / self.revert_steps)
+        half_life = self.revert_steps * 2 ** (bucket - 1)
+        return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / half_life)
 
     def rate(self, bucket: int, budget: int) -> float:
         """Estimated tokens per second and sequence of steps at `budget` (0 before it is known)."""
