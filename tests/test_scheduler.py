@@ -72,6 +72,9 @@ def test_draft_outcome_tells_what_smaller_budgets_would_have_accepted():
     assert DraftOutcome(budget=8, nodes=0, accepted=[]).accepted_within(16) == 0  # nothing drafted
 
 
+B1 = (1, False)  # the governor's bucket of all-greedy steps at batch 1
+
+
 def play(g: SpeculationGovernor, batch: int, cap: int, cost: dict[int, float], accepted: list[int], steps: int,
          nodes: int = 16) -> list[int]:
     """Drive the governor: every step at budget x costs cost[x] seconds and each sequence's tree
@@ -92,7 +95,7 @@ def test_governor_warms_up_largest_first_then_plays_the_fastest_and_explores():
     # Accepts nodes 1, 2, 3 (a chain the best 4 nodes hold): 4 tokens per step at 16 or 4, 1 plain.
     warm = play(g, 1, 16, cost, [1, 2, 3], 9)
     assert warm == [16] * 3 + [4] * 3 + [0] * 3  # a step after a switch does not count: 2 samples take 3
-    assert (g.rate(1, 4), g.rate(1, 16), g.rate(1, 0)) == pytest.approx(((1 + 3) / 1.2, (1 + 3) / 2.0, 1.0))
+    assert (g.rate(B1, 4), g.rate(B1, 16), g.rate(B1, 0)) == pytest.approx(((1 + 3) / 1.2, (1 + 3) / 2.0, 1.0))
     # Rates: 4 -> 3.33 tokens/s, 16 -> 2.0, plain 1.0. The others are re-checked (two steps in a row)
     # once unplayed for explore_every (4) steps times (3.33 / rate) squared: 16 after 11.1 steps, plain
     # after the cap, 8 x 4. Warm-up ended at step 9 (16 last played at step 3, plain at 9).
@@ -109,7 +112,7 @@ def test_governor_prices_small_trees_from_large_ones():
     play(g, 1, 16, {16: 1.0, 4: 1.0, 0: 1.0}, [1, 7], 3)
     for _ in range(20):
         g.record(1, 16, 1.0, [DraftOutcome(16, 16, [1, 7])], 16)
-    assert abs(g.accepted[(1, 4)] - 1.0) < 1e-9 and abs(g.accepted[(1, 16)] - 2.0) < 1e-9
+    assert abs(g.accepted[(B1, 4)] - 1.0) < 1e-9 and abs(g.accepted[(B1, 16)] - 2.0) < 1e-9
 
 
 def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
@@ -128,7 +131,7 @@ def test_governor_clips_outlier_step_times():
     assert (1, 0) not in g.cost
     g.record(1, 0, 1.0)
     g.record(1, 0, 100.0)  # a pause of the process: counted as 3 s
-    assert g.cost[(1, 0)] == 2.0
+    assert g.cost[(B1, 0)] == 2.0
 
 
 def test_plan_uses_the_governors_budget():
@@ -136,12 +139,16 @@ def test_plan_uses_the_governors_budget():
     decoding(s, 1)
     plan = s.plan(True)
     assert plan.budget == 16 and plan.decode[0][1] == 16 and plan.cap == 16  # the largest tree first
+    assert plan.sampled  # seq() requests sample: their steps are kept apart from greedy ones
     for _ in range(4):
-        s.governor.record(1, 16, 2.0, [DraftOutcome(16, 16, [1, 2])], 16)
+        s.governor.record(1, 16, 2.0, [DraftOutcome(16, 16, [1, 2])], 16, sampled=True)
     for _ in range(4):
-        s.governor.record(1, 4, 1.0, [DraftOutcome(4, 4, [1, 2])], 16)
+        s.governor.record(1, 4, 1.0, [DraftOutcome(4, 4, [1, 2])], 16, sampled=True)
     for _ in range(4):
-        s.governor.record(1, 0, 1.0)
+        s.governor.record(1, 0, 1.0, sampled=False)  # a greedy bucket's plain steps: not this bucket
+    assert s.plan(True).budget == 0  # the sampled bucket has no plain cost yet: it plays plain first
+    for _ in range(4):
+        s.governor.record(1, 0, 1.0, sampled=True)
     plan = s.plan(True)
     assert plan.budget == 4 and plan.decode[0][1] == 4
     assert s.plan(False).budget == 0
@@ -170,10 +177,10 @@ def test_governor_keeps_re_checks_within_their_share_of_time():
 def test_unplayed_larger_tree_follows_the_played_ones_acceptance_at_its_ratio():
     g = SpeculationGovernor([8, 16], explore_every=1000, accept_ema=0.5)
     g.record(1, 16, 1.0, [DraftOutcome(16, 16, [1, 12])], 16)  # 16 accepts 2, 8 would have accepted 1
-    assert (g.accepted[(1, 16)], g.accepted[(1, 8)]) == (2.0, 1.0)
+    assert (g.accepted[(B1, 16)], g.accepted[(B1, 8)]) == (2.0, 1.0)
     for _ in range(10):  # now only 8 is played, and the text got easier: it accepts 3 per step
         g.record(1, 8, 1.0, [DraftOutcome(8, 8, [1, 2, 3])], 16)
-    assert g.accepted[(1, 8)] == pytest.approx(3.0, abs=0.01) and g.accepted[(1, 16)] > 5.0  # ratio 2 kept
+    assert g.accepted[(B1, 8)] == pytest.approx(3.0, abs=0.01) and g.accepted[(B1, 16)] > 5.0  # ratio 2 kept
 
 
 def test_governor_re_learns_cost_ratios_at_re_checks():

@@ -177,7 +177,7 @@ class LLMEngine:
         t3 = time.perf_counter()
         self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
         if not plan.prefill and decode:  # a pure decode step: what the governor compares
-            self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap)
+            self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap, plan.sampled)
         return deltas
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:

@@ -130,8 +130,11 @@ class SpeculationGovernor:
         self.probe_seconds: dict[int, float] = {}  # bucket -> of which in re-checks
 
     @staticmethod
-    def bucket(batch: int) -> int:
-        return max(1, batch).bit_length()  # 1, 2-3, 4-7, 8-15, 16-31, ...
+    def bucket(batch: int, sampled: bool = False) -> tuple[int, bool]:
+        """Batch sizes 1, 2-3, 4-7, 8-15, ...; steps with a sampling request apart from all-greedy
+        ones (drafts are accepted far less when sampling, and a long-run average learnt on greedy
+        text must not pull a sampling stretch back into drafting)."""
+        return max(1, batch).bit_length(), sampled
 
     def options(self, cap: int) -> list[int]:
         return sorted({min(x, cap) for x in self.budgets}, reverse=True)
@@ -145,7 +148,7 @@ class SpeculationGovernor:
         if recent is None:
             return None
         age = self.steps.get(bucket, 0) - self.seen_at.get(key, 0)
-        half_life = self.revert_steps * 2 ** (bucket - 1)
+        half_life = self.revert_steps * 2 ** (bucket[0] - 1)
         return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / half_life)
 
     def rate(self, bucket: int, budget: int) -> float:
@@ -156,9 +159,10 @@ class SpeculationGovernor:
             return 0.0
         return (1.0 + acc) / cost
 
-    def choose(self, batch: int, cap: int) -> int:
-        """The tree budget per sequence for a decode step of `batch` sequences, at most `cap`."""
-        b = self.bucket(batch)
+    def choose(self, batch: int, cap: int, sampled: bool = False) -> int:
+        """The tree budget per sequence for a decode step of `batch` sequences, at most `cap`;
+        `sampled`: some of them sample (temperature > 0)."""
+        b = self.bucket(batch, sampled)
         options = self.options(cap)
         again = self.again.pop(b, None)
         if again in options:
@@ -185,13 +189,13 @@ class SpeculationGovernor:
         return x
 
     def record(self, batch: int, budget: int, seconds: float, outcomes: Seq[DraftOutcome] = (),
-               cap: int | None = None) -> None:
+               cap: int | None = None, sampled: bool = False) -> None:
         """A pure decode step of `batch` sequences ran with per-sequence tree budget `budget` (0:
         plain) in `seconds`; `outcomes` are its drafting sequences' trees; `cap` the largest budget
         a sequence could have had (which arms to update; default: every budget)."""
         if seconds <= 0:
             return
-        b = self.bucket(batch)
+        b = self.bucket(batch, sampled)
         self.steps[b] = self.steps.get(b, 0) + 1
         key = (b, budget)
         self.last[key] = self.steps[b]
@@ -244,6 +248,7 @@ class Plan:
     decode: list[tuple[Sequence, int]]  # (sequence, draft-node budget; 0 = plain decoding)
     budget: int = 0  # the largest tree budget a sequence got this step (0: a plain step)
     cap: int = 0  # the largest budget a drafting sequence could get this step (what the governor chose from)
+    sampled: bool = False  # a decoding sequence samples (the governor keeps such steps apart)
 
     @property
     def empty(self) -> bool:
@@ -283,8 +288,9 @@ class Scheduler:
         decoding = [s for s in self.running if s.status is Status.DECODE]
         drafting = [s for s in decoding if speculation_enabled and s.params.speculative]
         share = cap = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting))) if drafting else 0
+        sampled = any(not s.params.greedy for s in decoding)
         if share and cfg.governor:
-            share = self.governor.choose(len(decoding), share)
+            share = self.governor.choose(len(decoding), share, sampled)
         decode = []
         for seq in decoding:
             decode.append((seq, share if seq in drafting else 0))
@@ -297,4 +303,4 @@ class Scheduler:
         # Measured as what the step actually runs: if every decoding request opted out of
         # speculation it is a plain step (no drafter forward), whatever the governor offered.
         budget = max((b for _, b in decode), default=0)
-        return Plan(prefill=prefill, decode=decode, budget=budget, cap=cap)
+        return Plan(prefill=prefill, decode=decode, budget=budget, cap=cap, sampled=sampled)
