@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     spec_token_budget: int = Field(
         48, ge=0, description="Draft tokens per step shared by all sequences: trees shrink as the batch grows."
     )
+    governor: bool = Field(
+        True, description="Pick each step's tree size (down to none) by measured tokens/s; false: always the "
+        "largest allowed."
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
     )

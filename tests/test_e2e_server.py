@@ -94,7 +94,9 @@ def start_server(log: Path, *extra: str) -> Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("e2e") / "server.log")
+    # Without the governor every step drafts, so the speculation metrics move for sure; with it,
+    # whether a request drafts depends on timings (outputs never do: tests/test_engine.py).
+    running = start_server(tmp_path_factory.mktemp("e2e") / "server.log", "--governor", "false")
     yield running
     running.stop()
 

@@ -39,7 +39,7 @@ def build_engine(settings) -> LLMEngine:
     tokenizer = load_tokenizer(settings.model)
     drafter = build_drafter(settings.drafter, model, settings.max_batch_size, settings.max_model_len)
     sched = SchedulerConfig(max_batch_size=settings.max_batch_size, max_tree_nodes=settings.max_tree_nodes,
-                            spec_token_budget=settings.spec_token_budget)
+                            spec_token_budget=settings.spec_token_budget, governor=settings.governor)
     config = EngineConfig(max_model_len=settings.max_model_len, scheduler=sched)
     name = getattr(settings, "served_model_name", None) or Path(settings.model).name
     engine = LLMEngine(model, tokenizer, config, drafter=drafter, model_name=name)
