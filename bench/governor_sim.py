@@ -59,7 +59,8 @@ def record(args: argparse.Namespace) -> None:
         if outcomes:  # near max_tokens the tree is clipped: a budget it cannot tell is what the last one got
             seen, last = [], 0
             for k in BUDGETS:
-                last = outcomes[0].accepted_within(k) if outcomes[0].accepted_within(k) is not None else last
+                a = outcomes[0].accepted_within(k)
+                last = last if a is None else a
                 seen.append(last)
             trace[-1].append(seen)
 
@@ -82,10 +83,12 @@ class Text:
             pos += 1 + accepted[-1]
         self.length = pos
 
+    def row(self, position: int) -> list[int]:
+        """Accepted drafts per budget (in BUDGETS order) of the recorded step covering `position`."""
+        return self.steps[bisect.bisect_right(self.starts, position) - 1]
+
     def accepted(self, position: int, budget: int) -> int:
-        if budget == 0:
-            return 0
-        return self.steps[bisect.bisect_right(self.starts, position) - 1][BUDGETS.index(budget)]
+        return self.row(position)[BUDGETS.index(budget)] if budget else 0
 
 
 def outcome(budget: int, accepted: list[int]) -> DraftOutcome:
@@ -110,8 +113,7 @@ def simulate_once(texts: list[Text], policy, cost: dict[int, float], rng: random
             pos = 0
             while pos < text.length:
                 x = gov.choose(1, max(BUDGETS)) if gov else policy
-                i = bisect.bisect_right(text.starts, pos) - 1
-                accepted = text.steps[i]
+                accepted = text.row(pos)
                 speed = min(1.4, max(0.7, speed * math.exp(rng.gauss(0, 0.01))))
                 if burst <= 0 and rng.random() < 0.002:
                     burst = rng.randint(100, 600)  # another process takes the CPU for a while
@@ -123,7 +125,7 @@ def simulate_once(texts: list[Text], policy, cost: dict[int, float], rng: random
                 plain_run, previous = (plain_run + 1 if x == 0 else 0), x
                 if gov:
                     gov.record(1, x, sec, [outcome(x, accepted)] if x else [], max(BUDGETS))
-                n = min(1 + text.accepted(pos, x), text.length - pos)
+                n = min(1 + (accepted[BUDGETS.index(x)] if x else 0), text.length - pos)
                 seconds, tokens, pos = seconds + sec, tokens + n, pos + n
     return tokens / seconds
 

@@ -45,6 +45,10 @@ class SchedulerConfig:
     explore_every: int = 32  # steps between tries of a tree size the governor currently rejects
 
 
+Bucket = tuple[int, bool]  # (batch-size class, some request samples): SpeculationGovernor.bucket
+Arm = tuple[Bucket, int]  # (bucket, tree budget; 0 = plain)
+
+
 @dataclass(frozen=True)
 class DraftOutcome:
     """What one sequence's verified tree showed: the budget it was given, the draft nodes its tree
@@ -113,24 +117,24 @@ class SpeculationGovernor:
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
         self.cost_ema, self.accept_ema, self.long_ema, self.revert_steps = cost_ema, accept_ema, long_ema, revert_steps
-        self.cost: dict[tuple[int, int], float] = {}  # (bucket, budget) -> seconds per step
-        self.cost_samples: dict[tuple[int, int], int] = {}  # steps whose cost counted, per (bucket, budget)
-        self.accepted: dict[tuple[int, int], float] = {}  # (bucket, budget) -> accepted per sequence-step
-        self.accept_samples: dict[tuple[int, int], int] = {}
-        self.accepted_long: dict[tuple[int, int], float] = {}  # the same over the last 1 / long_ema steps
-        self.long_samples: dict[tuple[int, int], int] = {}
-        self.seen_at: dict[tuple[int, int], int] = {}  # (bucket, budget) -> bucket step of its last acceptance update
-        self.steps: dict[int, int] = {}  # decode steps seen per bucket
-        self.last: dict[tuple[int, int], int] = {}  # (bucket, budget) -> the bucket's step count when last played
-        self.previous: tuple[int, int] | None = None  # (bucket, budget) of the last step recorded
-        self.before: tuple[int, int] | None = None  # the step before that
-        self.again: dict[int, int] = {}  # bucket -> a budget to play once more (the second step of a re-check)
-        self.probe: dict[int, int] = {}  # bucket -> the budget being re-checked
-        self.seconds: dict[int, float] = {}  # bucket -> decode seconds recorded
-        self.probe_seconds: dict[int, float] = {}  # bucket -> of which in re-checks
+        self.cost: dict[Arm, float] = {}  # (bucket, budget) -> seconds per step
+        self.cost_samples: dict[Arm, int] = {}  # steps whose cost counted, per (bucket, budget)
+        self.accepted: dict[Arm, float] = {}  # (bucket, budget) -> accepted per sequence-step
+        self.accept_samples: dict[Arm, int] = {}
+        self.accepted_long: dict[Arm, float] = {}  # the same over the last 1 / long_ema steps
+        self.long_samples: dict[Arm, int] = {}
+        self.seen_at: dict[Arm, int] = {}  # (bucket, budget) -> bucket step of its last acceptance update
+        self.steps: dict[Bucket, int] = {}  # decode steps seen per bucket
+        self.last: dict[Arm, int] = {}  # (bucket, budget) -> the bucket's step count when last played
+        self.previous: Arm | None = None  # (bucket, budget) of the last step recorded
+        self.before: Arm | None = None  # the step before that
+        self.again: dict[Bucket, int] = {}  # bucket -> a budget to play once more (the second step of a re-check)
+        self.probe: dict[Bucket, int] = {}  # bucket -> the budget being re-checked
+        self.seconds: dict[Bucket, float] = {}  # bucket -> decode seconds recorded
+        self.probe_seconds: dict[Bucket, float] = {}  # bucket -> of which in re-checks
 
     @staticmethod
-    def bucket(batch: int, sampled: bool = False) -> tuple[int, bool]:
+    def bucket(batch: int, sampled: bool = False) -> Bucket:
         """Batch sizes 1, 2-3, 4-7, 8-15, ...; steps with a sampling request apart from all-greedy
         ones (drafts are accepted far less when sampling, and a long-run average learnt on greedy
         text must not pull a sampling stretch back into drafting)."""
@@ -139,7 +143,7 @@ class SpeculationGovernor:
     def options(self, cap: int) -> list[int]:
         return sorted({min(x, cap) for x in self.budgets}, reverse=True)
 
-    def acceptance(self, bucket: int, budget: int) -> float | None:
+    def acceptance(self, bucket: Bucket, budget: int) -> float | None:
         """Expected accepted drafts per sequence and step at `budget`: the recent average, drifting
         back to the long-run one while nothing updates it, half-way every `revert_steps` steps per
         sequence of the bucket's smallest batch (an average over a batch has fewer dry spells)."""
@@ -151,7 +155,7 @@ class SpeculationGovernor:
         half_life = self.revert_steps * 2 ** (bucket[0] - 1)
         return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / half_life)
 
-    def rate(self, bucket: int, budget: int) -> float:
+    def rate(self, bucket: Bucket, budget: int) -> float:
         """Estimated tokens per second and sequence of steps at `budget` (0 before it is known)."""
         cost = self.cost.get((bucket, budget))
         acc = 0.0 if budget == 0 else self.acceptance(bucket, budget)
