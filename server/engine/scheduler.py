@@ -21,8 +21,7 @@ Adaptive speculation, two layers:
   where a drafter costs more than it saves, by measurement, not by a guess.
 There is no per-sequence switch (a sequence that accepted little lately decoding plainly): acceptance
 comes in bursts, so such a switch turned drafting off just before the next burst, and it fed the
-governor's counterfactual acceptance with sequences that did not draft; at batch 1 it cost a third
-of the speedup (measured 2026-12-02: 1.35x plain without it, 1.08x with it).
+governor's counterfactual acceptance with sequences that did not draft (BENCHMARKS.md, engine).
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ class SpeculationGovernor:
       batch 1, proportionally more for larger batches, whose averages swing less): where drafting
       pays on the whole, the governor drafts again soon after a dry spell, and finds out whether it
       has ended; where it does not, plain decoding stays. (Tuned with bench/governor_sim.py at batch
-      1; at concurrency 4, CTC alone ran at 0.99x plain with a half-life of 8 steps, 1.07x with 32.)
+      1; at concurrency 4 a half-life of 8 steps had CTC alone re-drafting too often: BENCHMARKS.md.)
     Both averages are plain means of the first 1 / weight samples, then moving averages.
     Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
     arm it rejects once it has not played it for `explore_every` steps times (best rate / its
