@@ -55,7 +55,7 @@ def record(args: argparse.Namespace) -> None:
                        drafter=build_drafter(args.drafter, model, 1, 1024))
     trace: list[list[list[int]]] = []
 
-    def on_step(batch, budget, seconds, outcomes=(), cap=None):
+    def on_step(batch, budget, seconds, outcomes=(), cap=None, sampled=False, tier=0):
         if outcomes:  # near max_tokens the tree is clipped: a budget it cannot tell is what the last one got
             seen, last = [], 0
             for k in BUDGETS:
@@ -112,7 +112,7 @@ def simulate_once(texts: list[Text], policy, cost: dict[int, float], rng: random
         for text in texts:
             pos = 0
             while pos < text.length:
-                x = gov.choose(1, max(BUDGETS)) if gov else policy
+                x = gov.choose(1, max(BUDGETS)).budget if gov else policy  # one drafter tier
                 accepted = text.row(pos)
                 speed = min(1.4, max(0.7, speed * math.exp(rng.gauss(0, 0.01))))
                 if burst <= 0 and rng.random() < 0.002:

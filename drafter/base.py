@@ -6,6 +6,11 @@ tokens that entered the base model's KV cache (and, for drafters that want them,
 model's final-norm hidden states of those tokens), `propose` when it wants a draft tree rooted
 at the sequence's pending token, and `release` when the sequence ends. Trees come back as
 `TokenTree`s, already collapsed and deduplicated, within the node budget the engine asked for.
+
+A drafter may offer cheaper ways to draft besides its full one (`tiers`): the lookup hybrid can
+leave its learned drafter out. The engine's speculation governor measures each and asks for one
+per step (`ProposeRequest.tier`), so a drafter that costs more than it saves under load is not paid
+for where a cheaper tier still gains.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ class ProposeRequest:
     seq_id: str
     pending_token: int  # the tree's root: emitted, not yet in the KV cache
     budget: int  # at most this many draft (non-root) nodes; > 0
+    tier: int = 0  # which of the drafter's `tiers` drafts it (0: its full way)
 
 
 class Drafter(ABC):
     name: str = "drafter"
     needs_hidden: bool = False  # does observe() need the base model's hidden states?
+    tiers: tuple[str, ...] = ("full",)  # ways to draft, dearest first: what ProposeRequest.tier indexes
 
     def start(self, seq_id: str, prompt_ids: list[int]) -> None:  # noqa: B027 - optional hook
         pass

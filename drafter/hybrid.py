@@ -14,6 +14,10 @@ step:
   lost: a drafter with its own cache (CTC) catches up on every token it skipped in its next forward;
 - otherwise the learned drafter's candidates join the trie, which keeps the best `budget` nodes
   (`build_trie`: a node's value is the best score of any candidate through it).
+
+Its second tier is lookup alone (`tiers`): where the learned forward costs more than it adds (a
+large batch on a CPU, where the base model is compute-bound) the governor drafts with lookup
+only, which costs about nothing, rather than with nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class LookupHybridDrafter(Drafter):
         self.lookup_min_ngram, self.skip_learned_ngram = lookup_min_ngram, skip_learned_ngram
         self.name = f"{learned.name}+ngram"
         self.needs_hidden = learned.needs_hidden
+        self.tiers = (self.name, "ngram")  # 1: lookup only
         self.learned_skipped = 0  # requests whose learned draft lookup made unnecessary (for logs/benchmarks)
 
     def start(self, seq_id: str, prompt_ids: list[int]) -> None:
@@ -55,8 +60,8 @@ class LookupHybridDrafter(Drafter):
 
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         found = [self.lookup.lookup(r) for r in requests]
-        ask = [i for i, (_, n) in enumerate(found) if n < self.skip_learned_ngram]
-        self.learned_skipped += len(requests) - len(ask)
+        ask = [i for i, (r, (_, n)) in enumerate(zip(requests, found)) if r.tier == 0 and n < self.skip_learned_ngram]
+        self.learned_skipped += sum(r.tier == 0 for r in requests) - len(ask)
         learned = dict(zip(ask, self.learned.candidates([requests[i] for i in ask]))) if ask else {}
         trees = []
         for i, (r, (looked, n)) in enumerate(zip(requests, found)):

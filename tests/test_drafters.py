@@ -344,3 +344,17 @@ def test_hybrid_without_any_lookup_match_is_the_learned_drafter():
     tree = hybrid.propose([ProposeRequest("a", 3, budget=8)])[0]
     assert sorted(zip(tree.tokens, tree.parents)) == sorted([(3, -1), (70, 0), (72, 0), (71, 1)])
     hybrid.release("a")
+
+
+def test_hybrids_second_tier_is_lookup_alone():
+    learned = _ScriptedDrafter([Candidate([70, 71], -0.1)])
+    hybrid = LookupHybridDrafter(learned)
+    assert len(hybrid.tiers) == 2 and len(learned.tiers) == 1
+    hybrid.start("a", [])
+    hybrid.observe("a", [1, 2, 3, 9, 1], None)
+    # Pending 2 after "... 1": "1 2" recurs (continuation 3 9 1) and no long match, so tier 0 asks
+    # the learned drafter; tier 1 never does, and drafts what lookup has (nothing when it has none).
+    assert hybrid.propose([ProposeRequest("a", 2, budget=4, tier=1)])[0].tokens == [2, 3, 9, 1]
+    assert learned.asked == [] and hybrid.learned_skipped == 0
+    assert 70 in hybrid.propose([ProposeRequest("a", 2, budget=4)])[0].tokens and learned.asked == ["a"]
+    assert hybrid.propose([ProposeRequest("a", 8, budget=4, tier=1)])[0].num_nodes == 1

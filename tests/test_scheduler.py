@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.scheduler import DraftOutcome, Scheduler, SchedulerConfig, SpeculationGovernor
+from server.engine.scheduler import PLAIN, DraftOutcome, Option, Scheduler, SchedulerConfig, SpeculationGovernor
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
 
@@ -81,7 +81,7 @@ def play(g: SpeculationGovernor, batch: int, cap: int, cost: dict[int, float], a
     accepts the draft nodes `accepted` (indices, best first) among its first min(x, nodes)."""
     chosen = []
     for _ in range(steps):
-        x = g.choose(batch, cap)
+        x = g.choose(batch, cap).budget
         chosen.append(x)
         n = min(x, nodes)
         outcomes = [DraftOutcome(x, n, [i for i in accepted if i <= n])] * batch if x else []
@@ -95,7 +95,7 @@ def test_governor_warms_up_largest_first_then_plays_the_fastest_and_explores():
     # Accepts nodes 1, 2, 3 (a chain the best 4 nodes hold): 4 tokens per step at 16 or 4, 1 plain.
     warm = play(g, 1, 16, cost, [1, 2, 3], 9)
     assert warm == [16] * 3 + [4] * 3 + [0] * 3  # a step after a switch does not count: 2 samples take 3
-    assert (g.rate(B1, 4), g.rate(B1, 16), g.rate(B1, 0)) == pytest.approx(((1 + 3) / 1.2, (1 + 3) / 2.0, 1.0))
+    assert (g.rate(B1, Option(4)), g.rate(B1, Option(16)), g.rate(B1, PLAIN)) == pytest.approx(((1 + 3) / 1.2, (1 + 3) / 2.0, 1.0))
     # Rates: 4 -> 3.33 tokens/s, 16 -> 2.0, plain 1.0. The others are re-checked (two steps in a row)
     # once unplayed for explore_every (4) steps times (3.33 / rate) squared: 16 after 11.1 steps, plain
     # after the cap, 8 x 4. Warm-up ended at step 9 (16 last played at step 3, plain at 9).
@@ -112,7 +112,7 @@ def test_governor_prices_small_trees_from_large_ones():
     play(g, 1, 16, {16: 1.0, 4: 1.0, 0: 1.0}, [1, 7], 3)
     for _ in range(20):
         g.record(1, 16, 1.0, [DraftOutcome(16, 16, [1, 7])], 16)
-    assert abs(g.accepted[(B1, 4)] - 1.0) < 1e-9 and abs(g.accepted[(B1, 16)] - 2.0) < 1e-9
+    assert abs(g.accepted[(B1, Option(4))] - 1.0) < 1e-9 and abs(g.accepted[(B1, Option(16))] - 2.0) < 1e-9
 
 
 def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
@@ -120,7 +120,7 @@ def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
     cost = {16: 1.5, 0: 1.0}
     # 4 tokens / 1.5 s beat 1 / s; plain, 2.7x behind, is re-checked after 4 x 7.1 = 28 steps.
     assert play(g, 1, 16, cost, [1, 2, 3], 35) == [16, 16, 0, 0] + [16] * 29 + [0, 0]
-    assert g.choose(8, cap=6) == 6  # another bucket (8-15 sequences) starts its own warm-up
+    assert g.choose(8, cap=6) == Option(6)  # another bucket (8-15 sequences) starts its own warm-up
     chosen = play(g, 1, 16, cost, [], 80)  # drafts stop being accepted
     assert chosen[-24:].count(0) >= 16  # plain, but for the re-checks of the tree (two steps each)
 
@@ -128,10 +128,10 @@ def test_governor_stops_speculating_when_it_stops_paying_and_per_bucket():
 def test_governor_clips_outlier_step_times():
     g = SpeculationGovernor([16], explore_every=4, cost_ema=0.5, clip=3.0)
     g.record(1, 0, 5.0)  # the first step at a budget: a switch, not counted
-    assert (1, 0) not in g.cost
+    assert (B1, PLAIN) not in g.cost
     g.record(1, 0, 1.0)
     g.record(1, 0, 100.0)  # a pause of the process: counted as 3 s
-    assert g.cost[(B1, 0)] == 2.0
+    assert g.cost[(B1, PLAIN)] == 2.0
 
 
 def test_plan_uses_the_governors_budget():
@@ -177,10 +177,10 @@ def test_governor_keeps_re_checks_within_their_share_of_time():
 def test_unplayed_larger_tree_follows_the_played_ones_acceptance_at_its_ratio():
     g = SpeculationGovernor([8, 16], explore_every=1000, accept_ema=0.5)
     g.record(1, 16, 1.0, [DraftOutcome(16, 16, [1, 12])], 16)  # 16 accepts 2, 8 would have accepted 1
-    assert (g.accepted[(B1, 16)], g.accepted[(B1, 8)]) == (2.0, 1.0)
+    assert (g.accepted[(B1, Option(16))], g.accepted[(B1, Option(8))]) == (2.0, 1.0)
     for _ in range(10):  # now only 8 is played, and the text got easier: it accepts 3 per step
         g.record(1, 8, 1.0, [DraftOutcome(8, 8, [1, 2, 3])], 16)
-    assert g.accepted[(B1, 8)] == pytest.approx(3.0, abs=0.01) and g.accepted[(B1, 16)] > 5.0  # ratio 2 kept
+    assert g.accepted[(B1, Option(8))] == pytest.approx(3.0, abs=0.01) and g.accepted[(B1, Option(16))] > 5.0  # ratio 2 kept
 
 
 def test_governor_re_learns_cost_ratios_at_re_checks():
@@ -188,7 +188,7 @@ def test_governor_re_learns_cost_ratios_at_re_checks():
     # Then the tree really costs 1.5 s (2 tokens per step: 1.33x plain). Re-checks must find it out.
     g = SpeculationGovernor([16], explore_every=16, min_samples=2, explore_share=1.0)
     play(g, 1, 16, {16: 4.0, 0: 1.0}, [1], 12)
-    assert g.choose(1, 16) == 0
+    assert g.choose(1, 16) == PLAIN
     later = play(g, 1, 16, {16: 1.5, 0: 1.0}, [1], 200)
     assert later[-50:].count(16) >= 45
 
@@ -204,3 +204,29 @@ def test_governor_drafts_again_after_a_dry_spell_where_drafting_pays_on_the_whol
     assert dry[-50:].count(0) >= 40  # it stopped drafting, but tried again now and then
     back = play(g, 1, 16, cost, [1, 2, 3], 100)
     assert back[-60:] == [16] * 60
+
+
+def test_governor_snaps_a_batchs_cap_to_the_configured_budgets():
+    g = SpeculationGovernor([2, 4, 8, 16], explore_every=4)
+    assert g.options(16) == [Option(16), Option(8), Option(4), Option(2), PLAIN]
+    # Batches of 9 to 12 sequences (caps 5 down to 4) share the arms 4 and 2 rather than each
+    # warming up its own; a cap under the smallest budget is played as it is.
+    assert g.options(5) == g.options(4) == [Option(4), Option(2), PLAIN]
+    assert g.options(1) == [Option(1), PLAIN]
+
+
+def test_governor_picks_the_cheaper_drafter_tier_where_the_dear_one_does_not_pay():
+    # Tier 0 (a learned drafter with lookup) accepts 2 per step but its forward makes a step cost
+    # 3 s; tier 1 (lookup alone) accepts 1 per step at 1.2 s; plain is 1 s. Tier 1 wins: 1.67 tokens/s.
+    g = SpeculationGovernor([4], explore_every=1000, min_samples=2, tiers=2)
+    cost = {(4, 0): 3.0, (4, 1): 1.2, (0, 0): 1.0}
+    accepted = {0: [1, 2], 1: [1]}
+    chosen = []
+    for _ in range(30):
+        x = g.choose(1, 4)
+        chosen.append(x)
+        outcomes = [DraftOutcome(4, 4, accepted[x.tier])] if x.budget else []
+        g.record(1, x.budget, cost[x], outcomes, 4, tier=x.tier)
+    assert chosen[:9] == [Option(4, 0)] * 3 + [Option(4, 1)] * 3 + [PLAIN] * 3  # warm-up: each tier, then plain
+    assert chosen[9:] == [Option(4, 1)] * 21
+    assert g.rate(B1, Option(4, 0)) == pytest.approx(3 / 3.0) and g.rate(B1, Option(4, 1)) == pytest.approx(2 / 1.2)

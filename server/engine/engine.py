@@ -50,7 +50,7 @@ class LLMEngine:
         self.model_name = model_name
         self.max_model_len = config.max_model_len
         self.cache = model.make_cache(config.scheduler.max_batch_size, config.max_model_len)
-        self.scheduler = Scheduler(config.scheduler)
+        self.scheduler = Scheduler(config.scheduler, tiers=len(drafter.tiers) if drafter is not None else 1)
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -115,7 +115,7 @@ class LLMEngine:
     def _run(self, plan: Plan) -> list[RequestDelta]:
         t0 = time.perf_counter()
         decode = [(seq, self._clamp_budget(seq, b)) for seq, b in plan.decode]
-        trees = speculate.propose(self.drafter, decode)
+        trees = speculate.propose(self.drafter, decode, plan.tier)
         t1 = time.perf_counter()
         items, positions = [], []
         for seq, n in plan.prefill:
@@ -177,7 +177,8 @@ class LLMEngine:
         t3 = time.perf_counter()
         self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
         if not plan.prefill and decode:  # a pure decode step: what the governor compares
-            self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap, plan.sampled)
+            self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap, plan.sampled,
+                                           plan.tier)
         return deltas
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:

@@ -18,7 +18,10 @@ Adaptive speculation, two layers:
   shows that for all smaller budgets), plays the budget of most tokens per second and re-checks
   the others now and then (less often the further behind they are). So the tree shrinks where a node costs more than it is
   likely to gain (a CPU, where every tree token is compute; a large batch) and speculation stops
-  where a drafter costs more than it saves, by measurement, not by a guess.
+  where a drafter costs more than it saves, by measurement, not by a guess. A drafter with a
+  cheaper way to draft (the lookup hybrid without its learned forward: Drafter.tiers) gets arms
+  for each, so under load it drafts what lookup finds instead of paying for a learned forward
+  or giving up drafting altogether.
 There is no per-sequence switch (a sequence that accepted little lately decoding plainly): acceptance
 comes in bursts, so such a switch turned drafting off just before the next burst, and it fed the
 governor's counterfactual acceptance with sequences that did not draft (BENCHMARKS.md, engine).
@@ -29,6 +32,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from server.engine.sequence import Sequence, Status
 
@@ -44,8 +48,17 @@ class SchedulerConfig:
     explore_every: int = 32  # steps between tries of a tree size the governor currently rejects
 
 
+class Option(NamedTuple):
+    """What a decode step plays: the tree budget per sequence (0: plain decoding) and the drafter
+    tier that fills it (drafter.base.Drafter.tiers; 0: the drafter's full way)."""
+
+    budget: int
+    tier: int = 0
+
+
+PLAIN = Option(0)
 Bucket = tuple[int, bool]  # (batch-size class, some request samples): SpeculationGovernor.bucket
-Arm = tuple[Bucket, int]  # (bucket, tree budget; 0 = plain)
+Arm = tuple[Bucket, Option]
 
 
 @dataclass(frozen=True)
@@ -67,16 +80,19 @@ class DraftOutcome:
 
 
 class SpeculationGovernor:
-    """How large a tree to verify, per batch-size bucket, chosen by measured throughput.
+    """How large a tree to verify, and with which drafter tier, per batch-size bucket, chosen by
+    measured throughput.
 
-    For every (bucket, tree budget) it estimates tokens per second as
+    For every arm, (bucket, option), where an option is a tree budget and a drafter tier, it
+    estimates tokens per second as
         (1 + accepted drafts per sequence and step) / seconds per step,
-    and plays the best budget (0 = plain decoding, with no drafter forward), drafting only where
+    and plays the best option (budget 0 = plain decoding, with no drafter forward), drafting only where
     that beats plain decoding by `margin`: the estimates rest on timings of a machine that drifts and
     is shared, and a tie is better settled for the steady, cheaper plain step.
     - Acceptance is counterfactual and cheap to learn: trees list their nodes best first
       (drafter/tree.py), so each verified tree says what every smaller budget would have accepted
-      (`DraftOutcome.accepted_within`). One step of the largest tree updates all the budgets' means.
+      (`DraftOutcome.accepted_within`). One step of the largest tree updates all the budgets' means
+      of its tier (another tier drafts other trees: each learns from its own steps).
       A step updates only budgets up to the one it played: a smaller tree cannot tell what a larger
       one would have found, and counting only the steps where it happens to know (the drafter had
       nothing more to offer) would bias the larger budgets' means towards those dry spells.
@@ -98,12 +114,14 @@ class SpeculationGovernor:
       has ended; where it does not, plain decoding stays. (Tuned with bench/governor_sim.py at batch
       1; at concurrency 4 a half-life of 8 steps had CTC alone re-drafting too often: BENCHMARKS.md.)
     Both averages are plain means of the first 1 / weight samples, then moving averages.
-    Every arm first gets `min_samples` steps (largest tree first). Then the governor re-plays an
-    arm it rejects once it has not played it for `explore_every` steps times (best rate / its
-    rate) squared, at most `max_backoff` times that: a near miss is re-checked often, an arm far
-    behind (a large tree at a large batch on a CPU) rarely. Which arms: plain decoding, the trees
-    smaller than the best, and the largest tree, whose steps refresh every budget's acceptance;
-    the sizes between the best and the largest are priced by those. Re-checking a tree after a run
+    The budgets a step may use are the configured ones under the batch's share of
+    `spec_token_budget` (`sizes`), so the batch sizes of a bucket share arms.
+    Every arm first gets `min_samples` steps (each tier's largest tree first). Then the governor
+    re-plays an arm it rejects once it has not played it for `explore_every` steps times (best rate
+    / its rate) squared, at most `max_backoff` times that: a near miss is re-checked often, an arm
+    far behind (a large tree at a large batch on a CPU) rarely. Which arms: plain decoding, the
+    trees of the best's tier smaller than the best, and each tier's largest tree, whose steps
+    refresh every budget's acceptance of that tier; the sizes between are priced by those. Re-checking a tree after a run
     of plain steps is dear (a drafter with its own cache first catches up on every token it
     missed), so re-checks also keep to a budget: they start only while the time spent in them is
     at most `explore_share` of the bucket's decode time.
@@ -111,26 +129,27 @@ class SpeculationGovernor:
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
                  min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.05,
-                 explore_share: float = 0.01, long_ema: float = 0.002, revert_steps: float = 8.0):
-        self.budgets = sorted(set(budgets) | {0}, reverse=True)
+                 explore_share: float = 0.01, long_ema: float = 0.002, revert_steps: float = 8.0, tiers: int = 1):
+        self.budgets = sorted({x for x in budgets if x > 0}, reverse=True)
+        self.tiers = tiers
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
         self.cost_ema, self.accept_ema, self.long_ema, self.revert_steps = cost_ema, accept_ema, long_ema, revert_steps
-        self.cost: dict[Arm, float] = {}  # (bucket, budget) -> seconds per step
-        self.cost_samples: dict[Arm, int] = {}  # steps whose cost counted, per (bucket, budget)
-        self.accepted: dict[Arm, float] = {}  # (bucket, budget) -> accepted per sequence-step
+        self.cost: dict[Arm, float] = {}  # seconds per step
+        self.cost_samples: dict[Arm, int] = {}  # steps whose cost counted
+        self.accepted: dict[Arm, float] = {}  # accepted drafts per sequence-step
         self.accept_samples: dict[Arm, int] = {}
         self.accepted_long: dict[Arm, float] = {}  # the same over the last 1 / long_ema steps
         self.long_samples: dict[Arm, int] = {}
-        self.seen_at: dict[Arm, int] = {}  # (bucket, budget) -> bucket step of its last acceptance update
+        self.seen_at: dict[Arm, int] = {}  # the bucket's step count at the arm's last acceptance update
         self.steps: dict[Bucket, int] = {}  # decode steps seen per bucket
-        self.last: dict[Arm, int] = {}  # (bucket, budget) -> the bucket's step count when last played
-        self.previous: Arm | None = None  # (bucket, budget) of the last step recorded
+        self.last: dict[Arm, int] = {}  # the bucket's step count when the arm was last played
+        self.previous: Arm | None = None  # the arm of the last step recorded
         self.before: Arm | None = None  # the step before that
-        self.again: dict[Bucket, int] = {}  # bucket -> a budget to play once more (the second step of a re-check)
-        self.probe: dict[Bucket, int] = {}  # bucket -> the budget being re-checked
-        self.seconds: dict[Bucket, float] = {}  # bucket -> decode seconds recorded
-        self.probe_seconds: dict[Bucket, float] = {}  # bucket -> of which in re-checks
+        self.again: dict[Bucket, Option] = {}  # an option to play once more (the second step of a re-check)
+        self.probe: dict[Bucket, Option] = {}  # the option being re-checked
+        self.seconds: dict[Bucket, float] = {}  # decode seconds recorded
+        self.probe_seconds: dict[Bucket, float] = {}  # of which in re-checks
 
     @staticmethod
     def bucket(batch: int, sampled: bool = False) -> Bucket:
@@ -139,14 +158,21 @@ class SpeculationGovernor:
         text must not pull a sampling stretch back into drafting)."""
         return max(1, batch).bit_length(), sampled
 
-    def options(self, cap: int) -> list[int]:
-        return sorted({min(x, cap) for x in self.budgets}, reverse=True)
+    def sizes(self, cap: int) -> list[int]:
+        """Tree budgets allowed under `cap`, largest first: the configured ones that fit (or `cap`
+        itself when none does). Snapped, not clipped to the cap, so the batch sizes of a bucket
+        share their arms instead of each warming up its own."""
+        return [x for x in self.budgets if x <= cap] or [cap]
 
-    def acceptance(self, bucket: Bucket, budget: int) -> float | None:
-        """Expected accepted drafts per sequence and step at `budget`: the recent average, drifting
-        back to the long-run one while nothing updates it, half-way every `revert_steps` steps per
-        sequence of the bucket's smallest batch (an average over a batch has fewer dry spells)."""
-        key = (bucket, budget)
+    def options(self, cap: int) -> list[Option]:
+        """Every tier's trees, largest first, then plain decoding."""
+        return [Option(x, t) for t in range(self.tiers) for x in self.sizes(cap)] + [PLAIN]
+
+    def acceptance(self, bucket: Bucket, option: Option) -> float | None:
+        """Expected accepted drafts per sequence and step: the recent average, drifting back to the
+        long-run one while nothing updates it, half-way every `revert_steps` steps per sequence of
+        the bucket's smallest batch (an average over a batch has fewer dry spells)."""
+        key = (bucket, option)
         recent = self.accepted.get(key)
         if recent is None:
             return None
@@ -154,17 +180,17 @@ class SpeculationGovernor:
         half_life = self.revert_steps * 2 ** (bucket[0] - 1)
         return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / half_life)
 
-    def rate(self, bucket: Bucket, budget: int) -> float:
-        """Estimated tokens per second and sequence of steps at `budget` (0 before it is known)."""
-        cost = self.cost.get((bucket, budget))
-        acc = 0.0 if budget == 0 else self.acceptance(bucket, budget)
+    def rate(self, bucket: Bucket, option: Option) -> float:
+        """Estimated tokens per second and sequence of steps playing `option` (0 before it is known)."""
+        cost = self.cost.get((bucket, option))
+        acc = 0.0 if option == PLAIN else self.acceptance(bucket, option)
         if not cost or acc is None:
             return 0.0
         return (1.0 + acc) / cost
 
-    def choose(self, batch: int, cap: int, sampled: bool = False) -> int:
-        """The tree budget per sequence for a decode step of `batch` sequences, at most `cap`;
-        `sampled`: some of them sample (temperature > 0)."""
+    def choose(self, batch: int, cap: int, sampled: bool = False) -> Option:
+        """Tree budget (at most `cap`) and tier for a decode step of `batch` sequences; `sampled`:
+        some of them sample (temperature > 0)."""
         b = self.bucket(batch, sampled)
         options = self.options(cap)
         again = self.again.pop(b, None)
@@ -174,13 +200,16 @@ class SpeculationGovernor:
         for x in options:
             if self.cost_samples.get((b, x), 0) < self.min_samples:
                 return x
-        best = max(options, key=lambda x: (self.rate(b, x), -x))
-        if best and 0 in options and self.rate(b, best) < (1 + self.margin) * self.rate(b, 0):
-            best = 0
+        best = max(options, key=lambda x: (self.rate(b, x), -x.budget, x.tier))
+        if best != PLAIN and self.rate(b, best) < (1 + self.margin) * self.rate(b, PLAIN):
+            best = PLAIN
         top, n = self.rate(b, best), self.steps.get(b, 0)
+        largest: dict[int, Option] = {}  # each tier's largest tree
+        for x in options[:-1]:
+            largest.setdefault(x.tier, x)
         overdue = []
         for x in options:
-            if x != best and (x < best or x == options[0]):
+            if x != best and (x == PLAIN or x == largest[x.tier] or (x.tier == best.tier and x.budget < best.budget)):
                 r = self.rate(b, x)
                 behind = min(self.max_backoff, (top / r) ** 2 if r > 0 else self.max_backoff)
                 late = n - self.last.get((b, x), 0) - self.explore_every * max(1.0, behind)
@@ -192,18 +221,20 @@ class SpeculationGovernor:
         return x
 
     def record(self, batch: int, budget: int, seconds: float, outcomes: Seq[DraftOutcome] = (),
-               cap: int | None = None, sampled: bool = False) -> None:
+               cap: int | None = None, sampled: bool = False, tier: int = 0) -> None:
         """A pure decode step of `batch` sequences ran with per-sequence tree budget `budget` (0:
-        plain) in `seconds`; `outcomes` are its drafting sequences' trees; `cap` the largest budget
-        a sequence could have had (which arms to update; default: every budget)."""
+        plain) of drafter tier `tier` in `seconds`; `outcomes` are its drafting sequences' trees;
+        `cap` the largest budget a sequence could have had (which arms to update; default: every
+        budget)."""
         if seconds <= 0:
             return
         b = self.bucket(batch, sampled)
         self.steps[b] = self.steps.get(b, 0) + 1
-        key = (b, budget)
+        played = Option(budget, tier if budget else 0)
+        key = (b, played)
         self.last[key] = self.steps[b]
         self.seconds[b] = self.seconds.get(b, 0.0) + seconds
-        if self.probe.get(b) == budget:
+        if self.probe.get(b) == played:
             self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
         if self.previous == key:
             old = self.cost.get(key)
@@ -216,21 +247,20 @@ class SpeculationGovernor:
         self.previous = key
         if not outcomes:
             return
-        played = self.accepted.get(key)  # before this step: the ratio base for larger budgets
-        for x in sorted(self.options(cap if cap is not None else max(self.budgets))):  # the played one first
-            if x == 0:
-                continue
-            if x > budget:
+        base = self.accepted.get(key)  # before this step: the ratio base for larger budgets
+        sizes = self.sizes(cap if cap is not None else self.budgets[0])
+        for x in sorted(Option(s, played.tier) for s in sizes):  # ascending: the played one before larger ones
+            if x.budget > budget:
                 # Unseen: keep its ratio to the played budget's acceptance but move it with the text
                 # (acceptance rises and falls with what is being written; a stale estimate of a tree
                 # not played lately must not beat a fresh one just for being old).
-                if (b, x) in self.accepted and played:
-                    self.accepted[(b, x)] *= self.accepted[key] / played
+                if (b, x) in self.accepted and base:
+                    self.accepted[(b, x)] *= self.accepted[key] / base
                     self.seen_at[(b, x)] = self.steps[b]
                 continue
             # Sequences that did not draft this step (they opted out) count as accepting nothing, as
             # they would at any budget.
-            seen = [o.accepted_within(x) for o in outcomes]
+            seen = [o.accepted_within(x.budget) for o in outcomes]
             if any(a is None for a in seen):
                 continue
             _average(self.accepted, self.accept_samples, (b, x), sum(seen) / batch, self.accept_ema)
@@ -250,6 +280,7 @@ class Plan:
     prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
     decode: list[tuple[Sequence, int]]  # (sequence, draft-node budget; 0 = plain decoding)
     budget: int = 0  # the largest tree budget a sequence got this step (0: a plain step)
+    tier: int = 0  # the drafter tier that drafts this step's trees (Drafter.tiers)
     cap: int = 0  # the largest budget a drafting sequence could get this step (what the governor chose from)
     sampled: bool = False  # a decoding sequence samples (the governor keeps such steps apart)
 
@@ -259,11 +290,13 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, tiers: int = 1):
+        """`tiers`: how many ways the engine's drafter can draft (Drafter.tiers); the governor picks."""
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes), config.explore_every)
+        self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes), config.explore_every,
+                                            tiers=tiers)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -292,8 +325,9 @@ class Scheduler:
         drafting = [s for s in decoding if speculation_enabled and s.params.speculative]
         share = cap = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting))) if drafting else 0
         sampled = any(not s.params.greedy for s in decoding)
+        tier = 0
         if share and cfg.governor:
-            share = self.governor.choose(len(decoding), share, sampled)
+            share, tier = self.governor.choose(len(decoding), share, sampled)
         decode = []
         for seq in decoding:
             decode.append((seq, share if seq in drafting else 0))
@@ -306,4 +340,4 @@ class Scheduler:
         # Measured as what the step actually runs: if every decoding request opted out of
         # speculation it is a plain step (no drafter forward), whatever the governor offered.
         budget = max((b for _, b in decode), default=0)
-        return Plan(prefill=prefill, decode=decode, budget=budget, cap=cap, sampled=sampled)
+        return Plan(prefill=prefill, decode=decode, budget=budget, tier=tier if budget else 0, cap=cap, sampled=sampled)

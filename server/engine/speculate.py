@@ -29,10 +29,12 @@ from server.runtime.model import CausalLM
 log = logging.getLogger(__name__)
 
 
-def propose(drafter: Drafter | None, decode: list[tuple[Sequence, int]]) -> list[TokenTree]:
-    """A tree per decoding sequence; budget 0 (or no drafter) gives a root-only tree."""
+def propose(drafter: Drafter | None, decode: list[tuple[Sequence, int]], tier: int = 0) -> list[TokenTree]:
+    """A tree per decoding sequence, drafted by the drafter's `tier`; budget 0 (or no drafter)
+    gives a root-only tree."""
     trees = [TokenTree.chain(seq.pending_token, []) for seq, _ in decode]
-    asks = [(i, ProposeRequest(seq.request_id, seq.pending_token, b)) for i, (seq, b) in enumerate(decode) if b > 0]
+    asks = [(i, ProposeRequest(seq.request_id, seq.pending_token, b, tier)) for i, (seq, b) in enumerate(decode)
+            if b > 0]
     if drafter is not None and asks:
         try:
             proposed = drafter.propose([r for _, r in asks])
