@@ -39,13 +39,19 @@ Requests = dict[str, tuple[list[int], SamplingParams]]
 
 @dataclass(frozen=True)
 class Variant:
-    """One engine configuration under test: a drafter (none, ngram or a directory) and the governor."""
+    """One engine configuration under test: a drafter (none, ngram or a directory) and the governor.
+    `control`: a second plain engine, run like the others; its ratio to the first shows how far
+    two identical engines differ in one run (the machine's noise), which no speedup can be read
+    more finely than."""
 
     drafter: str
     governor: bool = True
+    control: bool = False
 
     @property
     def name(self) -> str:
+        if self.control:
+            return "none (control)"
         base = self.drafter if self.drafter.lower() in ("none", "ngram") else Path(self.drafter).name
         return base if self.governor or base == "none" else f"{base} (no governor)"
 
@@ -252,6 +258,11 @@ def markdown(res: dict) -> str:
             f"{mem['rss_after_load_mib']:.0f} MiB); weights {mem['weights_mib']:.1f} MiB; "
             f"KV cache {mem['kv_cache_mib_per_slot']:.1f} MiB per slot "
             f"({mem['kv_cache_mib_largest']:.1f} MiB at {mem['largest_batch']} slots)."]
+    controls = [v["speedup"] for sec in [*res["batch1"], *res["concurrency"]] for n, v in sec["variants"].items()
+                if n == Variant("none", control=True).name]
+    if controls:
+        out.append(f"Control (a second plain engine): {min(controls):.3f}x to {max(controls):.3f}x the first: ratios "
+                   f"that close to 1.0 are within this run's noise.")
     bad = all_mismatches(res)
     out.append(f"Outputs identical to plain decoding: {'yes' if not bad else f'NO, {len(bad)} mismatches'}.")
     return "\n".join(out)
@@ -285,6 +296,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--governor", choices=["on", "off", "both"], default="on" if SchedulerConfig.governor else "off",
                    help="SchedulerConfig.governor (speculate only while measured tokens/s beats plain steps); "
                         "both: every drafter twice, with and without it")
+    p.add_argument("--control", action="store_true",
+                   help="also run a second plain engine, whose ratio to the first measures the run's noise")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -305,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     governors = {"on": [True], "off": [False], "both": [True, False]}[args.governor]
     variants = [Variant("none")] + [Variant(d, g) for d in args.drafters.split(",") if d and d.lower() != "none"
                                     for g in governors]
+    if args.control:
+        variants.insert(1, Variant("none", control=True))
     prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
 
     def make(v: Variant, max_batch_size: int = 1, max_tree_nodes: int = args.max_tree_nodes) -> LLMEngine:
@@ -328,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     res["tree_sweep"] = None
     if args.tree_budgets:
         sweep = {"none": make(variants[0])} | {f"{v.name}@{b}": make(v, max_tree_nodes=b)
-                                               for b in args.tree_budgets for v in variants[1:]}
+                                               for b in args.tree_budgets for v in variants[1:] if not v.control}
         res["tree_sweep"] = bench_interleaved(sweep, prompts, args, 0.0)
         del sweep
     largest = max(args.concurrency, default=1)

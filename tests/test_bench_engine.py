@@ -1,0 +1,23 @@
+"""bench/bench_engine.py end to end on the demo model, tiny sizes: every section, the control, exactness."""
+
+import json
+
+from bench import bench_engine
+
+
+def test_tiny_run_reports_every_section_and_the_control(tmp_path, capsys):
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--drafters", "ngram", "--num-prompts", "2", "--max-tokens", "12", "--temperatures", "0,0.7",
+                       "--concurrency", "2", "--requests-per-slot", "1", "--concurrency-repeats", "1",
+                       "--tree-budgets", "4", "--control", "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [b["temperature"] for b in res["batch1"]] == [0.0, 0.7]
+    for section in [*res["batch1"], *res["concurrency"]]:
+        assert list(section["variants"]) == ["none", "none (control)", "ngram"]
+        assert section["mismatches"] == []  # speculation and a second plain engine both match plain decoding
+        for v in section["variants"].values():
+            assert v["generated_tokens"] > 0 and v["speedup"] > 0
+    assert set(res["tree_sweep"]["variants"]) == {"none", "ngram@4"}
+    text = capsys.readouterr().out
+    assert "**Batch 1**" in text and "Control (a second plain engine):" in text
+    assert "Outputs identical to plain decoding: yes" in text
