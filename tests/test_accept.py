@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.accept import AcceptResult, accept_batch, accept_tree, recursive_rejection_probs
+from server.engine.accept import AcceptResult, accept_batch, accept_tree, recursive_rejection_probs, walk_trees
 from server.engine.sampler import decide_tokens, process_logits
 from server.engine.types import SamplingParams
 from tests.statistics import chi_square_pvalue
@@ -86,6 +86,26 @@ def test_batch_equals_tree_by_tree() -> None:
     assert accept_batch(flat[0], flat[1], torch.tensor(flat[2]), sizes) == expected
     with pytest.raises(ValueError):
         accept_batch(flat[0], flat[1], flat[2], [*sizes[:-1], sizes[-1] + 1])
+
+
+def test_lazy_walks_ask_only_for_the_nodes_they_reach_one_depth_per_round() -> None:
+    trees = [
+        (TOKENS, PARENTS, [11, 13, X, 15, X, 7]),
+        ([3], [-1], [4]),
+        (TOKENS, PARENTS, [12, X, 8, X, X, X]),
+    ]
+    rounds = []
+
+    def decide(at):
+        rounds.append(at)
+        return [trees[k][2][node] for k, node in at]
+
+    results = walk_trees([(t[0], t[1]) for t in trees], decide)
+    assert results == [accept_tree(*t) for t in trees]
+    # Round d holds the walks still going at depth d, each at the node its path reached.
+    assert rounds == [[(k, 0) for k in range(3)]] + [[(k, r.path[d]) for k, r in enumerate(results) if len(r.path) > d]
+                                                    for d in range(1, max(len(r.path) for r in results))]
+    assert sum(map(len, rounds)) == sum(len(r.path) for r in results)  # never a node off the paths
 
 
 # ---- a toy base model: next-token distribution depends on the previous token only -----------------

@@ -1,8 +1,9 @@
 """Acceptance: walk a verified token tree from the root and emit the accepted drafts + a bonus token.
 
 Setting. Node 0 is the sequence's pending token, nodes 1..n are draft tokens (parents[i] < i; see
-drafter/tree.py). The verify forward gives logits at every node: the base model's next-token
-distribution after the path root..i. The sampler turns them into one decided token per node,
+drafter/tree.py). The verify forward gives the hidden state of every node, hence its logits: the
+base model's next-token distribution after the path root..i. The sampler turns them into one decided
+token per node (the walk below reads only the nodes it reaches, so `walk_trees` decides only those),
     decided[i] = D(logits[i], base + depth(i)),   D(l, t) = argmax(l' / T + g_t)  (greedy: argmax l),
 with g_t the Gumbel noise of output position t (sampler.py) and base = the output position of the
 token that follows the root (= the number of tokens the request has emitted, pending one included).
@@ -40,7 +41,7 @@ tokens + the bonus, 1 to depth + 1 tokens per step. With a root-only tree it is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,11 @@ class AcceptResult:
         return self.emitted[-1]
 
 
-def _check_tree(tree_tokens: Sequence[int], parents: Sequence[int], decided: Sequence[int]) -> None:
+def check_tree(tree_tokens: Sequence[int], parents: Sequence[int]) -> None:
+    """Raise ValueError unless the tree is non-empty, rooted at node 0 and topologically ordered."""
     n = len(tree_tokens)
-    if n == 0 or len(parents) != n or len(decided) != n:
-        raise ValueError(f"need equal non-empty lengths, got {n} tokens, {len(parents)} parents, {len(decided)} decided")
+    if n == 0 or len(parents) != n:
+        raise ValueError(f"need equal non-empty lengths, got {n} tokens, {len(parents)} parents")
     if parents[0] != -1:
         raise ValueError(f"node 0 must be the root (parents[0] == -1), got {parents[0]}")
     for i in range(1, n):
@@ -83,19 +85,41 @@ def accept_tree(tree_tokens: Sequence[int], parents: Sequence[int], decided: Seq
     If siblings repeat a token (a trie never does) the lowest-index one is taken; any choice is
     lossless, since the emitted tokens do not depend on it.
     """
-    _check_tree(tree_tokens, parents, decided)
-    child_of: dict[tuple[int, int], int] = {}  # (parent, token) -> child
-    for i in range(len(parents) - 1, 0, -1):  # descending, so the lowest index wins on repeats
-        child_of[(parents[i], int(tree_tokens[i]))] = i
-    path = [0]
-    emitted: list[int] = []
-    while True:
-        tok = int(decided[path[-1]])
-        emitted.append(tok)
-        nxt = child_of.get((path[-1], tok))
-        if nxt is None:
-            return AcceptResult(path=path, emitted=emitted)  # tok is the bonus
-        path.append(nxt)
+    if len(decided) != len(tree_tokens):
+        raise ValueError(f"{len(tree_tokens)} tokens but {len(decided)} decided")
+    return walk_trees([(tree_tokens, parents)], lambda at: [decided[i] for _, i in at])[0]
+
+
+def walk_trees(trees: Sequence[tuple[Sequence[int], Sequence[int]]],
+               decide: Callable[[list[tuple[int, int]]], Sequence[int]]) -> list[AcceptResult]:
+    """`accept_tree` for several (tokens, parents) trees at once, deciding lazily: the walks advance
+    one depth per round, and each round asks `decide` for the decided tokens of the nodes the walks
+    stand on, as (tree index, node) pairs. Only those nodes' tokens are ever read, so a caller that
+    computes logits on demand pays for the accepted paths (plus one node each), not for the trees.
+    """
+    for tokens, parents in trees:
+        check_tree(tokens, parents)
+    child_of: list[dict[tuple[int, int], int]] = []  # per tree: (parent, token) -> child
+    for tokens, parents in trees:
+        kids = {}
+        for i in range(len(parents) - 1, 0, -1):  # descending, so the lowest index wins on repeats
+            kids[(parents[i], int(tokens[i]))] = i
+        child_of.append(kids)
+    paths: list[list[int]] = [[0] for _ in trees]
+    emitted: list[list[int]] = [[] for _ in trees]
+    active = list(range(len(trees)))
+    while active:
+        toks = decide([(k, paths[k][-1]) for k in active])
+        walking = []
+        for k, tok in zip(active, toks):
+            tok = int(tok)
+            emitted[k].append(tok)
+            nxt = child_of[k].get((paths[k][-1], tok))
+            if nxt is not None:  # else tok is the bonus and this walk ends
+                paths[k].append(nxt)
+                walking.append(k)
+        active = walking
+    return [AcceptResult(path=p, emitted=e) for p, e in zip(paths, emitted)]
 
 
 def accept_batch(

@@ -18,6 +18,7 @@ import torch
 from drafter.base import Drafter
 from server.engine import speculate
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.accept import check_tree
 from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams
@@ -125,17 +126,13 @@ class LLMEngine:
             positions.append([n - 1] if last else [])
         for (seq, _), tree in zip(decode, trees):
             items.append(ForwardItem(seq.slot, self.cache.lengths[seq.slot], tree.tokens, tree.parents))
-            positions.append(list(range(tree.num_nodes)))
+            positions.append([])  # its logits: speculate.accept computes them where its walk goes
         out = speculate.verify(self.model, self.cache, items, positions)
         t2 = time.perf_counter()
 
-        # decide: one batched call for every logits row
-        row_seqs = [seq for (seq, _), pos in zip(plan.prefill, positions) for _ in pos]
-        row_pos = [0 for _, pos in zip(plan.prefill, positions) for _ in pos]
-        for (seq, _), tree in zip(decode, trees):
-            row_seqs += [seq] * tree.num_nodes
-            row_pos += [len(seq.output_ids) + d for d in tree.depths]
-        decided = self._decide(out.logits, row_seqs, row_pos)
+        # the first token of every prefill that completed: one batched call
+        decided = self._decide(out.logits, [seq for (seq, _), pos in zip(plan.prefill, positions) if pos],
+                               [0] * len(out.logits))
 
         deltas: list[RequestDelta] = []
         needs_hidden = self.drafter is not None and self.drafter.needs_hidden
@@ -148,19 +145,25 @@ class LLMEngine:
             if positions[b]:
                 seq.status = Status.DECODE
                 deltas.append(self._emit(seq, [decided[out.rows[b][0]]]))
-        base = len(plan.prefill)
-        committed, results, index, outcomes = [], [], [], []
+        base, index = len(plan.prefill), []
         for j, ((seq, _), tree) in enumerate(zip(decode, trees)):
-            rows = out.rows[base + j]
             try:
-                results.append(speculate.accept(tree, [decided[r] for r in rows]))
-                committed.append(seq)
+                check_tree(tree.tokens, tree.parents)
                 index.append(j)
             except Exception as exc:
                 log.exception("request %s failed in acceptance", seq.request_id)
                 self._finish(seq, FinishReason.ERROR)
                 deltas.append(self._delta(seq, [], "", error=f"internal error: {type(exc).__name__}"))
+        committed = [decode[j][0] for j in index]
+
+        def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
+            seqs = [committed[k] for k, _ in nodes]
+            depths = [trees[index[k]].depths[node] for k, node in nodes]
+            return self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)])
+
+        results = speculate.accept(self.model, out.hidden, [base + j for j in index], [trees[j] for j in index], decide)
         speculate.commit(self.cache, committed, results)
+        outcomes = []
         for seq, res, j in zip(committed, results, index):
             tree = trees[j]
             if self.drafter is not None:

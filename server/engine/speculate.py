@@ -3,8 +3,11 @@
   propose: the drafter turns each sequence's context into a token tree rooted at its pending
            token (CTC collapse, dedupe and trie-building happen inside the drafter);
   verify:  ONE base-model forward over every sequence's tree and every prefill chunk;
-  accept:  per node, decide the base model's token (greedy or seeded sample, sampler.py); walk
-           the tree along decided tokens (accept.py) -> accepted path + bonus token;
+  accept:  walk each tree from its root along the base model's decided tokens (greedy or seeded
+           sample, sampler.py; accept.py) -> accepted path + bonus token. Logits are computed
+           only at the nodes the walks reach, one LM-head call per depth for the whole batch: the
+           vocabulary projection is a large share of a small model's per-token cost, and most
+           nodes of a tree are never reached;
   commit:  move the accepted nodes' K/V right after each prefix; tell the drafter what entered
            the cache (with hidden states, for drafters that condition on them).
 Plain decoding is the same step with root-only trees.
@@ -13,13 +16,14 @@ Plain decoding is the same step with root-only trees.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from drafter.base import Drafter, ProposeRequest
 from drafter.tree import TokenTree
-from server.engine.accept import AcceptResult, accept_tree
+from server.engine.accept import AcceptResult, walk_trees
 from server.engine.sampler import decide_tokens
 from server.engine.sequence import Sequence
 from server.runtime.batch import ForwardItem, build_batch
@@ -56,7 +60,8 @@ class VerifyOutput:
 
 def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_positions: list[list[int]]) -> VerifyOutput:
     """One forward over all items; logits only at `logit_positions[b]` of item b (the vocabulary
-    projection is the largest matrix of a small model, so prefill rows that need none skip it)."""
+    projection is the largest matrix of a small model, so rows that need none skip it: prefill
+    rows before the last, and tree nodes, whose logits `accept` computes as its walks reach them)."""
     batch = build_batch(items, cache.max_len, cache.k.device)
     hidden = model(batch, cache)
     b_idx = [b for b, pos in enumerate(logit_positions) for _ in pos]
@@ -74,8 +79,17 @@ def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> 
     return decide_tokens(logits, [s.params for s in seqs], [s.seed for s in seqs], positions).tolist()
 
 
-def accept(tree: TokenTree, decided: list[int]) -> AcceptResult:
-    return accept_tree(tree.tokens, tree.parents, decided)
+def accept(model: CausalLM, hidden: torch.Tensor, items: list[int], trees: list[TokenTree],
+           decide: Callable[[torch.Tensor, list[tuple[int, int]]], list[int]]) -> list[AcceptResult]:
+    """Walk every tree (item `items[k]` of the verify forward holds `trees[k]`), computing logits
+    only at the nodes the walks stand on: per round one LM-head call over those rows, then
+    `decide(logits, [(k, node), ...])` -> their decided tokens."""
+
+    def at(nodes: list[tuple[int, int]]) -> list[int]:
+        rows = hidden[[items[k] for k, _ in nodes], [node for _, node in nodes]]
+        return decide(model.compute_logits(rows), nodes)
+
+    return walk_trees([(t.tokens, t.parents) for t in trees], at)
 
 
 def commit(cache: KVCache, seqs: list[Sequence], results: list[AcceptResult]) -> None:
