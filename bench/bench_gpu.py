@@ -274,7 +274,8 @@ def static_tree(root: int, nodes: int, vocab: int, gen: torch.Generator) -> Toke
 
 
 def bench_verify(model: CausalLM, args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict:
-    """One runtime forward (speculate.verify: batch build + forward + logits at every node, as in the engine)
+    """One runtime forward (speculate.verify: batch build + forward + logits at every node; the engine computes
+    logits only along the walked paths, so this is its upper bound)
     on a --prompt-len prefix: root only (= a plain decode step) vs trees of --tree-sizes draft nodes; and
     the KV commit of a round(tau)-node path."""
     P, V = args.prompt_len, model.config.vocab_size

@@ -2,7 +2,8 @@
 batch 1 on one model: the two numbers that decide whether speculation can pay on a machine.
 
 Times one base-model verify forward (runtime only, no engine) of a chain of n tokens after a
-200-token prefix, for n in --tree-sizes, relative to n = 1 (a plain decode step), and one
+200-token prefix, with logits at all n (the engine computes them only along the accepted path, so
+this is an upper bound), for n in --tree-sizes, relative to n = 1 (a plain decode step), and one
 `propose` of each --drafters entry after 3 newly committed tokens. Median of --repeats rounds.
 
 Usage, from the repository root: python -m bench.bench_verify_cost [--help]
