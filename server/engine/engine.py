@@ -17,8 +17,8 @@ import torch
 
 from drafter.base import Drafter
 from server.engine import speculate
-from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.accept import check_tree
+from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams
