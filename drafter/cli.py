@@ -75,7 +75,8 @@ def cmd_train(args) -> None:
         draft = MedusaHeads(MedusaConfig.for_base(base.config, num_heads=args.labels, num_layers=args.layers))
     draft = draft.to(base.lm_head.weight.device).attach_base(base)
     tc = TrainConfig(steps=args.steps, conversations_per_step=args.conversations_per_step,
-                     anchors_per_conversation=args.anchors, lr=args.lr, aux_weight=args.aux_weight, seed=args.seed)
+                     anchors_per_conversation=args.anchors, lr=args.lr, weight_decay=args.weight_decay,
+                     aux_weight=args.aux_weight, seed=args.seed)
     metrics = train(draft, load_distilled(args.data), args.out, tc)
     logging.info("trained %s: %s", args.out, metrics)
 
@@ -147,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--conversations-per-step", type=int, default=8)
     t.add_argument("--anchors", type=int, default=24, help="CTC: anchor positions sampled per conversation")
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (decoupled)")
     t.add_argument("--aux-weight", type=float, default=0.0, help="CTC: weight of the frame-aligned cross-entropy")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_train)
