@@ -85,6 +85,7 @@ def accept_tree(tree_tokens: Sequence[int], parents: Sequence[int], decided: Seq
     If siblings repeat a token (a trie never does) the lowest-index one is taken; any choice is
     lossless, since the emitted tokens do not depend on it.
     """
+    check_tree(tree_tokens, parents)
     if len(decided) != len(tree_tokens):
         raise ValueError(f"{len(tree_tokens)} tokens but {len(decided)} decided")
     return walk_trees([(tree_tokens, parents)], lambda at: [decided[i] for _, i in at])[0]
@@ -96,9 +97,9 @@ def walk_trees(trees: Sequence[tuple[Sequence[int], Sequence[int]]],
     one depth per round, and each round asks `decide` for the decided tokens of the nodes the walks
     stand on, as (tree index, node) pairs. Only those nodes' tokens are ever read, so a caller that
     computes logits on demand pays for the accepted paths (plus one node each), not for the trees.
+    The trees must pass `check_tree` (the caller checks them, so that one bad tree fails only its
+    own sequence).
     """
-    for tokens, parents in trees:
-        check_tree(tokens, parents)
     child_of: list[dict[tuple[int, int], int]] = []  # per tree: (parent, token) -> child
     for tokens, parents in trees:
         kids = {}

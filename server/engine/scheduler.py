@@ -121,10 +121,10 @@ class SpeculationGovernor:
     / its rate) squared, at most `max_backoff` times that: a near miss is re-checked often, an arm
     far behind (a large tree at a large batch on a CPU) rarely. Which arms: plain decoding, the
     trees of the best's tier smaller than the best, and each tier's largest tree, whose steps
-    refresh every budget's acceptance of that tier; the sizes between are priced by those. Re-checking a tree after a run
-    of plain steps is dear (a drafter with its own cache first catches up on every token it
-    missed), so re-checks also keep to a budget: they start only while the time spent in them is
-    at most `explore_share` of the bucket's decode time.
+    refresh every budget's acceptance of that tier; the sizes between are priced by those.
+    Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
+    catches up on every token it missed), so re-checks also keep to a budget: they start only
+    while the time spent in them is at most `explore_share` of the bucket's decode time.
     """
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
