@@ -5,13 +5,15 @@ help text, bounds and environment fallbacks are defined once). Precedence: flag,
 `CTC_<NAME>` environment variable, then the default. With no arguments it serves the demo model
 embedded in models/. The engine is built inside the app's start-up (`build_engine(settings)`);
 SIGTERM or Ctrl-C stop accepting connections, let requests in flight finish for up to
---shutdown-timeout seconds, abort the rest and join the engine worker; uvicorn then re-raises the
+--shutdown-timeout seconds, abort the rest (their clients get an error saying the server is
+shutting down, not a cut connection) and join the engine worker; uvicorn then re-raises the
 signal, so supervisors see the usual "terminated by SIGTERM" status (143).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import typing
@@ -24,6 +26,7 @@ from server.settings import Settings
 log = logging.getLogger("server.cli")
 
 STARTUP_FAILED_EXIT = 3  # uvicorn's code when the lifespan (engine loading) fails
+SHUTDOWN_BACKSTOP_S = 5  # uvicorn cuts connections still open this long after the drain's deadline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +65,28 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise  # unreachable: parser.error exits
 
 
+def _draining_server(config, app, drain_s: float):
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette would end every stream the moment a signal arrives, mid-answer; the drain
+    # below ends them instead, each with its answer or an error event.
+    AppStatus.disable_automatic_graceful_drain()
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, whose shutdown first starts the engine's drain: while uvicorn waits
+        for open connections to close, requests in flight get `drain_s` seconds to finish, then
+        the rest are aborted, which completes their responses and so closes the connections."""
+
+        async def shutdown(self, sockets=None) -> None:
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                self.drain = asyncio.ensure_future(engine.drain(drain_s))
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(
@@ -73,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("model %s, drafter %s, device %s, dtype %s", settings.model, settings.drafter, settings.device,
              settings.dtype)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # our logging.basicConfig above formats uvicorn's records too
         log_level=settings.log_level,
         access_log=False,  # serving logs one line per finished request instead
-        timeout_graceful_shutdown=settings.shutdown_timeout,
+        timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_BACKSTOP_S,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server(config, app, settings.shutdown_timeout)
     server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, run the lifespan shutdown
     return 0 if server.started else STARTUP_FAILED_EXIT
 

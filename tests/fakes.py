@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from transformers import AutoTokenizer
 
 from server.api.app import create_app
-from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams
+from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.settings import Settings
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo-llama"
@@ -145,7 +145,14 @@ class FakeEngineCore:
             request_id=seq.request_id, token_ids=new, text=text, finish_reason=finish,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output), speculated=speculated,
             num_draft_tokens=drafts, num_accepted_tokens=accepted, error=error,
+            logprobs=None if seq.params.logprobs is None else [fake_logprob(t, seq.params.logprobs) for t in new],
         )
+
+
+def fake_logprob(token_id: int, top: int) -> TokenLogprob:
+    """A made-up but deterministic log-probability for `token_id`, with `top` alternatives after it."""
+    logprob = -0.25 * (token_id % 4)
+    return TokenLogprob(token_id, logprob, [(token_id + i, logprob - i) for i in range(top)])
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -99,6 +99,43 @@ async def test_completion_stream_equals_full_and_no_usage_chunk_by_default() -> 
     assert full["choices"][0]["text"] == "The quick brown fox jumps over the"
 
 
+async def test_logprobs_chat_stream_equals_full_and_bytes_rebuild_the_text() -> None:
+    core = FakeEngineCore(tokens_per_step=2)
+    body = chat_body("Héllo — wörld", logprobs=True, top_logprobs=2)
+    async with api_client(core) as (client, _):
+        full = (await client.post("/v1/chat/completions", json=body)).json()
+        events = await stream(client, "/v1/chat/completions", body)
+        plain = (await client.post("/v1/chat/completions", json=chat_body("Héllo — wörld"))).json()
+    content = full["choices"][0]["logprobs"]["content"]
+    assert len(content) == full["usage"]["completion_tokens"]
+    # The fake echoes the templated prompt up to EOS; specials are not message text but are tokens.
+    assert b"".join(bytes(e["bytes"]) for e in content).decode() == "<|im_start|>user\nHéllo — wörld<|im_end|>"
+    assert any(e["token"] == "\ufffd" for e in content)  # a token that holds half a character
+    for e in content:
+        assert [t["logprob"] for t in e["top_logprobs"]] == [e["logprob"], e["logprob"] - 1]
+        assert e["top_logprobs"][0]["token"] == e["token"]
+    streamed = [e for c in events[:-1] if c["choices"] and c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    assert plain["choices"][0]["logprobs"] is None
+
+
+async def test_logprobs_completion_offsets_and_stream() -> None:
+    core = FakeEngineCore(tokens_per_step=3)
+    request = {"prompt": "one two three four", "logprobs": 1, "max_tokens": 4}
+    async with api_client(core) as (client, _):
+        full = (await client.post("/v1/completions", json=request)).json()
+        events = await stream(client, "/v1/completions", request)
+    logprobs = full["choices"][0]["logprobs"]
+    assert "".join(logprobs["tokens"]) == full["choices"][0]["text"] == "one two three four"
+    assert logprobs["text_offset"] == [sum(map(len, logprobs["tokens"][:i])) for i in range(len(logprobs["tokens"]))]
+    assert [list(top.values()) for top in logprobs["top_logprobs"]] == [[v] for v in logprobs["token_logprobs"]]
+    parts = [c["choices"][0]["logprobs"] for c in events[:-1] if c["choices"][0]["logprobs"]]
+    assert len(parts) > 1
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for part in parts for x in part[key]] == logprobs[key], key
+
+
 async def test_stop_string_ends_with_stop() -> None:
     async with api_client(FakeEngineCore()) as (client, _):
         body = (await client.post("/v1/completions", json={"prompt": "alpha beta gamma", "stop": " gamma"})).json()

@@ -110,6 +110,32 @@ async def test_shutdown_aborts_running_and_refuses_new() -> None:
         await collect(engine.generate("r2", ids(core, "x"), SamplingParams()))
 
 
+async def test_drain_lets_short_requests_finish_and_aborts_the_rest() -> None:
+    core = FakeEngineCore(max_batch_size=1, tokens_per_step=1)
+    core.pause_after = 2  # the first request stalls after two tokens
+    engine = await started(core)
+    stalled = asyncio.create_task(collect(engine.generate("long", ids(core, "a b c d e f"), SamplingParams())))
+    await wait_until(core.paused.is_set)
+    drain = asyncio.create_task(engine.drain(timeout_s=0.3))
+    await wait_until(lambda: not engine.is_healthy)
+    with pytest.raises(EngineUnavailable):  # admission is closed from the drain's start
+        await collect(engine.generate("late", ids(core, "x"), SamplingParams()))
+    await drain
+    deltas = await stalled
+    assert deltas[-1].finish_reason is FinishReason.ABORT and "long" in core.aborted
+    assert engine._thread is not None and engine._thread.is_alive()  # the worker stops in shutdown()
+    await engine.shutdown()
+
+
+async def test_drain_returns_as_soon_as_nothing_is_in_flight() -> None:
+    core = FakeEngineCore()
+    engine = await started(core)
+    consumer = asyncio.create_task(collect(engine.generate("r1", ids(core, "a b"), SamplingParams())))
+    await asyncio.wait_for(engine.drain(timeout_s=30), timeout=10)
+    assert (await consumer)[-1].finish_reason is FinishReason.STOP and not core.aborted
+    await engine.shutdown()
+
+
 async def test_metrics_follow_the_deltas() -> None:
     core = FakeEngineCore(tokens_per_step=3)
     engine = await started(core)

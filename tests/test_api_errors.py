@@ -36,7 +36,8 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
         ("/v1/chat/completions", b"[1, 2]", "valid dictionary", None),
         ("/v1/chat/completions", b"{}", "messages: Field required", "messages"),
         ("/v1/chat/completions", json.dumps(chat_body("x", n=3)), "n=3 is not supported", "n"),
-        ("/v1/chat/completions", json.dumps(chat_body("x", logprobs=True)), "not implemented", "logprobs"),
+        ("/v1/chat/completions", json.dumps(chat_body("x", top_logprobs=2)), "needs logprobs", None),
+        ("/v1/chat/completions", json.dumps(chat_body("x", presence_penalty=1)), "not implemented", "presence_penalty"),
         ("/v1/chat/completions", json.dumps(chat_body("x", stop=["a"] * 5)), "at most 4 stop", "stop"),
         ("/v1/chat/completions", json.dumps(chat_body("x", temperature="hot")), "temperature", "temperature"),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), "role", None),
@@ -130,6 +131,21 @@ async def test_not_ready_and_shutting_down_are_503() -> None:
             error_of(await client.get("/health"), 503)
             error = error_of(await client.post("/v1/completions", json={"prompt": "hi"}), 503)
     assert error["type"] == "server_error"
+
+
+async def test_a_stream_cut_short_by_shutdown_ends_with_an_error_event() -> None:
+    core = FakeEngineCore(tokens_per_step=1)
+    core.pause_after = 2
+    async with api_client(core) as (client, app):
+        response = asyncio.create_task(client.post("/v1/completions", json={"prompt": "a b c d", "stream": True}))
+        while not core.paused.is_set():
+            await asyncio.sleep(0.01)
+        await app.state.engine.drain(timeout_s=0.1)
+        payloads = sse_payloads((await response).text)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert "shutting down" in error["message"] and error["type"] == "server_error"
+    assert json.loads(payloads[0])["choices"][0]["text"]  # what came before the shutdown was sent
 
 
 async def test_unexpected_error_is_a_generic_500(

@@ -39,8 +39,9 @@ def test_stop_accepts_string_or_up_to_four() -> None:
     ("fields", "message"),
     [
         ({"n": 2}, "n=2 is not supported"),
-        ({"logprobs": True}, "logprobs and top_logprobs are not implemented"),
-        ({"top_logprobs": 3}, "logprobs and top_logprobs are not implemented"),
+        ({"top_logprobs": 3}, "top_logprobs needs logprobs set to true"),
+        ({"logprobs": True, "top_logprobs": 21}, "less than or equal to 20"),
+        ({"logprobs": 3}, "valid boolean"),
         ({"frequency_penalty": 0.5}, "not implemented"),
         ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
         ({"temperature": 2.5}, "less than or equal to 2"),
@@ -52,8 +53,15 @@ def test_refusals_name_the_problem(fields: dict, message: str) -> None:
     assert message in refusal(ChatCompletionRequest, {"messages": MESSAGES, **fields})
 
 
-def test_falsy_logprobs_are_fine() -> None:
-    assert chat(logprobs=False, top_logprobs=0).logprobs is False
+def test_logprobs_fields_map_to_the_number_of_alternatives() -> None:
+    assert chat(logprobs=False, top_logprobs=0).requested_logprobs is None
+    assert chat().requested_logprobs is None
+    assert chat(logprobs=True).requested_logprobs == 0
+    assert chat(logprobs=True, top_logprobs=5).requested_logprobs == 5
+    assert to_sampling_params(chat(logprobs=True, top_logprobs=5), 8).logprobs == 5
+    assert CompletionRequest.model_validate({"prompt": "x", "logprobs": 2}).requested_logprobs == 2
+    assert CompletionRequest.model_validate({"prompt": "x"}).requested_logprobs is None
+    assert "less than or equal to 20" in refusal(CompletionRequest, {"prompt": "x", "logprobs": 21})
 
 
 def test_messages_content_parts_flatten_to_text_and_images_are_refused() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, token_bytes
 from tests.conftest import DEMO_MODEL
 
 
@@ -63,3 +63,37 @@ def test_nothing_after_stop(tok):
     first = d.push(tok.encode("hello STOP world", add_special_tokens=False))
     assert first == "hello " and d.stopped
     assert d.push(tok.encode(" more", add_special_tokens=False)) == "" and d.flush() == ""
+
+
+def test_token_bytes_of_a_byte_level_tokenizer_rebuild_the_text(tok):
+    text = "Ünïcödé: 日本語 🙂 — ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = token_bytes(tok, ids)
+    assert b"".join(pieces).decode() == text
+    assert any(len(p) and not _utf8(p) for p in pieces)  # some tokens hold part of a character
+    assert token_bytes(tok, [tok.eos_token_id]) == [tok.eos_token.encode()]
+
+
+class _SentencePieceLike:
+    """What token_bytes reads of a SentencePiece tokenizer with byte fallback (Llama 2, Mistral)."""
+
+    pieces = {0: "\u2581Hello", 1: "<0xE2>", 2: "<0x80>", 3: "<0x94>", 4: "world", 5: "</s>"}
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def decode(self, ids):  # only reached for pieces that are neither bytes nor word starts
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback():
+    assert token_bytes(_SentencePieceLike(), [0, 1, 2, 3, 4, 5]) == [b" Hello", b"\xe2", b"\x80", b"\x94", b"world",
+                                                                    b"</s>"]
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode()
+        return True
+    except UnicodeDecodeError:
+        return False

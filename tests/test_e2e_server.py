@@ -2,8 +2,9 @@
 
 Nothing is faked here: the server is started as users start it (`python -m server.cli ...`) on a
 free loopback port, and the checks are the ones a user would make: stream == non-stream at
-temperature 0, usage, errors, 16 concurrent streams each equal to its solo output, a client that
-hangs up freeing its slot, metrics that move, an API key, and a clean exit on SIGTERM.
+temperature 0, usage, logprobs, every kind of bad request, 16 concurrent streams each equal to its
+solo output, a client that hangs up freeing its slot, metrics that move, an API key, a full queue,
+and a clean exit on SIGTERM with requests in flight.
 `CTC_TEST_E2E_MODEL` points the test at another model directory (default models/demo-llama).
 """
 
@@ -166,6 +167,32 @@ def test_speculation_is_lossless_and_metrics_move(server: Server) -> None:
         assert after[name] > before[name], name
 
 
+def test_logprobs_stream_equals_full_and_speculation_does_not_change_them(server: Server) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "What is 12 plus 30?"}]
+    ask = dict(model=NAME, messages=messages, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3)
+    full = client.chat.completions.create(**ask)
+    plain = client.chat.completions.create(**ask, extra_body={"speculative": False})
+    streamed = [e for c in client.chat.completions.create(**ask, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    text = b"".join(bytes(e.bytes) for e in content).decode()
+    assert text.startswith(full.choices[0].message.content)  # then the end-of-turn token, if it stopped
+    for other in (plain.choices[0].logprobs.content, streamed):
+        assert [e.token for e in other] == [e.token for e in content]
+        assert [e.logprob for e in other] == pytest.approx([e.logprob for e in content], abs=1e-3)
+    for e in content:  # greedy: the chosen token is the likeliest
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob <= 0 and [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs),
+                                                                                 reverse=True)
+    completion = client.completions.create(model=NAME, prompt="The capital of France is", temperature=0,
+                                           max_tokens=8, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+
+
 def test_errors(server: Server) -> None:
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="n=2"):
@@ -174,8 +201,16 @@ def test_errors(server: Server) -> None:
         chat(client, "hi", max_tokens=5000)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    for bad, param in [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+                       ({"max_tokens": 0}, "max_tokens"), ({"temperature": "hot"}, "temperature"),
+                       ({"messages": []}, "messages"), ({"messages": None}, "messages")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**{"model": NAME, "messages": [{"role": "user", "content": "hi"}], **bad})
+        assert refused.value.body["param"] == param, bad
     raw = httpx.post(f"{server.base}/v1/chat/completions", content=b"{oops", timeout=10)
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    missing = httpx.post(f"{server.base}/v1/chat/completions", json={"model": NAME}, timeout=10)
+    assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
 
 
 def test_concurrent_streams_match_solo_outputs(server: Server) -> None:
@@ -203,18 +238,48 @@ def test_disconnect_frees_the_slot(server: Server) -> None:
     assert server.metrics()["ctc_requests_total{status=abort}"] == aborted_before + 1
 
 
-def test_api_key_and_graceful_sigterm(tmp_path: Path) -> None:
-    keyed = start_server(tmp_path / "keyed.log", "--api-key", "sekrit")
+def test_api_key_queue_full_and_sigterm_under_load(tmp_path: Path) -> None:
+    # One slot and one queue place: a second request waits, a third is turned away.
+    small = start_server(tmp_path / "small.log", "--api-key", "sekrit", "--max-batch-size", "1", "--max-queue", "1",
+                         "--shutdown-timeout", "1")
     try:
         with pytest.raises(openai.AuthenticationError):
-            keyed.client().models.list()
+            small.client().models.list()
         with pytest.raises(openai.AuthenticationError):
-            keyed.client("wrong").completions.create(model=NAME, prompt="hi", max_tokens=2)
-        assert keyed.client("sekrit").completions.create(model=NAME, prompt="hi", max_tokens=2).choices
-        assert httpx.get(f"{keyed.base}/health", timeout=10).status_code == 200  # probes need no key
+            small.client("wrong").completions.create(model=NAME, prompt="hi", max_tokens=2)
+        client = small.client("sekrit")
+        assert client.completions.create(model=NAME, prompt="hi", max_tokens=2).choices
+        assert httpx.get(f"{small.base}/health", timeout=10).status_code == 200  # probes need no key
+
+        running = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=1000, stream=True,
+                                            extra_body={"ignore_eos": True})
+        next(iter(running))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(client.completions.create, model=NAME, prompt="hi", max_tokens=2)
+            deadline = time.monotonic() + 30
+            while small.metrics()["ctc_num_requests_waiting"] != 1:
+                assert time.monotonic() < deadline and not waiting.done(), "the second request never queued"
+                time.sleep(0.05)
+            turned_away = httpx.post(f"{small.base}/v1/completions", json={"model": NAME, "prompt": "hi"},
+                                     headers={"Authorization": "Bearer sekrit"}, timeout=10)
+            assert turned_away.status_code == 429 and int(turned_away.headers["retry-after"]) >= 1
+            assert turned_away.json()["error"]["type"] == "rate_limit_error"
+            # SIGTERM with one request running and one waiting: each gets a complete response, its
+            # answer or (past --shutdown-timeout) an error saying the server is shutting down; never
+            # a cut connection. Nothing hangs and the exit is clean.
+            small.process.send_signal(signal.SIGTERM)
+            try:
+                assert len(list(running)) > 0
+            except openai.APIError as exc:
+                assert "shutting down" in exc.message, exc
+            try:
+                assert waiting.result(timeout=60).choices
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 503 and "shutting down" in exc.message, exc
     finally:
-        code = keyed.stop()
+        code = small.stop()
     # uvicorn re-raises the SIGTERM it caught once its graceful shutdown is done: -15 is a clean exit.
-    log = keyed.log.read_text()
+    log = small.log.read_text()
     assert code in (0, -signal.SIGTERM), log[-4000:]
     assert "engine worker stopped" in log and "Application shutdown complete" in log
+    assert "without completing response" not in log and "Traceback" not in log, log[-4000:]

@@ -73,7 +73,8 @@ def make_engine(model, drafter=None, max_len=96, batch=4, **sched):
 def run_all(engine, requests: dict[str, tuple[list[int], SamplingParams]], max_steps=2000):
     for rid, (prompt, params) in requests.items():
         engine.add_request(rid, prompt, params)
-    out = {rid: {"tokens": [], "text": "", "finish": None, "drafts": 0, "accepted": 0} for rid in requests}
+    out = {rid: {"tokens": [], "text": "", "finish": None, "drafts": 0, "accepted": 0, "logprobs": None}
+           for rid in requests}
     for _ in range(max_steps):
         if not engine.has_work():
             break
@@ -83,6 +84,9 @@ def run_all(engine, requests: dict[str, tuple[list[int], SamplingParams]], max_s
             o["text"] += d.text
             o["drafts"] += d.num_draft_tokens
             o["accepted"] += d.num_accepted_tokens
+            if d.logprobs is not None:
+                assert len(d.logprobs) == len(d.token_ids)
+                o["logprobs"] = (o["logprobs"] or []) + d.logprobs
             if d.finished:
                 o["finish"] = d.finish_reason
     assert not engine.has_work(), "engine did not finish"
@@ -138,6 +142,36 @@ def test_seeded_sampling_is_identical_with_and_without_speculation(models):
     for rid in reqs:
         assert spec[rid]["tokens"] == plain[rid]["tokens"] == again[rid]["tokens"], rid
     assert sum(o["accepted"] for o in spec.values()) > 0
+
+
+def test_logprobs_are_the_base_models_with_and_without_speculation(models):
+    hf, model = models
+    prompts = prompts_for(3, seed=14)
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True, logprobs=0),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+    reqs = {f"l{i}": (p, sp) for i, (p, sp) in enumerate(zip(prompts, params))}
+    plain = run_all(make_engine(model, None), reqs)
+    refs = {rid: o["tokens"] for rid, o in plain.items()}
+    spec = run_all(make_engine(model, NoisyOracleDrafter(refs, 160, seed=4), max_tree_nodes=5), reqs)
+    assert sum(o["accepted"] for o in spec.values()) > 0
+    for rid, (prompt, sp) in reqs.items():
+        tokens = plain[rid]["tokens"]
+        with torch.no_grad():  # the reference: one transformers forward over prompt + output
+            logits = hf(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
+        ref = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+        for run in (plain, spec):
+            lps = run[rid]["logprobs"]
+            assert run[rid]["tokens"] == tokens
+            if sp.logprobs is None:
+                assert lps is None
+                continue
+            assert [lp.token_id for lp in lps] == tokens
+            assert torch.allclose(torch.tensor([lp.logprob for lp in lps]), ref[range(len(tokens)), tokens], atol=1e-4)
+            for lp, row in zip(lps, ref):
+                top = row.topk(sp.logprobs)
+                assert [t for t, _ in lp.top] == top.indices.tolist()
+                assert torch.allclose(torch.tensor([v for _, v in lp.top]), top.values, atol=1e-4)
 
 
 def test_different_seeds_give_different_samples(models):

@@ -10,10 +10,11 @@ abort, so the engine frees the request's slot at its next drain.
 Admission is bounded: once `max_batch_size + max_queue` requests are unfinished (a full batch and
 a full queue behind it), `generate` raises `QueueFull` (HTTP 429). Counting in the event loop,
 rather than reading the engine's waiting count, keeps the bound exact when requests arrive in a
-burst before the worker has scheduled them. After `shutdown()` starts, or if the worker thread ever dies, it raises
-`EngineUnavailable` (HTTP 503). An exception escaping the engine fails the requests it owned with
-`FinishReason.ERROR` and the worker carries on (the engine isolates per-request failures itself
-where it can; this is the last line of defence). The worker also feeds `ServerMetrics`.
+burst before the worker has scheduled them. After `drain()` or `shutdown()` starts, or if the worker
+thread ever dies, it raises `EngineUnavailable` (HTTP 503). An exception escaping the engine fails
+the requests it owned with `FinishReason.ERROR` and the worker carries on (the engine isolates
+per-request failures itself where it can; this is the last line of defence). The worker also feeds
+`ServerMetrics`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from server.engine.types import EngineCore, EngineError, EngineStats, FinishReas
 log = logging.getLogger(__name__)
 
 MAX_FAILURE_BACKOFF_S = 1.0  # cap on the pause after repeated engine failures (no hot error loop)
+DRAIN_POLL_S = 0.05  # how often a draining shutdown checks whether the requests in flight are done
 
 
 class QueueFull(Exception):
@@ -59,6 +61,13 @@ class _Shutdown:
     pass
 
 
+class _AbortAll:
+    pass
+
+
+_Command = _Submit | _Abort | _AbortAll | _Shutdown
+
+
 @dataclass
 class _Tracked:
     """Worker-side timing of one request inside the engine."""
@@ -80,7 +89,7 @@ class AsyncEngine:
         self.metrics = metrics
         self.max_unfinished = max_batch_size + max_queue
         self.stats = EngineStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)  # written by the worker
-        self._inbox: queue.SimpleQueue[_Submit | _Abort | _Shutdown] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,6 +136,20 @@ class AsyncEngine:
             if not done:  # consumer closed or cancelled early: free the engine slot
                 self._send(_Abort(request_id))
 
+    async def drain(self, timeout_s: float) -> None:
+        """The graceful half of a shutdown: stop admitting (503) and give the requests in flight up
+        to `timeout_s` seconds to finish, then abort the rest. Each aborted request ends with
+        FinishReason.ABORT, which the API reports to its client as the server shutting down. The
+        worker keeps running until `shutdown()`."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self._streams:
+            log.warning("shutting down: aborting the %d requests still in flight after %.0f s", len(self._streams),
+                        timeout_s)
+            self._send(_AbortAll())
+
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop admitting, abort every request in flight, and join the worker."""
         self._accepting = False
@@ -145,7 +168,7 @@ class AsyncEngine:
         if len(self._streams) >= self.max_unfinished:
             raise QueueFull(f"the server is at capacity ({self.max_unfinished} requests in flight); retry later")
 
-    def _send(self, command: _Submit | _Abort | _Shutdown) -> None:
+    def _send(self, command: _Command) -> None:
         self._inbox.put(command)
         self._wakeup.set()
 
@@ -189,6 +212,8 @@ class AsyncEngine:
                 self._add(command)
             elif isinstance(command, _Abort):
                 self._abort(command.request_id)
+            elif isinstance(command, _AbortAll):
+                self._finish_all(FinishReason.ABORT)
             else:
                 self._stopping = True
 

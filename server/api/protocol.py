@@ -2,7 +2,7 @@
 
 The chat and completion requests share one base class, so every sampling field is defined once
 with its bounds and description. Unknown fields are ignored (clients send many optional OpenAI
-fields); fields we know but do not implement (n > 1, logprobs, penalties, ...) are refused with a
+fields); fields we know but do not implement (n > 1, penalties, echo, ...) are refused with a
 clear message instead of being silently dropped. Shapes follow the OpenAI API reference
 (https://platform.openai.com/docs/api-reference/chat, .../completions); `speculative`,
 `ignore_eos` and `stop_token_ids` are our extensions (the last two as in vLLM).
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.types import SamplingParams
+from server.engine.types import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
@@ -73,8 +73,6 @@ class SamplingRequest(BaseModel):
     stream: bool = Field(False, description="Stream chunks as server-sent events.")
     stream_options: StreamOptions | None = None
     n: int = Field(1, description="Choices per request; only 1 is supported.")
-    logprobs: bool | int | None = Field(None, description="Not supported.")
-    top_logprobs: int | None = Field(None, description="Not supported.")
     presence_penalty: float = Field(0.0, description="Not supported; must be 0.")
     frequency_penalty: float = Field(0.0, description="Not supported; must be 0.")
     user: str | None = Field(None, description="End-user id, for logs.")
@@ -104,13 +102,6 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"n={n} is not supported: this server returns exactly one choice (n=1)")
         return n
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs and top_logprobs are not implemented by this server")
-        return value
-
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _no_penalties(cls, value: float) -> float:
@@ -131,6 +122,11 @@ class SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """None: no log-probabilities; k: each token's, with the k likeliest alternatives."""
+        return None
 
 
 class ChatMessage(BaseModel):
@@ -156,10 +152,25 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+    logprobs: bool | None = Field(None, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="With logprobs: also the k likeliest tokens at each position.")
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(..., description="A string, or a list holding exactly one string.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="Return each token's log-probability and the k likeliest tokens.")
     echo: bool = Field(False, description="Not supported; must be false.")
     suffix: str | None = Field(None, description="Not supported.")
 
@@ -173,6 +184,10 @@ class CompletionRequest(SamplingRequest):
                 raise ValueError(f"batched prompts are not supported: send one prompt, got a list of {len(prompt)}")
             return prompt[0]
         raise ValueError("prompt must be a string (or a list of one string); token-id prompts are not supported")
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("echo", "suffix")
     @classmethod
@@ -194,6 +209,7 @@ def to_sampling_params(request: SamplingRequest, max_tokens: int) -> SamplingPar
         ignore_eos=request.ignore_eos,
         seed=request.seed,
         speculative=request.speculative,
+        logprobs=request.requested_logprobs,
     )
 
 
@@ -208,6 +224,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -217,7 +257,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReasonName | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -240,7 +280,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: FinishReasonName | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -256,7 +296,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReasonName | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

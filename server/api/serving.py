@@ -4,8 +4,8 @@ No web framework here: the app hands in validated pydantic requests and gets bac
 response model or an async iterator of SSE `data:` payloads. Both paths consume the same engine
 delta stream (the full response drains it). The first delta is fetched before anything is
 returned, so admission failures (queue full, shutting down, a prompt the engine refuses) become
-proper HTTP errors even for streams. Mid-stream, an engine error becomes an error event, and an
-abort (client gone, shutdown) just ends the stream.
+proper HTTP errors even for streams. Mid-stream, an engine error or an abort by a shutdown becomes
+an error event (then `[DONE]`); a client that hung up is simply gone.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from server.api.protocol import (
     Usage,
     to_sampling_params,
 )
-from server.engine.types import EngineError, FinishReason, RequestDelta, SamplingParams
+from server.engine.types import EngineError, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.loader import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a 429 tells clients to wait; the queue drains at step speed
+SHUTDOWN_ABORT = "the request was aborted: the server is shutting down"
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Job:
     params: SamplingParams
     include_usage: bool
     started: float = field(default_factory=time.monotonic)
+    text_offset: int = 0  # characters of token text rendered so far (completions' logprobs)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Tally:
     """What a request produced so far: text, token counts, steps; for usage and the log line."""
 
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
     completion_tokens: int = 0
     steps: int = 0  # engine steps that emitted tokens for this request
     finish_reason: FinishReason | None = None
@@ -65,6 +68,8 @@ class Tally:
 
     def add(self, delta: RequestDelta) -> None:
         self.text.append(delta.text)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
         if delta.token_ids:
             self.completion_tokens += len(delta.token_ids)
             self.steps += 1
@@ -96,14 +101,14 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest) -> BaseModel | AsyncIterator[str]:
         """A ChatCompletionResponse, or (stream) an async iterator of SSE `data:` payloads."""
         prompt_ids = self._chat_prompt_ids(request)
-        return await self._serve(request, prompt_ids, "chatcmpl", "messages", ChatFormat())
+        return await self._serve(request, prompt_ids, "chatcmpl", "messages", ChatFormat(self.tokenizer))
 
     async def completion(self, request: CompletionRequest) -> BaseModel | AsyncIterator[str]:
         """A CompletionResponse, or (stream) an async iterator of SSE data payloads."""
         prompt_ids = self.tokenizer.encode(request.prompt)
         if not prompt_ids:
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        return await self._serve(request, prompt_ids, "cmpl", "prompt", CompletionFormat())
+        return await self._serve(request, prompt_ids, "cmpl", "prompt", CompletionFormat(self.tokenizer))
 
     # ------------------------------------------------------------ shared path
 
@@ -164,7 +169,8 @@ class OpenAIServing:
             raise ApiError(400, str(exc)) from exc
         return _prepend(first, deltas)
 
-    async def _drain(self, job: Job, deltas: AsyncIterator[RequestDelta]) -> tuple[str, FinishReason, Usage]:
+    async def _drain(self, job: Job, deltas: AsyncIterator[RequestDelta]
+                     ) -> tuple[str, FinishReason, Usage, list[TokenLogprob] | None]:
         tally = Tally()
         try:
             async with contextlib.aclosing(deltas):
@@ -175,9 +181,8 @@ class OpenAIServing:
         if tally.finish_reason is FinishReason.ERROR:
             raise ApiError(500, tally.error or "internal engine error", type="server_error")
         if tally.finish_reason in (FinishReason.ABORT, None):
-            raise ApiError(503, "the request was aborted: the server is shutting down", type="server_error",
-                           code="unavailable")
-        return "".join(tally.text), tally.finish_reason, tally.usage(job)
+            raise ApiError(503, SHUTDOWN_ABORT, type="server_error", code="unavailable")
+        return "".join(tally.text), tally.finish_reason, tally.usage(job), tally.logprobs
 
     async def _events(self, job: Job, deltas: AsyncIterator[RequestDelta], fmt: ResponseFormat) -> AsyncIterator[str]:
         tally = Tally()
@@ -187,16 +192,16 @@ class OpenAIServing:
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     tally.add(delta)
-                    if delta.text:
-                        yield fmt.stream_text(job, delta.text)
+                    if delta.text or delta.logprobs:
+                        yield fmt.stream_text(job, delta.text, delta.logprobs)
             if tally.finish_reason is FinishReason.ERROR:
                 yield fmt.error(tally.error or "internal engine error")
             elif tally.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 yield fmt.stream_finish(job, tally.finish_reason)
                 if job.include_usage:
                     yield fmt.stream_usage(job, tally.usage(job))
-            else:
-                return  # aborted: the stream just ends
+            else:  # aborted by a shutdown (a client that hung up reads nothing more)
+                yield fmt.error(SHUTDOWN_ABORT)
             yield "[DONE]"
         except Exception:
             log.exception("stream %s failed", job.request_id)

@@ -12,6 +12,8 @@ Tokens arrive a few at a time; text must go out as soon as it is certain:
 
 from __future__ import annotations
 
+import re
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: list[str] | None = None):
@@ -70,3 +72,44 @@ class IncrementalDetokenizer:
                     best = k
                     break
         return best
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table), inverted:
+    printable Latin-1 bytes stand for themselves, the other 68 map to U+0100 onwards in order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[chr(b)] = b
+        else:
+            alphabet[chr(256 + extra)] = b
+            extra += 1
+    return alphabet
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
+
+
+def token_bytes(tokenizer, token_ids: list[int]) -> list[bytes]:
+    """The bytes each token adds to the text (OpenAI's logprobs `bytes`), token by token.
+
+    Exact for byte-level BPE (Llama 3, Qwen2, the demo model) and SentencePiece with byte fallback
+    (Llama 2, Mistral), where one token may hold part of a multi-byte character; for any other
+    tokenizer, the token decoded on its own. Special tokens give their own text (e.g. EOS).
+    """
+    pieces = tokenizer.convert_ids_to_tokens(token_ids)
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    byte_level = type(decoder).__name__ == "ByteLevel"
+    out = []
+    for token_id, piece in zip(token_ids, pieces):
+        if byte_level and all(c in _BYTE_LEVEL for c in piece):
+            out.append(bytes(_BYTE_LEVEL[c] for c in piece))
+        elif m := _BYTE_PIECE.fullmatch(piece):
+            out.append(bytes([int(m[1], 16)]))
+        elif not byte_level and "\u2581" in piece:  # SentencePiece's word-start marker is a space
+            out.append(piece.replace("\u2581", " ").encode())
+        else:
+            out.append(tokenizer.decode([token_id]).encode())
+    return out

@@ -21,7 +21,8 @@ from server.engine.accept import check_tree
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
-from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams
+from server.engine.sampler import token_logprobs
+from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.batch import ForwardItem
 from server.runtime.model import CausalLM
 
@@ -131,8 +132,9 @@ class LLMEngine:
         t2 = time.perf_counter()
 
         # the first token of every prefill that completed: one batched call
-        decided = self._decide(out.logits, [seq for (seq, _), pos in zip(plan.prefill, positions) if pos],
-                               [0] * len(out.logits))
+        completed = [seq for (seq, _), pos in zip(plan.prefill, positions) if pos]
+        decided = self._decide(out.logits, completed, [0] * len(out.logits))
+        first_logprobs = self._logprobs(out.logits, completed, decided)
 
         deltas: list[RequestDelta] = []
         needs_hidden = self.drafter is not None and self.drafter.needs_hidden
@@ -144,7 +146,8 @@ class LLMEngine:
                 self.drafter.observe(seq.request_id, chunk, out.hidden[b, :n] if needs_hidden else None)
             if positions[b]:
                 seq.status = Status.DECODE
-                deltas.append(self._emit(seq, [decided[out.rows[b][0]]]))
+                row = out.rows[b][0]
+                deltas.append(self._emit(seq, [decided[row]], [first_logprobs[row]]))
         base, index = len(plan.prefill), []
         for j, ((seq, _), tree) in enumerate(zip(decode, trees)):
             try:
@@ -155,21 +158,25 @@ class LLMEngine:
                 self._finish(seq, FinishReason.ERROR)
                 deltas.append(self._delta(seq, [], "", error=f"internal error: {type(exc).__name__}"))
         committed = [decode[j][0] for j in index]
+        walk_logprobs: list[list[TokenLogprob | None]] = [[] for _ in committed]  # per walk, per emitted token
 
         def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
             seqs = [committed[k] for k, _ in nodes]
             depths = [trees[index[k]].depths[node] for k, node in nodes]
-            return self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)])
+            tokens = self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)])
+            for (k, _), lp in zip(nodes, self._logprobs(logits, seqs, tokens)):
+                walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
+            return tokens
 
         results = speculate.accept(self.model, out.hidden, [base + j for j in index], [trees[j] for j in index], decide)
         speculate.commit(self.cache, committed, results)
         outcomes = []
-        for seq, res, j in zip(committed, results, index):
+        for seq, res, j, logprobs in zip(committed, results, index, walk_logprobs):
             tree = trees[j]
             if self.drafter is not None:
                 h = out.hidden[base + j, res.path] if needs_hidden else None
                 self.drafter.observe(seq.request_id, [tree.tokens[i] for i in res.path], h)
-            delta = self._emit(seq, res.emitted)
+            delta = self._emit(seq, res.emitted, logprobs)
             if decode[j][1] > 0:  # asked for a draft, even if the drafter found none
                 outcomes.append(DraftOutcome(decode[j][1], tree.num_draft_tokens, res.path[1:]))
             if tree.num_nodes > 1:
@@ -201,14 +208,25 @@ class LLMEngine:
                     out.append(-1)
             return out
 
+    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+        """Row i's TokenLogprob where seqs[i] asked for log-probabilities (and was decided), else None."""
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] >= 0]
+        if rows:
+            found = token_logprobs(logits[rows], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
+            for i, lp in zip(rows, found):
+                out[i] = lp
+        return out
+
     def _clamp_budget(self, seq: Sequence, budget: int) -> int:
         """No deeper than the tokens the request may still emit or the cache can still hold."""
         room = self.max_model_len - self.cache.lengths[seq.slot] - 1
         left = seq.params.max_tokens - len(seq.output_ids) - 1
         return max(0, min(budget, room, left))
 
-    def _emit(self, seq: Sequence, tokens: list[int]) -> RequestDelta:
-        """Append emitted tokens up to the first stop condition; detokenize; finish if stopped."""
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> RequestDelta:
+        """Append emitted tokens up to the first stop condition; detokenize; finish if stopped.
+        `logprobs` has one entry per token (None where the request asked for none)."""
         if any(t < 0 for t in tokens):
             self._finish(seq, FinishReason.ERROR)
             return self._delta(seq, [], "", error="internal error while sampling")
@@ -230,7 +248,10 @@ class LLMEngine:
             text += seq.detok.flush()
         if reason is not None:
             self._finish(seq, reason)
-        return self._delta(seq, kept, text)
+        delta = self._delta(seq, kept, text)
+        if p.logprobs is not None:
+            delta.logprobs = [lp for lp in logprobs[: len(kept)] if lp is not None]
+        return delta
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.finished:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from server.engine.types import SamplingParams
+from server.engine.types import SamplingParams, TokenLogprob
 
 IntsLike = Sequence[int] | torch.Tensor
 
@@ -185,3 +185,25 @@ def decide_tokens(
     noise = batch_noise([int(seed_list[i]) for i in rows], [pos_list[i] for i in rows], v, dev)  # (S, V)
     tokens[idx] = (filtered / temperature[:, None] + noise).argmax(dim=-1)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """Row i's log-probability of tokens[i] and its top[i] likeliest tokens, best first.
+
+    logits (M, V): raw next-token logits. The distribution is log_softmax of the raw logits, before
+    temperature and filtering (the model's own, as vLLM reports by default). One log_softmax and
+    one topk for all rows, one copy to the host.
+    """
+    if logits.dim() != 2 or not logits.shape[0] == len(tokens) == len(top):
+        raise ValueError(f"logits {tuple(logits.shape)} need one row per token ({len(tokens)}) and top ({len(top)})")
+    if not len(tokens):
+        return []
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+    chosen = logp.gather(1, torch.tensor(list(tokens), device=logp.device)[:, None])[:, 0].tolist()  # (M,)
+    k = max(top)
+    best_lp, best_id = (logp.topk(k, dim=-1, sorted=True) if k else (logp[:, :0], logp[:, :0].long()))  # (M, k)
+    best_lp, best_id = best_lp.tolist(), best_id.tolist()
+    return [
+        TokenLogprob(int(t), lp, list(zip(ids[:n], lps[:n])))
+        for t, lp, n, ids, lps in zip(tokens, chosen, top, best_id, best_lp)
+    ]

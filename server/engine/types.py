@@ -24,12 +24,17 @@ class EngineError(ValueError):
     """A request the engine refuses (the API layer turns it into a 400)."""
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's chat limit)
+
+
 @dataclass
 class SamplingParams:
     """How to decode one request. `temperature == 0` means greedy.
 
     `top_k=None` and `top_p=1.0` switch those filters off. `speculative=False` decodes this
-    request one token per step even when the server runs a drafter.
+    request one token per step even when the server runs a drafter. `logprobs=k` (0 <= k <= 20)
+    returns each emitted token's log-probability and the k likeliest tokens at its position;
+    None returns none.
     """
 
     max_tokens: int = 256
@@ -41,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     speculative: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -53,10 +59,27 @@ class SamplingParams:
             raise EngineError(f"top_k must be >= 1 (or unset), got {self.top_k}")
         if any(not s for s in self.stop):
             raise EngineError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass
+class TokenLogprob:
+    """The base model's log-probability of one emitted token, and the `top` likeliest tokens at its
+    position as (token id, log-probability), best first.
+
+    Log-probabilities are of the model's own distribution, log_softmax(logits), before temperature
+    and top-k/top-p (as vLLM reports them by default). Speculation does not change them: the
+    logits at an accepted tree node are the ones plain decoding computes at that position.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +89,7 @@ class RequestDelta:
     `text` is the newly decoded text (never splits a multi-byte character, never contains a stop
     string or anything after it). `num_draft_tokens`/`num_accepted_tokens` describe this step's
     speculation for the request (both 0 when it did not speculate); accepted excludes the bonus.
+    `logprobs`, when the request asked for them, has one entry per token id.
     """
 
     request_id: str
@@ -78,6 +102,7 @@ class RequestDelta:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     error: str | None = None  # set with FinishReason.ERROR
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
