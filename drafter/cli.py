@@ -35,6 +35,8 @@ def cmd_distill(args) -> None:
     if not rows:
         raise ValueError(f"no training conversations left in {args.corpus} after skipping {args.skip_conversations}")
     convs = [r["messages"] for r in rows]
+    if args.regenerate_temperature and not args.regenerate:
+        raise SystemExit("--regenerate-temperature needs --regenerate")
     if args.perturb_numbers:
         if not args.regenerate:
             raise SystemExit("--perturb-numbers changes the questions, so it needs --regenerate for matching answers")
@@ -46,13 +48,15 @@ def cmd_distill(args) -> None:
 
         engine = LLMEngine(model, tok, EngineConfig(max_model_len=args.max_len,
                                                     scheduler=SchedulerConfig(max_batch_size=args.batch_size)))
-        convs = regenerate(engine, tok, convs, args.max_new_tokens)
+        convs = regenerate(engine, tok, convs, args.max_new_tokens, args.regenerate_temperature,
+                           seed=args.skip_conversations)
     encoded = [encode_conversation(tok, c, args.max_len) for c in convs]
     args.out.mkdir(parents=True, exist_ok=True)
     for k in range(0, len(encoded), args.shard_size):
         build_distilled(model, encoded[k : k + args.shard_size]).save(args.out / f"shard-{k // args.shard_size:04d}.safetensors")
     meta = {"model": str(args.model), "conversations": len(encoded), "regenerated": args.regenerate,
             "perturbed_numbers": args.perturb_numbers, "skipped_conversations": args.skip_conversations,
+            "regenerate_temperature": args.regenerate_temperature,
             "tokens": sum(len(e[0]) for e in encoded), "max_len": args.max_len}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     logging.info("distilled %s", meta)
@@ -126,6 +130,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--perturb-numbers", action="store_true",
                    help="with --regenerate: replace the numbers in user turns first, so the base model answers "
                         "questions it has not memorised (as at serving time)")
+    d.add_argument("--regenerate-temperature", type=float, default=0.0,
+                   help="with --regenerate: sample the new turns at this temperature (seeded per conversation) "
+                        "instead of decoding greedily, so repeated questions get different answers")
     d.add_argument("--max-conversations", type=int, default=None, help="use only the first N training conversations")
     d.add_argument("--skip-conversations", type=int, default=0,
                    help="start after the first N training conversations (to distill more data into a second directory)")

@@ -99,13 +99,18 @@ def perturb_numbers(conversation: list[dict], rng: random.Random) -> list[dict]:
             for m in conversation]
 
 
-def regenerate(engine, tokenizer, conversations: list[list[dict]], max_tokens: int) -> list[list[dict]]:
-    """Rewrite every assistant turn with the base model's greedy output, turn by turn (a later
-    turn sees the regenerated earlier ones). Runs all conversations through the batched engine."""
+def regenerate(engine, tokenizer, conversations: list[list[dict]], max_tokens: int, temperature: float = 0.0,
+               seed: int = 0) -> list[list[dict]]:
+    """Rewrite every assistant turn with the base model's own output, turn by turn (a later turn
+    sees the regenerated earlier ones). Runs all conversations through the batched engine.
+
+    temperature 0: greedy, so copies of one question get one answer. temperature > 0: sampled,
+    conversation i with seed `seed + i` (reproducible), so copies get different answers from the
+    base model's own distribution; the drafter's labels stay the greedy next tokens either way."""
     from server.engine.types import SamplingParams
 
     convs = [list(c) for c in conversations]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i) for i in range(len(convs))]
     n_turns = max(sum(m["role"] == "assistant" for m in c) for c in convs)
     for turn in range(n_turns):
         todo = {}
@@ -118,7 +123,7 @@ def regenerate(engine, tokenizer, conversations: list[list[dict]], max_tokens: i
                     todo[f"{i}"] = (j, prompt)
         texts = {k: "" for k in todo}
         for k, (_, prompt) in todo.items():
-            engine.add_request(k, prompt, params)
+            engine.add_request(k, prompt, params[int(k)])
         bar = tqdm(total=len(todo), desc=f"regenerate turn {turn + 1}", dynamic_ncols=True)
         while engine.has_work():
             for d in engine.step():

@@ -191,6 +191,31 @@ def test_perturb_numbers_changes_user_numbers_only():
     assert all(len(n) == 1 or not n.startswith("0") for n in nums_after)
 
 
+def test_regenerate_rewrites_assistant_turns_greedily_or_sampled_and_seeded():
+    from drafter.data import regenerate
+    from server.engine.engine import EngineConfig, LLMEngine
+    from server.runtime.loader import load_model, load_tokenizer
+    from tests.conftest import DEMO_MODEL
+
+    model, tok = load_model(DEMO_MODEL, dtype="float32", device="cpu"), load_tokenizer(DEMO_MODEL)
+    convs = [[{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": "teacher"},
+              {"role": "user", "content": "Are you sure?"}, {"role": "assistant", "content": "teacher"}]
+             for a, b in [(2, 3), (2, 3), (40, 17)]]
+
+    def run(**kw):
+        engine = LLMEngine(model, tok, EngineConfig(max_model_len=256))
+        return regenerate(engine, tok, convs, max_tokens=24, **kw)
+
+    greedy, sampled, again = run(), run(temperature=1.0, seed=7), run(temperature=1.0, seed=7)
+    for out in (greedy, sampled):
+        assert [m["role"] for m in out[0]] == ["user", "assistant", "user", "assistant"]
+        assert all(m["content"] != "teacher" for c in out for m in c if m["role"] == "assistant")
+        assert all(o[k] == c[k] for o, c in zip(out, convs) for k in (0, 2))  # user turns untouched
+    assert greedy[0] == greedy[1]  # one question, one greedy answer
+    assert sampled == again and sampled[0] != sampled[1]  # seeded per conversation
+    assert sampled != greedy
+
+
 def test_anchor_targets_stay_inside_assistant_turns():
     conv = {"assistant": torch.tensor([0, 0, 1, 1, 1, 0, 1]), "labels": torch.arange(10, 17)}
     got = anchor_targets(conv, K=2)
