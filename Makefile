@@ -30,8 +30,12 @@ DRAFT_WORK ?= models/.build/drafters
 DRAFT_STEPS ?= 3000
 demo-drafters: install
 	ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500 --max-new-tokens 256 --batch-size 48
-	ctc-drafter train --data $(DRAFT_WORK)/regen --out models/demo-llama-ctc --layers 2 --steps $(DRAFT_STEPS)
-	ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --out models/demo-llama-medusa --steps $(DRAFT_STEPS)
+	ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed --regenerate --perturb-numbers --skip-conversations 1500 \
+		--max-conversations 2000 --max-new-tokens 256 --batch-size 48
+	ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --out models/demo-llama-ctc \
+		--layers 2 --steps $(DRAFT_STEPS) --weight-decay 0.3
+	ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed \
+		--out models/demo-llama-medusa --steps $(DRAFT_STEPS) --weight-decay 0.3
 	ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \
 		--drafter models/demo-llama-ctc+ngram --drafter models/demo-llama-medusa+ngram \
 		--num-prompts 40 --max-tokens 192 --out $(DRAFT_WORK)/eval.json

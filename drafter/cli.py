@@ -155,7 +155,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--conversations-per-step", type=int, default=8)
     t.add_argument("--anchors", type=int, default=24, help="CTC: anchor positions sampled per conversation")
     t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (decoupled)")
+    t.add_argument("--weight-decay", type=float, default=0.3,
+                   help="AdamW weight decay (decoupled); 0.3 drafted best on the demo model (BENCHMARKS.md)")
     t.add_argument("--aux-weight", type=float, default=0.0, help="CTC: weight of the frame-aligned cross-entropy")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_train)
