@@ -79,7 +79,7 @@ def _draining_server(config, app, drain_s: float):
         the rest are aborted, which completes their responses and so closes the connections."""
 
         async def shutdown(self, sockets=None) -> None:
-            engine = getattr(app.state, "engine", None)
+            engine = app.state.engine  # None if it never finished loading
             if engine is not None:
                 self.drain = asyncio.ensure_future(engine.drain(drain_s))
             await super().shutdown(sockets)

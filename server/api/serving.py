@@ -69,7 +69,9 @@ class Tally:
     def add(self, delta: RequestDelta) -> None:
         self.text.append(delta.text)
         if delta.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + delta.logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)  # in place: a long answer has thousands of tokens
         if delta.token_ids:
             self.completion_tokens += len(delta.token_ids)
             self.steps += 1

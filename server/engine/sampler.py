@@ -200,9 +200,8 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[in
         return []
     logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
     chosen = logp.gather(1, torch.tensor(list(tokens), device=logp.device)[:, None])[:, 0].tolist()  # (M,)
-    k = max(top)
-    best_lp, best_id = (logp.topk(k, dim=-1, sorted=True) if k else (logp[:, :0], logp[:, :0].long()))  # (M, k)
-    best_lp, best_id = best_lp.tolist(), best_id.tolist()
+    best = logp.topk(max(top), dim=-1)  # (M, k); k may be 0
+    best_lp, best_id = best.values.tolist(), best.indices.tolist()
     return [
         TokenLogprob(int(t), lp, list(zip(ids[:n], lps[:n])))
         for t, lp, n, ids, lps in zip(tokens, chosen, top, best_id, best_lp)
