@@ -35,18 +35,21 @@ $(STAMP): $(PY) requirements.lock requirements-torch.txt pyproject.toml Makefile
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# Regenerate requirements.lock after changing pyproject.toml or requirements-torch.txt: the newest
-# versions that fit, resolved together with the pinned torch for CI's and the image's platform
-# (CPython 3.11, x86_64 Linux). uv (pinned, in its own .venv-lock/) resolves; awk then drops torch
-# and the CUDA libraries that only torch's CUDA builds pull in (nvidia-*, cuda-*), see above.
+# Regenerate requirements.lock after changing pyproject.toml or requirements-torch.txt, resolved
+# together with the pinned torch for CI's and the image's platform (CPython 3.11, x86_64 Linux).
+# Pins already in the lock are kept where they still fit; `make lock LOCK_ARGS=--upgrade` moves
+# everything to the newest versions. uv (pinned, in its own .venv-lock/) resolves; awk then drops
+# torch and the CUDA libraries that only torch's CUDA builds pull in (nvidia-*, cuda-*), see above.
 LOCK_PYTHON ?= 3.11
+LOCK_ARGS ?=
 UV := .venv-lock/bin/uv
 $(UV):
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q uv==0.13.9
 
 lock: $(UV)
-	$(UV) pip compile pyproject.toml --extra test --constraint requirements-torch.txt --generate-hashes \
+	if [ -f requirements.lock ]; then cp requirements.lock requirements.lock.tmp; fi  # uv keeps the pins it finds there
+	$(UV) pip compile $(LOCK_ARGS) pyproject.toml --extra test --constraint requirements-torch.txt --generate-hashes \
 		--python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 		--quiet --output-file requirements.lock.tmp
 	{ echo "# Everything CI tests except torch, at exact versions with their hashes ($(TORCH_PIN), requirements-torch.txt,"; \
