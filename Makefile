@@ -1,13 +1,19 @@
 # Two commands do everything on a fresh machine: `make serve` and `make test`.
 #
-# Outside an active virtual environment, make creates one in .venv/ (from $(PYTHON), 3.10+) and
-# installs into it, so nothing touches the system's Python (which PEP 668 distributions refuse to
-# let pip change anyway). Inside an active one ($VIRTUAL_ENV), make installs there instead.
+# Outside an active virtual environment, make creates one in .venv/ (from $(PYTHON), 3.11: the
+# lock's) and installs into it, so nothing touches the system's Python (which PEP 668 distributions
+# refuse to let pip change anyway). Inside an active one ($VIRTUAL_ENV), make installs there instead.
 #
-# TORCH pins the CPU build this project is tested with; on a CUDA host install your CUDA build of
-# torch into the environment first and run `make serve TORCH=` (empty) to keep it.
+# What gets installed is what CI tests: requirements.lock (exact versions with their hashes, checked
+# by pip) for every dependency except torch, then torch at the version in requirements-torch.txt,
+# then the project itself without dependencies, then `pip check`. torch is outside the hashed lock
+# because its CPU build (this machine's and CI's) and its CUDA builds (the Docker image) are
+# different files with different hashes; pinning its version pins its CUDA libraries too (its CUDA
+# builds require exact versions of them). On a CUDA host, install your CUDA build of that torch
+# into the environment first and run `make serve TORCH=` (empty) to keep it.
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+TORCH_PIN := $(shell grep -m1 '^torch==' requirements-torch.txt)
+TORCH ?= $(TORCH_PIN)
 PYTEST_ARGS ?=
 VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
@@ -15,17 +21,41 @@ BIN := $(VENV)/bin
 # Installing is skipped while this stamp is newer than everything that decides what gets installed.
 STAMP := $(VENV)/.ctc-serve-installed
 
-.PHONY: install serve test bench demo-model demo-drafters
+.PHONY: install lock serve test bench demo-model demo-drafters
 
 install: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml Makefile
+$(STAMP): $(PY) requirements.lock requirements-torch.txt pyproject.toml Makefile
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Regenerate requirements.lock after changing pyproject.toml or requirements-torch.txt, resolved
+# together with the pinned torch for CI's and the image's platform (CPython 3.11, x86_64 Linux).
+# Pins already in the lock are kept where they still fit; `make lock LOCK_ARGS=--upgrade` moves
+# everything to the newest versions. uv (pinned, in its own .venv-lock/) resolves; awk then drops
+# torch and the CUDA libraries that only torch's CUDA builds pull in (nvidia-*, cuda-*), see above.
+LOCK_PYTHON ?= 3.11
+LOCK_ARGS ?=
+UV := .venv-lock/bin/uv
+$(UV):
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q uv==0.13.9
+
+lock: $(UV)
+	if [ -f requirements.lock ]; then cp requirements.lock requirements.lock.tmp; fi  # uv keeps the pins it finds there
+	$(UV) pip compile $(LOCK_ARGS) pyproject.toml --extra test --constraint requirements-torch.txt --generate-hashes \
+		--python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
+		--quiet --output-file requirements.lock.tmp
+	{ echo "# Everything CI tests except torch, at exact versions with their hashes ($(TORCH_PIN), requirements-torch.txt,"; \
+	  echo "# was part of the resolution). torch and its CUDA-only dependencies are left out: see the Makefile."; \
+	  awk '/^[^ #]/ { skip = /^(torch==|nvidia-|cuda-)/ } !skip' requirements.lock.tmp; } > requirements.lock
+	rm requirements.lock.tmp
 
 serve: install
 	$(BIN)/ctc-serve $(ARGS)

@@ -88,6 +88,14 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._outbox)
 
+    def forget_measurements(self) -> None:
+        """Start the governor's arms and the phase timers afresh, as in a new engine (after a
+        warm-up, whose step times include one-time compilation). Only while idle."""
+        if self.has_work():
+            raise EngineError("forget_measurements needs an idle engine")
+        self.scheduler = Scheduler(self.config.scheduler, tiers=self.scheduler.governor.tiers)
+        self.phase_seconds.clear()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),

@@ -1,4 +1,5 @@
-"""Build the engine core from server settings: model, tokenizer, drafter, cache, scheduler."""
+"""Build the engine core from server settings: model, tokenizer, drafter, cache, scheduler; then warm
+it up (warmup.py), so the server reports ready only once a request can be served at full speed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from drafter.base import Drafter
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
+from server.engine.warmup import warm_up
 from server.runtime.loader import load_model, load_tokenizer
 from server.settings import HYBRID_SUFFIX
 
@@ -43,6 +45,7 @@ def build_engine(settings) -> LLMEngine:
     config = EngineConfig(max_model_len=settings.max_model_len, scheduler=sched)
     name = getattr(settings, "served_model_name", None) or Path(settings.model).name
     engine = LLMEngine(model, tokenizer, config, drafter=drafter, model_name=name)
+    warm_up(engine)
     log.info("engine ready: model %s, drafter %s, max_batch_size %d, max_model_len %d",
              name, drafter.name if drafter else "none", sched.max_batch_size, config.max_model_len)
     return engine
