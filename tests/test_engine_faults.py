@@ -125,7 +125,7 @@ class FaultyDrafter(Drafter):
     """A real drafter; `fails(method, seq_ids, nth_call)` says when a call raises instead (before the
     real call runs, so the real drafter misses it, as after a crash half-way)."""
 
-    def __init__(self, inner: Drafter, fails, bad_tree: bool = False):
+    def __init__(self, inner: Drafter, fails, bad_tree: str | None = None):
         self.inner, self.fails, self.bad_tree = inner, fails, bad_tree
         self.name, self.needs_hidden, self.tiers = f"faulty-{inner.name}", inner.needs_hidden, inner.tiers
         self.calls: Counter[str] = Counter()
@@ -148,10 +148,16 @@ class FaultyDrafter(Drafter):
     def propose(self, requests):
         self._maybe_fail("propose", [r.seq_id for r in requests])
         trees = self.inner.propose(requests)
-        if self.bad_tree:  # a token the base model does not have: would fail the whole verify forward
-            trees = [TokenTree.chain(r.pending_token, [10**6]) if r.seq_id == "bad" else t
-                     for r, t in zip(requests, trees)]
-        return trees
+        if self.bad_tree is None or "bad" not in [r.seq_id for r in requests]:
+            return trees
+        if self.bad_tree == "none":
+            return None
+        if self.bad_tree == "too few":
+            return trees[:-1]
+        bad = {"token": lambda r: [r.pending_token, 10**6],  # not in the vocabulary: would fail the forward
+               "root": lambda r: [r.pending_token + 1, 1],
+               "over budget": lambda r: [r.pending_token] + [1] * (r.budget + 1)}[self.bad_tree]
+        return [TokenTree.chain(bad(r)[0], bad(r)[1:]) if r.seq_id == "bad" else t for r, t in zip(requests, trees)]
 
     def release(self, seq_id):
         self._maybe_fail("release", [seq_id])
@@ -167,15 +173,22 @@ def check_drafter_fault(engine: LLMEngine, drafter: FaultyDrafter, out: dict, pl
 
 
 @pytest.mark.parametrize("kind", ["ngram", "ctc+ngram"])
-@pytest.mark.parametrize("method", ["start", "observe", "propose", "release", "bad tree"])
+@pytest.mark.parametrize("method", ["start", "observe", "propose", "release"])
 def test_a_drafter_fault_on_one_request_costs_drafts_only(model, plain, kind, method):
-    drafter = FaultyDrafter(new_drafter(kind, model), lambda m, ids, n: m == method and "bad" in ids,
-                            bad_tree=method == "bad tree")
+    drafter = FaultyDrafter(new_drafter(kind, model), lambda m, ids, n: m == method and "bad" in ids)
     engine = new_engine(model, drafter)
     out = drive(engine, REQUESTS)
     assert drafter.calls["propose"] > 0
     check_drafter_fault(engine, drafter, out, plain)
     assert engine.guard.enabled  # one failing request does not switch the drafter off
+    serves_next(engine, plain)
+
+
+@pytest.mark.parametrize("bad_tree", ["token", "root", "over budget", "none", "too few"])
+def test_a_drafter_proposing_a_bad_tree_costs_drafts_only(model, plain, bad_tree):
+    drafter = FaultyDrafter(new_drafter("ngram", model), lambda m, ids, n: False, bad_tree=bad_tree)
+    engine = new_engine(model, drafter)
+    check_drafter_fault(engine, drafter, drive(engine, REQUESTS), plain)
     serves_next(engine, plain)
 
 

@@ -88,14 +88,22 @@ class DrafterGuard:
         if self.drafter is None or not asks:
             return trees
         proposed = self._call(self.drafter.propose, "propose", [r for _, _, r in asks])
-        if proposed is not None and len(proposed) != len(asks):
-            proposed = self._fault("propose", f"{len(proposed)} trees for {len(asks)} requests")
+        if proposed is not None:
+            try:
+                proposed = list(proposed)
+                if len(proposed) != len(asks):
+                    raise ValueError(f"{len(proposed)} trees for {len(asks)} requests")
+            except Exception as exc:
+                proposed = self._fault("propose", str(exc))
         if proposed is None:
             for _, seq, _ in asks:
                 self._stop(seq)
             return trees
         for (i, seq, r), tree in zip(asks, proposed):
-            problem = self._check(tree, r)
+            try:
+                problem = self._check(tree, r)
+            except Exception as exc:
+                problem = f"an unreadable tree ({type(exc).__name__})"
             if problem is None:
                 trees[i] = tree
             else:  # a bad tree would fail the verify forward of the whole batch
@@ -125,7 +133,7 @@ class DrafterGuard:
             return f"rooted at {tree.tokens[0]}, not at the pending token {request.pending_token}"
         if tree.num_nodes - 1 > request.budget:
             return f"{tree.num_nodes - 1} draft nodes over a budget of {request.budget}"
-        if not all(0 <= t < self.vocab_size for t in tree.tokens):
+        if min(tree.tokens) < 0 or max(tree.tokens) >= self.vocab_size:
             return f"a token id outside [0, {self.vocab_size})"
         return None
 
