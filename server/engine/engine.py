@@ -11,8 +11,8 @@ times out. How faults are contained, from cheapest to dearest:
 - sampling: decided row by row when the batched call fails; a failing row fails its request;
 - the forward (verify/prefill/decode, accept): if the batched forward fails, each request is run
   alone, and only those that fail alone fail (it changes no engine state before it succeeds);
-- finishing one request (detokenizer, stop checks, the drafter's observe/release): fails that
-  request only; `_finish` never raises, so its final delta is always made;
+- finishing one request (its KV bookkeeping, stop checks, the detokenizer): fails that request
+  only; `_finish` never raises, so its final delta is always made;
 - anything else in the step (the KV commit): fails the step's unfinished requests.
 A failed request ends with FinishReason.ERROR and an `error` message; the engine serves on.
 """
