@@ -13,8 +13,10 @@ rather than reading the engine's waiting count, keeps the bound exact when reque
 burst before the worker has scheduled them. After `drain()` or `shutdown()` starts, or if the worker
 thread ever dies, it raises `EngineUnavailable` (HTTP 503). An exception escaping the engine fails
 the requests it owned with `FinishReason.ERROR` and the worker carries on (the engine isolates
-per-request failures itself where it can; this is the last line of defence). The worker also feeds
-`ServerMetrics`.
+per-request failures itself where it can; this is the last line of defence). Either way every
+submitted request gets exactly one final item (a finished delta, or the EngineError refusing it):
+a delta taken off the tracked set is posted even if the metrics code after it fails. The worker
+also feeds `ServerMetrics`.
 """
 
 from __future__ import annotations
@@ -253,34 +255,38 @@ class AsyncEngine:
         deltas = self.core.step()
         now = time.monotonic()
         out: list[tuple[str, _Item]] = []
-        for delta in deltas:
-            tracked = self._tracked.get(delta.request_id)
-            if tracked is None:
-                continue  # aborted while the step ran
-            self.metrics.observe_delta(delta)
-            if delta.token_ids:
-                if tracked.last_token_at is None:
-                    self.metrics.observe_first_token(now - tracked.arrival, step_start - tracked.arrival)
-                else:
-                    self.metrics.observe_token_gap(now - tracked.last_token_at, len(delta.token_ids))
-                tracked.last_token_at = now
-            tracked.completion_tokens = delta.completion_tokens
-            if delta.finished:
-                del self._tracked[delta.request_id]
-                self.metrics.observe_finish(delta.finish_reason, now - tracked.arrival)
-            out.append((delta.request_id, delta))
-        self._publish_stats()
-        self._post(out)
+        try:
+            for delta in deltas:
+                tracked = self._tracked.get(delta.request_id)
+                if tracked is None:
+                    continue  # aborted while the step ran
+                if delta.finished:  # untracked before anything else can fail: its final delta goes out below
+                    del self._tracked[delta.request_id]
+                out.append((delta.request_id, delta))
+                self.metrics.observe_delta(delta)
+                if delta.token_ids:
+                    if tracked.last_token_at is None:
+                        self.metrics.observe_first_token(now - tracked.arrival, step_start - tracked.arrival)
+                    else:
+                        self.metrics.observe_token_gap(now - tracked.last_token_at, len(delta.token_ids))
+                    tracked.last_token_at = now
+                tracked.completion_tokens = delta.completion_tokens
+                if delta.finished:
+                    self.metrics.observe_finish(delta.finish_reason, now - tracked.arrival)
+            self._publish_stats()  # before the deltas go out: a client that finished sees gauges that agree
+        finally:  # a delta taken off `_tracked` must reach its client even if metrics failed
+            self._post(out)
 
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
         """End every tracked request with `reason`, releasing it in the engine (best effort)."""
-        out: list[tuple[str, _Item]] = []
-        for request_id in list(self._tracked):
-            self._release(request_id)
-            out.append((request_id, self._final_delta(request_id, reason, error)))
-            self.metrics.observe_finish(reason, None)
-        self._tracked.clear()
-        self._post(out)
+        out: list[tuple[str, _Item]] = [(r, self._final_delta(r, reason, error)) for r in self._tracked]
+        try:
+            for request_id in list(self._tracked):
+                self._release(request_id)
+                self.metrics.observe_finish(reason, None)
+        finally:  # whatever failed above, every request gets its final delta
+            self._tracked.clear()
+            self._post(out)
         try:
             self._publish_stats()
         except Exception:

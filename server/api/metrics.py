@@ -6,7 +6,8 @@ process. The speculative-decoding counters mean what vLLM's `vllm:spec_decode_*`
 tokens verified, `num_accepted_tokens` the draft tokens accepted (bonus token excluded), so the
 mean acceptance length is `1 + accepted / drafts`. The acceptance-length histogram observes, per
 speculated step of one sequence, the tokens it emitted (accepted + 1 bonus). A request that does
-not speculate moves the generation-token counter only.
+not speculate moves the generation-token counter only. `ctc_drafter_errors_total` follows the
+engine's own count of failed drafter calls (EngineStats.drafter_errors), read with the gauges.
 
 The worker thread is the only writer; prometheus-client metrics are thread-safe for the scrape.
 """
@@ -85,6 +86,10 @@ class ServerMetrics:
         self.num_running = Gauge("ctc_num_requests_running", "Requests in the running batch.", registry=r)
         self.num_waiting = Gauge("ctc_num_requests_waiting", "Requests waiting for a batch slot.", registry=r)
         self.kv_cache_usage = Gauge("ctc_kv_cache_usage_ratio", "Used KV-cache positions over capacity.", registry=r)
+        self.drafter_errors = Counter(
+            "ctc_drafter_errors", "Drafter calls that failed; their requests decoded on without drafts.", registry=r
+        )
+        self._drafter_errors_seen = 0  # the engine counts since its start; the counter moves by the difference
 
     def observe_delta(self, delta: RequestDelta) -> None:
         """Token and speculation counters for one request's share of one step."""
@@ -115,6 +120,9 @@ class ServerMetrics:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        if stats.drafter_errors > self._drafter_errors_seen:
+            self.drafter_errors.inc(stats.drafter_errors - self._drafter_errors_seen)
+            self._drafter_errors_seen = stats.drafter_errors
 
     def render(self) -> bytes:
         """The text exposition format, for GET /metrics."""

@@ -2,8 +2,19 @@
 
 `step()` = schedule -> propose -> one batched verify forward (prefill chunks + trees) -> decide
 and accept per sequence -> commit KV -> stop checks and incremental detokenization -> deltas.
-A failure in the batched part fails the requests of that step (each gets an ERROR delta and its
-slot back) and leaves the engine serving; a failure while finishing one sequence fails only it.
+
+Invariant: every admitted request gets exactly one final delta (`finish_reason` set), whatever
+fails. A client waits for that delta, so a request that ends without one hangs until the client
+times out. How faults are contained, from cheapest to dearest:
+- the drafter: every call goes through `DrafterGuard`, which never raises; a failure stops
+  drafting for the sequences it concerned, which decode on plainly to the same output;
+- sampling: decided row by row when the batched call fails; a failing row fails its request;
+- the forward (verify/prefill/decode, accept): if the batched forward fails, each request is run
+  alone, and only those that fail alone fail (it changes no engine state before it succeeds);
+- finishing one request (its KV bookkeeping, stop checks, the detokenizer): fails that request
+  only; `_finish` never raises, so its final delta is always made;
+- anything else in the step (the KV commit): fails the step's unfinished requests.
+A failed request ends with FinishReason.ERROR and an `error` message; the engine serves on.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from drafter.base import Drafter
+from drafter.tree import TokenTree
 from server.engine import speculate
-from server.engine.accept import check_tree
+from server.engine.accept import AcceptResult
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.drafter_guard import DrafterGuard, DrafterGuardConfig
 from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
@@ -33,10 +46,46 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_model_len: int = 2048
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    drafter_guard: DrafterGuardConfig = field(default_factory=DrafterGuardConfig)
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+
+
+@dataclass
+class _Prefilled:
+    """A prefill chunk that went through the forward (LLMEngine._forward)."""
+
+    seq: Sequence
+    chunk: list[int]
+    hidden: torch.Tensor | None  # (len(chunk), H) for a drafter that wants them
+    token: int | None = None  # the first generated token, if the prompt is now complete
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class _Verified:
+    """A decoding sequence's tree that went through the forward and the acceptance walk."""
+
+    seq: Sequence
+    budget: int  # draft nodes it was allowed (0: plain)
+    tree: TokenTree
+    result: AcceptResult
+    hidden: torch.Tensor | None  # (len(result.path), H) for a drafter that wants them
+    logprobs: list[TokenLogprob | None]
+
+
+@dataclass
+class _Forwarded:
+    """What `LLMEngine._forward` found, before any engine state changes."""
+
+    prefilled: list[_Prefilled] = field(default_factory=list)
+    verified: list[_Verified] = field(default_factory=list)
+
+    def extend(self, other: _Forwarded) -> None:
+        self.prefilled += other.prefilled
+        self.verified += other.verified
 
 
 class LLMEngine:
@@ -49,10 +98,11 @@ class LLMEngine:
                 f"does not implement; serve it with max_model_len <= {cfg.sliding_window}"
             )
         self.model, self.tokenizer, self.config, self.drafter = model, tokenizer, config, drafter
+        self.guard = DrafterGuard(drafter, cfg.vocab_size, config.drafter_guard)  # every drafter call goes here
         self.model_name = model_name
         self.max_model_len = config.max_model_len
         self.cache = model.make_cache(config.scheduler.max_batch_size, config.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, tiers=len(drafter.tiers) if drafter is not None else 1)
+        self.scheduler = Scheduler(config.scheduler, tiers=len(self.guard.tiers))
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -101,34 +151,96 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.cache.usage(),
+            drafter_errors=self.guard.errors,
         )
 
     def step(self) -> list[RequestDelta]:
         deltas, self._outbox = self._outbox, []
         for seq in self.scheduler.admit(self.cache.can_allocate, self.cache.allocate):
-            if self.drafter is not None:
-                self.drafter.start(seq.request_id, seq.prompt_ids)
-        plan = self.scheduler.plan(speculation_enabled=self.drafter is not None)
+            self.guard.start(seq)
+        plan = self.scheduler.plan(speculation_enabled=self.guard.enabled)
         if plan.empty:
             return deltas
         try:
-            deltas += self._run(plan)
-        except Exception as exc:  # the batch failed as a whole: fail its requests, keep serving
-            log.exception("engine step failed; failing the %d requests in it", len(plan.prefill) + len(plan.decode))
+            self._run(plan, deltas)
+        except Exception as exc:  # a batched part failed: fail the step's unfinished requests, keep serving
+            log.exception("engine step failed; failing the unfinished requests of the %d in it",
+                          len(plan.prefill) + len(plan.decode))
             for seq, _ in plan.prefill + plan.decode:
-                if not seq.finished:
-                    self._finish(seq, FinishReason.ERROR)
-                    deltas.append(self._delta(seq, [], "", error=f"internal error: {type(exc).__name__}"))
+                if not seq.finished:  # a finished one has its final delta in `deltas` already
+                    deltas.append(self._fail(seq, exc))
         return deltas
 
     # -- the step --------------------------------------------------------------------------------
-    def _run(self, plan: Plan) -> list[RequestDelta]:
+    def _run(self, plan: Plan, deltas: list[RequestDelta]) -> None:
+        """Run the plan, appending each request's delta to `deltas` as soon as it is made (so a
+        failure part-way keeps the final deltas of the requests that finished before it)."""
         t0 = time.perf_counter()
         decode = [(seq, self._clamp_budget(seq, b)) for seq, b in plan.decode]
-        trees = speculate.propose(self.drafter, decode, plan.tier)
+        trees = self.guard.propose(decode, plan.tier)
         t1 = time.perf_counter()
+        retried = False
+        try:
+            out = self._forward(plan.prefill, decode, trees)
+        except Exception:
+            if len(plan.prefill) + len(decode) == 1:
+                raise
+            # Find the request(s) it fails for: each alone. The forward only writes K/V past each
+            # sequence's committed length, so running it again overwrites, never corrupts.
+            log.exception("batched forward failed; running its %d requests one by one", len(plan.prefill) + len(decode))
+            out, retried = _Forwarded(), True
+            solo = [([p], [], []) for p in plan.prefill] + [([], [d], [t]) for d, t in zip(decode, trees)]
+            for prefill, dec, tree in solo:
+                try:
+                    out.extend(self._forward(prefill, dec, tree))
+                except Exception as exc:
+                    seq = (prefill or dec)[0][0]
+                    log.exception("request %s failed in the forward", seq.request_id)
+                    deltas.append(self._fail(seq, exc))
+        t2 = time.perf_counter()
+
+        for p in out.prefilled:
+            try:
+                self.cache.advance(p.seq.slot, len(p.chunk))
+                p.seq.num_prefilled += len(p.chunk)
+                self.guard.observe(p.seq, p.chunk, p.hidden)
+                if p.token is not None:
+                    p.seq.status = Status.DECODE
+                    deltas.append(self._emit(p.seq, [p.token], [p.logprob]))
+            except Exception as exc:
+                log.exception("request %s failed after its prefill", p.seq.request_id)
+                deltas.append(self._fail(p.seq, exc))
+        outcomes = []
+        speculate.commit(self.cache, [v.seq for v in out.verified], [v.result for v in out.verified])
+        for v in out.verified:
+            try:
+                self.guard.observe(v.seq, [v.tree.tokens[i] for i in v.result.path], v.hidden)
+                if v.budget > 0:  # asked for a draft, even if the drafter found none
+                    outcomes.append(DraftOutcome(v.budget, v.tree.num_draft_tokens, v.result.path[1:]))
+                delta = self._emit(v.seq, v.result.emitted, v.logprobs)
+                if v.tree.num_nodes > 1:
+                    delta.speculated = True
+                    delta.num_draft_tokens = v.tree.num_nodes - 1
+                    delta.num_accepted_tokens = v.result.num_accepted
+                deltas.append(delta)
+            except Exception as exc:
+                log.exception("request %s failed after its verification", v.seq.request_id)
+                deltas.append(self._fail(v.seq, exc))
+        t3 = time.perf_counter()
+        self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
+        if not plan.prefill and decode and not retried:  # a pure decode step: what the governor compares
+            try:
+                self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap, plan.sampled,
+                                               plan.tier)
+            except Exception:  # it only tunes speed: never worth a request
+                log.exception("speculation governor failed to record a step")
+
+    def _forward(self, prefill: list[tuple[Sequence, int]], decode: list[tuple[Sequence, int]],
+                 trees: list[TokenTree]) -> _Forwarded:
+        """verify + decide + accept for these sequences, changing no engine state (the K/V it
+        writes lie past every committed length until `commit`/`advance` keep them)."""
         items, positions = [], []
-        for seq, n in plan.prefill:
+        for seq, n in prefill:
             chunk = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + n]
             items.append(ForwardItem(seq.slot, self.cache.lengths[seq.slot], chunk))
             last = seq.num_prefilled + n == len(seq.prompt_ids)
@@ -137,67 +249,36 @@ class LLMEngine:
             items.append(ForwardItem(seq.slot, self.cache.lengths[seq.slot], tree.tokens, tree.parents))
             positions.append([])  # its logits: speculate.accept computes them where its walk goes
         out = speculate.verify(self.model, self.cache, items, positions)
-        t2 = time.perf_counter()
 
         # the first token of every prefill that completed: one batched call
-        completed = [seq for (seq, _), pos in zip(plan.prefill, positions) if pos]
+        completed = [seq for (seq, _), pos in zip(prefill, positions) if pos]
         decided = self._decide(out.logits, completed, [0] * len(out.logits))
         first_logprobs = self._logprobs(out.logits, completed, decided)
-
-        deltas: list[RequestDelta] = []
-        needs_hidden = self.drafter is not None and self.drafter.needs_hidden
-        for b, (seq, n) in enumerate(plan.prefill):
-            chunk = items[b].tokens
-            self.cache.advance(seq.slot, n)
-            seq.num_prefilled += n
-            if self.drafter is not None:
-                self.drafter.observe(seq.request_id, chunk, out.hidden[b, :n] if needs_hidden else None)
+        result = _Forwarded()
+        for b, (seq, n) in enumerate(prefill):
+            hidden = out.hidden[b, :n] if self.guard.wants(seq) and self.guard.needs_hidden else None
+            p = _Prefilled(seq, items[b].tokens, hidden)
             if positions[b]:
-                seq.status = Status.DECODE
                 row = out.rows[b][0]
-                deltas.append(self._emit(seq, [decided[row]], [first_logprobs[row]]))
-        base, index = len(plan.prefill), []
-        for j, ((seq, _), tree) in enumerate(zip(decode, trees)):
-            try:
-                check_tree(tree.tokens, tree.parents)
-                index.append(j)
-            except Exception as exc:
-                log.exception("request %s failed in acceptance", seq.request_id)
-                self._finish(seq, FinishReason.ERROR)
-                deltas.append(self._delta(seq, [], "", error=f"internal error: {type(exc).__name__}"))
-        committed = [decode[j][0] for j in index]
-        walk_logprobs: list[list[TokenLogprob | None]] = [[] for _ in committed]  # per walk, per emitted token
+                p.token, p.logprob = decided[row], first_logprobs[row]
+            result.prefilled.append(p)
+
+        walk_logprobs: list[list[TokenLogprob | None]] = [[] for _ in decode]  # per walk, per emitted token
 
         def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
-            seqs = [committed[k] for k, _ in nodes]
-            depths = [trees[index[k]].depths[node] for k, node in nodes]
+            seqs = [decode[k][0] for k, _ in nodes]
+            depths = [trees[k].depths[node] for k, node in nodes]
             tokens = self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)])
             for (k, _), lp in zip(nodes, self._logprobs(logits, seqs, tokens)):
                 walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
             return tokens
 
-        results = speculate.accept(self.model, out.hidden, [base + j for j in index], [trees[j] for j in index], decide)
-        speculate.commit(self.cache, committed, results)
-        outcomes = []
-        for seq, res, j, logprobs in zip(committed, results, index, walk_logprobs):
-            tree = trees[j]
-            if self.drafter is not None:
-                h = out.hidden[base + j, res.path] if needs_hidden else None
-                self.drafter.observe(seq.request_id, [tree.tokens[i] for i in res.path], h)
-            delta = self._emit(seq, res.emitted, logprobs)
-            if decode[j][1] > 0:  # asked for a draft, even if the drafter found none
-                outcomes.append(DraftOutcome(decode[j][1], tree.num_draft_tokens, res.path[1:]))
-            if tree.num_nodes > 1:
-                delta.speculated = True
-                delta.num_draft_tokens = tree.num_nodes - 1
-                delta.num_accepted_tokens = res.num_accepted
-            deltas.append(delta)
-        t3 = time.perf_counter()
-        self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
-        if not plan.prefill and decode:  # a pure decode step: what the governor compares
-            self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap, plan.sampled,
-                                           plan.tier)
-        return deltas
+        base = len(prefill)
+        results = speculate.accept(self.model, out.hidden, [base + j for j in range(len(decode))], trees, decide)
+        for j, ((seq, budget), tree, res) in enumerate(zip(decode, trees, results)):
+            hidden = out.hidden[base + j, res.path] if self.guard.wants(seq) and self.guard.needs_hidden else None
+            result.verified.append(_Verified(seq, budget, tree, res, hidden, walk_logprobs[j]))
+        return result
 
     def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
         if not seqs:
@@ -262,16 +343,27 @@ class LLMEngine:
         return delta
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark the sequence finished and give back what it held. Never raises: its caller still
+        has to deliver the final delta."""
         if seq.finished:
             return
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self.scheduler.remove(seq)
-        if seq.slot >= 0:
-            self.cache.free(seq.slot)
-            seq.slot = -1
-        if self.drafter is not None:
-            self.drafter.release(seq.request_id)
         self._seqs.pop(seq.request_id, None)
+        self.guard.release(seq)
+        try:
+            self.scheduler.remove(seq)
+            if seq.slot >= 0:
+                slot, seq.slot = seq.slot, -1
+                self.cache.free(slot)
+        except Exception:
+            log.exception("request %s: freeing its batch and cache slot failed", seq.request_id)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> RequestDelta:
+        """End the sequence with an error: its final delta."""
+        if not seq.finished:
+            self._finish(seq, FinishReason.ERROR)
+        seq.finish_reason = FinishReason.ERROR
+        return self._delta(seq, [], "", error=f"internal error: {type(exc).__name__}")
 
     def _delta(self, seq: Sequence, tokens: list[int], text: str, error: str | None = None) -> RequestDelta:
         return RequestDelta(

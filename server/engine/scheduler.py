@@ -322,7 +322,7 @@ class Scheduler:
     def plan(self, speculation_enabled: bool) -> Plan:
         cfg = self.config
         decoding = [s for s in self.running if s.status is Status.DECODE]
-        drafting = [s for s in decoding if speculation_enabled and s.params.speculative]
+        drafting = [s for s in decoding if speculation_enabled and s.params.speculative and s.drafting]
         share = cap = min(cfg.max_tree_nodes, cfg.spec_token_budget // max(1, len(drafting))) if drafting else 0
         sampled = any(not s.params.greedy for s in decoding)
         tier = 0

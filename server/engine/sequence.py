@@ -35,6 +35,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     seed: int = 0
+    drafting: bool = True  # False once the drafter failed on it: it decodes on without drafts
     arrival: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

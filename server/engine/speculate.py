@@ -1,7 +1,8 @@
 """The speculative step's phases as functions: propose -> verify -> accept -> commit.
 
   propose: the drafter turns each sequence's context into a token tree rooted at its pending
-           token (CTC collapse, dedupe and trie-building happen inside the drafter);
+           token (CTC collapse, dedupe and trie-building happen inside the drafter); the engine
+           asks through drafter_guard.DrafterGuard, so a drafter fault costs drafts only;
   verify:  ONE base-model forward over every sequence's tree and every prefill chunk;
   accept:  walk each tree from its root along the base model's decided tokens (greedy or seeded
            sample, sampler.py; accept.py) -> accepted path + bonus token. Logits are computed
@@ -15,13 +16,11 @@ Plain decoding is the same step with root-only trees.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from drafter.base import Drafter, ProposeRequest
 from drafter.tree import TokenTree
 from server.engine.accept import AcceptResult, walk_trees
 from server.engine.sampler import decide_tokens
@@ -29,26 +28,6 @@ from server.engine.sequence import Sequence
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
-
-log = logging.getLogger(__name__)
-
-
-def propose(drafter: Drafter | None, decode: list[tuple[Sequence, int]], tier: int = 0) -> list[TokenTree]:
-    """A tree per decoding sequence, drafted by the drafter's `tier`; budget 0 (or no drafter)
-    gives a root-only tree."""
-    trees = [TokenTree.chain(seq.pending_token, []) for seq, _ in decode]
-    asks = [(i, ProposeRequest(seq.request_id, seq.pending_token, b, tier)) for i, (seq, b) in enumerate(decode)
-            if b > 0]
-    if drafter is not None and asks:
-        try:
-            proposed = drafter.propose([r for _, r in asks])
-        except Exception:
-            # A drafter failure costs this step its speedup, never a request: decode plainly.
-            log.exception("drafter %s failed; decoding this step without drafts", drafter.name)
-            return trees
-        for (i, _), tree in zip(asks, proposed):
-            trees[i] = tree
-    return trees
 
 
 @dataclass

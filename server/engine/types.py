@@ -114,6 +114,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # 0..1: used cache positions over capacity
+    drafter_errors: int = 0  # drafter calls that failed since start (the requests decoded on without drafts)
 
 
 class EngineCore(Protocol):

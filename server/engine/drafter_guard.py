@@ -1,0 +1,178 @@
+"""DrafterGuard: every call the engine makes into its drafter, with faults contained.
+
+A draft only ever changes speed, never output: verification keeps exactly the tokens the base model
+decides (accept.py). So a drafter that raises must cost speed only. The guard is the one place the
+engine calls a drafter (start, observe, propose, release; `needs_hidden` and `tiers` are read once,
+here). A call that raises is logged and counted (`errors`, exported as `ctc_drafter_errors_total`),
+and drafting stops for every sequence the call was about: its drafter state is now unknown (an
+observe that raised may have missed tokens), and a sequence that does not draft decodes plainly, to
+the same output. The guard releases such a sequence in the drafter at once, so its drafter state
+(a CTC cache slot) is not held for nothing. After `max_errors` failed calls among the drafter's last
+`window` calls, drafting stops for the whole drafter, with one log line: a drafter that keeps
+failing would otherwise cost a log line and a wasted call per request for the rest of the run.
+
+Requests that do not draft (`speculative: false`) are never shown to the drafter at all, so no
+drafter fault can reach them. The guard itself never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from drafter.base import Drafter, ProposeRequest
+from drafter.tree import TokenTree
+from server.engine.accept import check_tree
+from server.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DrafterGuardConfig:
+    max_errors: int = 8  # failed calls among the last `window` that switch the drafter off
+    window: int = 100  # a flaky call now and then costs its sequences' drafts, not the drafter's
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_errors <= self.window:
+            raise ValueError("need 1 <= max_errors <= window")
+
+
+class DrafterGuard:
+    def __init__(self, drafter: Drafter | None, vocab_size: int, config: DrafterGuardConfig | None = None):
+        self.drafter, self.vocab_size = drafter, vocab_size
+        self.config = config or DrafterGuardConfig()
+        self.errors = 0  # failed drafter calls since start
+        self._recent: deque[bool] = deque(maxlen=self.config.window)  # True = that call failed
+        self._live: set[str] = set()  # sequences the drafter holds state for
+        self.name = "none"
+        self.needs_hidden, self.tiers = False, ("full",)
+        if drafter is not None:
+            try:
+                self.name = str(drafter.name)
+                self.needs_hidden, self.tiers = bool(drafter.needs_hidden), tuple(drafter.tiers) or ("full",)
+            except Exception:
+                self.drafter = None
+                self.errors += 1
+                log.exception("drafter %s is unusable; decoding without drafts", self.name)
+
+    @property
+    def enabled(self) -> bool:
+        return self.drafter is not None
+
+    def wants(self, seq: Sequence) -> bool:
+        """Does the drafter follow this sequence (so it must be shown what enters its cache)?"""
+        return seq.request_id in self._live
+
+    def start(self, seq: Sequence) -> None:
+        if self.drafter is None or not (seq.params.speculative and seq.drafting):
+            return
+        self._live.add(seq.request_id)  # before the call: a start that fails half-way is released too
+        if not self._call(self.drafter.start, "start", seq.request_id, list(seq.prompt_ids)):
+            self._stop(seq)
+
+    def observe(self, seq: Sequence, token_ids: list[int], hidden: torch.Tensor | None) -> None:
+        if self.drafter is not None and seq.request_id in self._live:
+            if not self._call(self.drafter.observe, "observe", seq.request_id, token_ids, hidden):
+                self._stop(seq)
+
+    def propose(self, decode: list[tuple[Sequence, int]], tier: int = 0) -> list[TokenTree]:
+        """A tree per decoding sequence; a root-only tree (plain decoding) for a budget of 0, a
+        sequence that does not draft, or a failed call."""
+        trees = [TokenTree.chain(seq.pending_token, []) for seq, _ in decode]
+        asks = [(i, seq, ProposeRequest(seq.request_id, seq.pending_token, b, tier)) for i, (seq, b) in enumerate(decode)
+                if b > 0 and seq.request_id in self._live]
+        if self.drafter is None or not asks:
+            return trees
+        proposed = self._call(self.drafter.propose, "propose", [r for _, _, r in asks])
+        if proposed is not None:
+            try:
+                proposed = list(proposed)
+                if len(proposed) != len(asks):
+                    raise ValueError(f"{len(proposed)} trees for {len(asks)} requests")
+            except Exception as exc:
+                proposed = self._fault("propose", str(exc))
+        if proposed is None:
+            for _, seq, _ in asks:
+                self._stop(seq)
+            return trees
+        for (i, seq, r), tree in zip(asks, proposed):
+            try:
+                problem = self._check(tree, r)
+            except Exception as exc:
+                problem = f"an unreadable tree ({type(exc).__name__})"
+            if problem is None:
+                trees[i] = tree
+            else:  # a bad tree would fail the verify forward of the whole batch
+                self._fault("propose", f"{seq.request_id}: {problem}")
+                self._stop(seq)
+        return trees
+
+    def release(self, seq: Sequence) -> None:
+        if seq.request_id in self._live:
+            self._live.discard(seq.request_id)
+            if self.drafter is not None:
+                self._call(self.drafter.release, "release", seq.request_id)
+
+    # -- faults ----------------------------------------------------------------------------------
+    def _check(self, tree, request: ProposeRequest) -> str | None:
+        """What is wrong with a proposed tree, or None: it must be a valid tree rooted at the pending
+        token, within the budget, of token ids the base model has."""
+        if not isinstance(tree, TokenTree):
+            return f"a {type(tree).__name__} instead of a TokenTree"
+        try:
+            check_tree(tree.tokens, tree.parents)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        if len(tree.depths) != tree.num_nodes:
+            return "depths do not match the nodes"
+        if tree.tokens[0] != request.pending_token:
+            return f"rooted at {tree.tokens[0]}, not at the pending token {request.pending_token}"
+        if tree.num_nodes - 1 > request.budget:
+            return f"{tree.num_nodes - 1} draft nodes over a budget of {request.budget}"
+        if min(tree.tokens) < 0 or max(tree.tokens) >= self.vocab_size:
+            return f"a token id outside [0, {self.vocab_size})"
+        return None
+
+    def _call(self, method, what: str, *args):
+        """method(*args), or None if it raised (logged, counted). Methods that return nothing
+        succeed as True."""
+        try:
+            result = method(*args)
+        except Exception:
+            return self._fault(what, None)
+        self._recent.append(False)
+        return True if result is None else result
+
+    def _fault(self, what: str, problem: str | None) -> None:
+        """Count and log one failed call (`problem`: what was wrong, or None for the exception being
+        handled); switch the drafter off once too many recent calls failed."""
+        self.errors += 1
+        self._recent.append(True)
+        log.error("drafter %s: %s %s; the sequences it concerned decode on without drafts", self.name, what,
+                  f"failed: {problem}" if problem else "raised", exc_info=problem is None)
+        if sum(self._recent) >= self.config.max_errors:
+            self._disable()
+        return None
+
+    def _stop(self, seq: Sequence) -> None:
+        """No more drafts for this sequence; let the drafter drop its state."""
+        seq.drafting = False
+        self.release(seq)
+
+    def _disable(self) -> None:
+        if self.drafter is None:
+            return
+        log.error("drafter %s failed %d of its last %d calls; decoding without drafts from now on", self.name,
+                  sum(self._recent), len(self._recent))
+        drafter, self.drafter = self.drafter, None
+        for seq_id in sorted(self._live):
+            try:
+                drafter.release(seq_id)
+            except Exception:
+                self.errors += 1
+                log.exception("drafter %s: release of %s raised", self.name, seq_id)
+        self._live.clear()
