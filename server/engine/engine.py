@@ -143,7 +143,7 @@ class LLMEngine:
             self.cache.advance(seq.slot, n)
             seq.num_prefilled += n
             if self.drafter is not None:
-                self.drafter.observe(seq.request_id, chunk, out.hidden[b, :n] if needs_hidden else None)
+                self.drafter.observe(seq.request_id, chunk, out.item_hidden(b) if needs_hidden else None)
             if positions[b]:
                 seq.status = Status.DECODE
                 row = out.rows[b][0]
@@ -168,13 +168,14 @@ class LLMEngine:
                 walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
             return tokens
 
-        results = speculate.accept(self.model, out.hidden, [base + j for j in index], [trees[j] for j in index], decide)
+        results = speculate.accept(self.model, out.hidden, [out.offsets[base + j] for j in index],
+                                   [trees[j] for j in index], decide)
         speculate.commit(self.cache, committed, results)
         outcomes = []
         for seq, res, j, logprobs in zip(committed, results, index, walk_logprobs):
             tree = trees[j]
             if self.drafter is not None:
-                h = out.hidden[base + j, res.path] if needs_hidden else None
+                h = out.item_hidden(base + j)[res.path] if needs_hidden else None
                 self.drafter.observe(seq.request_id, [tree.tokens[i] for i in res.path], h)
             delta = self._emit(seq, res.emitted, logprobs)
             if decode[j][1] > 0:  # asked for a draft, even if the drafter found none
