@@ -4,8 +4,9 @@ Written here rather than forked from a modeling file: the families differ only i
 rope scaling, which ModelConfig resolves, so one decoder serves all of them. Parameter names
 match Hugging Face's (model.layers.N.self_attn.q_proj.weight, ...) so checkpoints load as they
 are. The forward takes a ForwardBatch (prefill chunks, decode tokens and verification trees,
-mixed, packed along one token dimension) and returns the final-norm hidden states; logits are computed only where needed, since
-a prefill chunk needs one row of them and the vocabulary projection dominates small models.
+mixed, packed along one token dimension) and returns the final-norm hidden states; logits are
+computed only where needed, since a prefill chunk needs one row of them and the vocabulary
+projection dominates small models.
 """
 
 from __future__ import annotations
