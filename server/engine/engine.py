@@ -168,7 +168,7 @@ class LLMEngine:
                 walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
             return tokens
 
-        results = speculate.accept(self.model, out.hidden, [out.offsets[base + j] for j in index],
+        results = speculate.accept(self.model, out.packed_hidden, [out.offsets[base + j] for j in index],
                                    [trees[j] for j in index], decide)
         speculate.commit(self.cache, committed, results)
         outcomes = []

@@ -53,14 +53,17 @@ def propose(drafter: Drafter | None, decode: list[tuple[Sequence, int]], tier: i
 
 @dataclass
 class VerifyOutput:
-    hidden: torch.Tensor  # (T, H) final-norm hidden states of every new token, items packed
-    offsets: list[int]  # (B + 1,) item b's hidden rows are offsets[b]:offsets[b+1]
+    # (T, H) final-norm hidden states of every new token, items packed: item b's rows are
+    # offsets[b]:offsets[b+1] (named apart from the padded (B, L, H) `hidden` it replaced, so
+    # that code indexing it as [item, token] fails loudly instead of reading the wrong rows)
+    packed_hidden: torch.Tensor
+    offsets: list[int]  # (B + 1,)
     logits: torch.Tensor  # (M, V) float32 rows requested by `rows`
     rows: list[list[int]]  # per item, indices into `logits` of the token positions asked for
 
     def item_hidden(self, b: int) -> torch.Tensor:
         """(q_len, H) hidden states of item b's new tokens."""
-        return self.hidden[self.offsets[b] : self.offsets[b + 1]]
+        return self.packed_hidden[self.offsets[b] : self.offsets[b + 1]]
 
 
 def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_positions: list[list[int]]) -> VerifyOutput:
@@ -75,7 +78,7 @@ def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_posi
         rows.append(list(range(k, k + len(pos))))
         k += len(pos)
     logits = model.compute_logits(hidden[packed]) if packed else hidden.new_zeros(0, 0)
-    return VerifyOutput(hidden=hidden, offsets=batch.offsets, logits=logits, rows=rows)
+    return VerifyOutput(packed_hidden=hidden, offsets=batch.offsets, logits=logits, rows=rows)
 
 
 def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
