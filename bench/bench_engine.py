@@ -3,7 +3,8 @@
 Measures (bench/README.md explains every figure): 1. batch 1, per drafter and temperature: tokens/s,
 prefill time, acceptance length, tokens per step, speedup over plain decoding; 2. total tokens/s with
 M = level x --requests-per-slot requests submitted at once; 3. peak RSS and KV-cache size; 4. optionally
-a sweep of SchedulerConfig.max_tree_nodes at batch 1, temperature 0. Ratios only mean something within
+a sweep of SchedulerConfig.max_tree_nodes at batch 1, temperature 0; 5. optionally (--itl-prefill N) a
+streaming request's inter-token latency while an N-token prompt is prefilled alongside it. Ratios only mean something within
 one run (DESIGN.md section 4), so all variants run in one process, on the same prompts, after a warm-up,
 in rotating order. Speculative outputs are compared with plain ones token for token: at temperature 0
 (and, thanks to per-position sampling noise, with seeded sampling too) any difference is a bug.
@@ -172,6 +173,47 @@ def bench_concurrency(make: Callable[..., LLMEngine], variants: list[Variant], p
     return {"concurrency": level, "requests": m, "variants": result, "mismatches": mismatches(outputs)}
 
 
+def bench_prefill_itl(make: Callable[..., LLMEngine], variants: list[Variant], prompts: list[list[int]],
+                      args: argparse.Namespace) -> dict:
+    """What a decoding stream feels while a long prompt arrives: one request streams (greedy,
+    --max-tokens); after its 8th token an --itl-prefill-token prompt is submitted next to it and
+    prefilled in --prefill-chunk chunks, sharing the stream's steps. Inter-token latency (ITL) is
+    the time between two deltas of the stream, as a client sees it; reported: its median over
+    the whole stream and its maximum over the steps in which the long prompt was prefilling."""
+    long_prompt = [t for p in prompts for t in p] * (1 + args.itl_prefill // sum(map(len, prompts)))
+    long_prompt = long_prompt[: args.itl_prefill]
+    greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    result = {}
+    for v in variants:
+        engine = make(v, max_batch_size=2)
+        warm_up(engine, prompts[0])
+        engine.add_request("stream", prompts[0], greedy)
+        gaps, during, last, state = [], [], None, "before"  # state of the long prompt: before, prefilling, done
+        while engine.has_work():
+            prefilling = state == "prefilling"
+            deltas = engine.step()
+            now = time.perf_counter()
+            for d in deltas:
+                if d.error:
+                    raise RuntimeError(f"request {d.request_id} failed: {d.error}")
+                if d.request_id == "long" and d.token_ids:
+                    state = "done"
+                elif d.request_id == "stream" and d.token_ids:
+                    if last is not None:
+                        gaps.append(now - last)
+                        if prefilling:
+                            during.append(now - last)
+                    last = now
+            if state == "before" and len(gaps) >= 7:  # 8 tokens streamed
+                engine.add_request("long", long_prompt, SamplingParams(max_tokens=1, temperature=0.0))
+                state = "prefilling"
+        median = sorted(gaps)[len(gaps) // 2]  # (tests/statistics.py shadows the stdlib module under pytest)
+        result[v.name] = {"median_itl_ms": 1e3 * median, "max_itl_during_prefill_ms": 1e3 * max(during, default=0.0),
+                          "ratio": max(during, default=0.0) / median, "prefill_steps": len(during),
+                          "stream_gaps": len(gaps)}
+    return {"prompt_tokens": len(long_prompt), "prefill_chunk": args.prefill_chunk, "variants": result}
+
+
 def warm_up(engine: LLMEngine, prompt: list[int]) -> None:
     """A short untimed run: first-call costs (allocator, kernels, lazy imports) stay out of the figures."""
     drive(engine, {"warmup": (prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))})
@@ -254,6 +296,14 @@ def markdown(res: dict) -> str:
     if res["tree_sweep"]:
         out += ["", "**max_tree_nodes sweep** (batch 1, temperature 0; variant = drafter@max_tree_nodes)", ""]
         out += table(["variant"], ["tok/s", *_COMMON], [([n], v) for n, v in res["tree_sweep"]["variants"].items()])
+    if res.get("prefill_itl"):
+        itl = res["prefill_itl"]
+        out += ["", f"**Inter-token latency while a {itl['prompt_tokens']}-token prompt is prefilled alongside** "
+                f"(prefill chunk {itl['prefill_chunk']}; max ITL over the prefill steps / median ITL of the stream)", "",
+                "| drafter | median ITL ms | max ITL during prefill ms | ratio | prefill steps |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| {n} | {v['median_itl_ms']:.1f} | {v['max_itl_during_prefill_ms']:.1f} | {v['ratio']:.2f}x | "
+                f"{v['prefill_steps']} |" for n, v in itl["variants"].items()]
     out += ["", f"Peak RSS {mem['peak_rss_mib']:.0f} MiB (after loading the model: "
             f"{mem['rss_after_load_mib']:.0f} MiB); weights {mem['weights_mib']:.1f} MiB; "
             f"KV cache {mem['kv_cache_mib_per_slot']:.1f} MiB per slot "
@@ -296,6 +346,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--governor", choices=["on", "off", "both"], default="on" if SchedulerConfig.governor else "off",
                    help="SchedulerConfig.governor (speculate only while measured tokens/s beats plain steps); "
                         "both: every drafter twice, with and without it")
+    p.add_argument("--itl-prefill", type=int, default=0,
+                   help="prompt tokens of a long prompt prefilled next to a streaming request (0 = skip that section)")
+    p.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
+                   help="SchedulerConfig.prefill_chunk: prompt tokens per step, all prefilling sequences together")
     p.add_argument("--control", action="store_true",
                    help="also run a second plain engine, whose ratio to the first measures the run's noise")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
@@ -324,12 +378,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def make(v: Variant, max_batch_size: int = 1, max_tree_nodes: int = args.max_tree_nodes) -> LLMEngine:
         sched = SchedulerConfig(max_batch_size=max_batch_size, max_tree_nodes=max_tree_nodes,
-                                spec_token_budget=args.spec_token_budget, governor=v.governor)
+                                spec_token_budget=args.spec_token_budget, governor=v.governor,
+                                prefill_chunk=args.prefill_chunk)
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
         cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched)
         return LLMEngine(model, tokenizer, cfg, drafter=drafter, model_name=Path(args.model).name)
 
-    sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget)
+    sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget,
+                            prefill_chunk=args.prefill_chunk)
     res: dict = {"command": shlex.join([sys.executable] + sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
                  "started": datetime.now(timezone.utc).isoformat(), "machine": machine(model), "model": args.model,
                  "source": args.source, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
@@ -346,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
                                                for b in args.tree_budgets for v in variants[1:] if not v.control}
         res["tree_sweep"] = bench_interleaved(sweep, prompts, args, 0.0)
         del sweep
+    res["prefill_itl"] = bench_prefill_itl(make, variants, prompts, args) if args.itl_prefill else None
     largest = max(args.concurrency, default=1)
     res["memory"] = {"peak_rss_mib": peak_rss_mib(), "rss_after_load_mib": rss_after_load, "largest_batch": largest,
                      "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,

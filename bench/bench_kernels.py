@@ -79,16 +79,16 @@ def bench_tree_attention(args: argparse.Namespace, dtype: torch.dtype, gen: torc
     shape = (B, args.kv_heads, max_len, D)  # one slot per sequence
     k_cache = torch.randn(shape, generator=gen).to("cuda", dtype)
     v_cache = torch.randn(shape, generator=gen).to("cuda", dtype)
-    q = torch.randn(B, args.q_heads, L, D, generator=gen).to("cuda", dtype)
+    q = torch.randn(B * L, args.q_heads, D, generator=gen).to("cuda", dtype)  # packed: B sequences of L tokens
     if args.mask == "tree":
-        tree_mask = torch.stack([random_tree_mask(L, gen) for _ in range(B)])
+        tree_mask = torch.cat([random_tree_mask(L, gen).view(-1) for _ in range(B)])
     else:
-        tree_mask = torch.tril(torch.ones(L, L, dtype=torch.bool)).expand(B, L, L).contiguous()
-    meta = dict(slots=torch.arange(B), cache_lens=torch.full((B,), args.prefix),
-                q_lens=torch.full((B,), L), tree_mask=tree_mask)
+        tree_mask = torch.tril(torch.ones(L, L, dtype=torch.bool)).view(-1).repeat(B)
+    meta = dict(cu_seqlens=torch.arange(B + 1) * L, slots=torch.arange(B), cache_lens=torch.full((B,), args.prefix),
+                tree_mask=tree_mask, mask_offsets=torch.arange(B) * L * L)
     inputs = dict(q=q, k_cache=k_cache, v_cache=v_cache, scale=1.0 / math.sqrt(D),
                   **{name: t.cuda() for name, t in meta.items()})
-    tuning = dict(block_m=args.block_m, block_n=args.block_n, num_warps=args.num_warps,
+    tuning = dict(max_q_len=L, block_m=args.block_m, block_n=args.block_n, num_warps=args.num_warps,
                   num_stages=args.num_stages)
 
     ref = tree_attention_ref(**inputs)

@@ -133,7 +133,7 @@ class CTCDraftModel(nn.Module):
         return self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), embed(next_tokens)], dim=-1))
 
     def run(self, x: torch.Tensor, meta, cache: KVCache | None) -> torch.Tensor:
-        """Decoder layers over inputs x (B, L, H) laid out as `meta` says; returns normed (B, L, H)."""
+        """Decoder layers over packed inputs x (T, H) laid out as `meta` says; returns normed (T, H)."""
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, meta, cache)
@@ -199,14 +199,10 @@ class CTCDrafter(Drafter):
         nxt = [t for st, r in zip(states, requests) for t in (*st.tokens[1:], r.pending_token)]
         ctx = m.context_inputs(hidden, torch.tensor(nxt, device=device)).split(lens)  # n_b x H each
         batch = build_batch(items, self.cache.max_len, device)
-        H = m.config.base_hidden_size
-        x = torch.zeros(len(items), batch.input_ids.shape[1], H, dtype=m.fuse.weight.dtype, device=device)
-        for b, (c, n) in enumerate(zip(ctx, lens)):
-            x[b, :n] = c
-            x[b, n : n + N] = m.frame_queries
-        y = m.run(x, batch.meta, self.cache)  # (B, L, H)
-        frame_idx = torch.tensor(lens, device=device)[:, None] + torch.arange(N, device=device)  # (B, N)
-        y = y.gather(1, frame_idx[..., None].expand(-1, -1, H))  # (B, N, H)
+        x = torch.cat([t for c in ctx for t in (c, m.frame_queries)])  # (T, H) packed: n_b + N rows each
+        y = m.run(x, batch.meta, self.cache)  # (T, H)
+        starts = torch.tensor([o + n for o, n in zip(batch.offsets, lens)], device=device)  # first frame row
+        y = y[starts[:, None] + torch.arange(N, device=device)]  # (B, N, H)
         for st, n in zip(states, lens):
             self.cache.advance(st.slot, n)
             st.tokens, st.hidden = [], []

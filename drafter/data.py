@@ -152,11 +152,12 @@ def base_outputs(model: CausalLM, seqs: list[list[int]], max_tokens_per_batch: i
         n = max(1, min(batch_rows, max_tokens_per_batch // width))
         chunk = order[i : i + n]
         items = [ForwardItem(slot, 0, seqs[j]) for slot, j in enumerate(chunk)]
-        hidden = model(build_batch(items, max_len, cache.k.device), cache)
+        batch = build_batch(items, max_len, cache.k.device)
+        hidden = model(batch, cache)  # (T, H), the chunk's sequences packed
         labels = model.compute_logits(hidden).argmax(-1)
         for b, j in enumerate(chunk):
-            T = len(seqs[j])
-            out[j] = (hidden[b, :T].to(torch.float16).cpu(), labels[b, :T].cpu())
+            rows = slice(batch.offsets[b], batch.offsets[b + 1])
+            out[j] = (hidden[rows].to(torch.float16).cpu(), labels[rows].cpu())
         i += n
         bar.update(len(chunk))
     bar.close()

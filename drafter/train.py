@@ -77,7 +77,7 @@ class CTCObjective(nn.Module):
 
     def forward(self, convs: list[dict], anchors: list[list[tuple[int, list[int]]]]):
         m, cfg = self.model, self.model.config
-        N, H = cfg.num_frames, cfg.base_hidden_size
+        N = cfg.num_frames
         device = m.fuse.weight.device
         items, xs = [], []
         for conv, anc in zip(convs, anchors):
@@ -89,11 +89,10 @@ class CTCObjective(nn.Module):
             ctx = m.context_inputs(conv["hidden"][:T].to(device), conv["tokens"][1 : T + 1].to(device))
             xs.append(torch.cat([ctx, m.frame_queries.repeat(len(anc), 1)]))
         batch = build_batch(items, max_model_len=1 << 30, device=device)
-        x = torch.zeros(len(items), batch.input_ids.shape[1], H, device=device, dtype=m.fuse.weight.dtype)
-        for b, xb in enumerate(xs):
-            x[b, : len(xb)] = xb
-        y = m.run(x, batch.meta, cache=None)  # (B, L, H)
-        frames = torch.cat([y[b, len(xs[b]) - len(anc) * N : len(xs[b])] for b, anc in enumerate(anchors)])
+        y = m.run(torch.cat(xs).to(m.fuse.weight.dtype), batch.meta, cache=None)  # (T, H), items packed
+        # each item ends with its anchors' frames
+        frames = torch.cat([y[batch.offsets[b + 1] - len(anc) * N : batch.offsets[b + 1]]
+                            for b, anc in enumerate(anchors)])
         log_probs = torch.log_softmax(m.frame_logits(frames), -1).view(-1, N, cfg.base_vocab_size + 1)  # (A, N, V+1)
         targets = [lab for anc in anchors for _, lab in anc]
         flat = torch.tensor([tok for lab in targets for tok in lab], device=device)

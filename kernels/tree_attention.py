@@ -1,18 +1,23 @@
 """Tree attention over a slot-based KV cache: the attention of one verify / prefill / decode step.
 
+Packed (varlen) layout, as flash-attention's cu_seqlens: the new tokens of all B sequences of a
+forward are concatenated along one token dimension, q of shape (T, Hq, D), sequence b owning rows
+cu_seqlens[b]:cu_seqlens[b+1] (q_len[b] = their count). No row is padding, so a step's cost follows
+its real token count.
+
 Cache layout (per layer): k_cache, v_cache of shape (num_slots, Hkv, max_len, D). Sequence b lives
 in slot slots[b]; positions [0, cache_len[b]) hold its committed prefix. The q_len[b] new tokens of
 this forward have ALREADY been written (RoPE applied) at positions cache_len[b] + j, j < q_len[b].
 
 Query i of sequence b (i < q_len[b]) attends
 - every prefix key, positions [0, cache_len[b]), and
-- new key j (position cache_len[b] + j, j < q_len[b]) iff tree_mask[b, i, j].
-tree_mask (B, L, L) is "ancestor-or-self" for a token tree (as in Medusa / SpecInfer tree
-attention) and "j <= i" for a causal chain (prefill chunk, plain decode with L = 1).
+- new key j (position cache_len[b] + j, j < q_len[b]) iff mask_b[i, j], where mask_b is sequence b's
+  (q_len, q_len) block of the flat `tree_mask`, stored row-major from mask_offsets[b].
+mask_b is "ancestor-or-self" for a token tree (as in Medusa / SpecInfer tree attention) and
+"j <= i" for a causal chain (prefill chunk, plain decode with q_len = 1).
 GQA: Hq = Hkv * group, query head h reads kv head h // group.
 
-Output rows that attend no key, which includes every padding row i >= q_len[b], are ZEROS in both
-implementations (never NaN), so padded batches can flow through the rest of the layer.
+Output rows that attend no key are ZEROS in both implementations (never NaN).
 
 Two implementations with one contract:
 - `tree_attention_ref`: plain torch (`scaled_dot_product_attention` per sequence, on views of the
@@ -20,8 +25,9 @@ Two implementations with one contract:
 - `tree_attention_triton`: a flash-attention style kernel (online softmax over key blocks, fp32
   accumulation). The `group` query heads that share a kv head are packed into the rows of one
   program (row r = i * group + g), so each K/V block is loaded once per kv head rather than once
-  per query head; this matters most for decode, where L is 1 and a per-head program would fill
-  1 row of a 16-row tile.
+  per query head; this matters most for decode, where q_len is 1 and a per-head program would
+  fill 1 row of a 16-row tile. The grid is sized by the longest sequence; the programs of a
+  shorter one past its rows return at once.
 `tree_attention` dispatches between them (see kernels/backend.py).
 """
 
@@ -43,53 +49,56 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def tree_attention_ref(
-    q: torch.Tensor,  # (B, Hq, L, D)
+    q: torch.Tensor,  # (T, Hq, D) packed new tokens
     k_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
     v_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
+    cu_seqlens: torch.Tensor,  # (B + 1,) int64
     slots: torch.Tensor,  # (B,) int64
     cache_lens: torch.Tensor,  # (B,) int64
-    q_lens: torch.Tensor,  # (B,) int64
-    tree_mask: torch.Tensor,  # (B, L, L) bool
+    tree_mask: torch.Tensor,  # (sum q_len^2,) bool
+    mask_offsets: torch.Tensor,  # (B,) int64
     scale: float,
-) -> torch.Tensor:  # (B, Hq, L, D)
+) -> torch.Tensor:  # (T, Hq, D)
     """Reference tree attention in plain torch (see the module docstring for the contract).
 
-    One SDPA call per sequence on views of its slot (no gather of the caches into a padded batch,
-    no compute on another sequence's padding): on one CPU thread at B=16, prefixes of 1-2k tokens,
-    this measured 2.4x (L=64) to 8x (L=1) faster than one padded batched call. Inputs are 4-D on
-    purpose: CPU SDPA takes its fused (flash) kernel only for 4-D inputs (3-D measured ~4x slower).
+    One SDPA call per sequence on views of its slot (no gather of the caches into a padded batch):
+    on one CPU thread at B=16 with prefixes of 1-2k tokens this is several times faster than one
+    padded batched call. Inputs to SDPA are 4-D on purpose: CPU SDPA takes its fused (flash)
+    kernel only for 4-D inputs (3-D measured ~4x slower).
     """
-    B, Hq, L, D = q.shape
+    T, Hq, D = q.shape
     Hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    out = torch.zeros_like(q)
-    for b, (slot, c, n) in enumerate(zip(slots.tolist(), cache_lens.tolist(), q_lens.tolist())):
+    out = torch.empty_like(q)
+    cu = cu_seqlens.tolist()
+    for b, (slot, c, m0) in enumerate(zip(slots.tolist(), cache_lens.tolist(), mask_offsets.tolist())):
+        lo, n = cu[b], cu[b + 1] - cu[b]
         if n == 0:
             continue
         assert c + n <= max_len, f"sequence {b}: cache_len {c} + q_len {n} > max_len {max_len}"
         k = k_cache[slot, :, : c + n]  # (Hkv, S, D), a view
         v = v_cache[slot, :, : c + n]
-        mask = torch.cat([tree_mask.new_ones(n, c), tree_mask[b, :n, :n]], dim=1)  # (n, S)
+        new = tree_mask[m0 : m0 + n * n].view(n, n)
+        mask = torch.cat([new.new_ones(n, c), new], dim=1)  # (n, S)
         has_key = mask.any(dim=-1)  # (n,)
         mask = mask | ~has_key[:, None]  # keyless rows attend all (finite), zeroed below
         # Fold the group into query rows: head h = kvh * group + g -> row g * n + i of kv head kvh.
-        qb = q[b, :, :n].reshape(1, Hkv, group * n, D)
+        qb = q[lo : lo + n].transpose(0, 1).reshape(1, Hkv, group * n, D)
         mb = mask.expand(group, n, c + n).reshape(1, 1, group * n, c + n)
         o = F.scaled_dot_product_attention(qb, k[None], v[None], attn_mask=mb, scale=scale)
-        out[b, :, :n] = o.view(Hq, n, D).masked_fill(~has_key[None, :, None], 0.0)
+        out[lo : lo + n] = o.view(Hq, n, D).transpose(0, 1).masked_fill(~has_key[:, None, None], 0.0)
     return out
 
 
 def _tree_attention_kernel(
-    Q, K, V, Out,  # (B, Hq, L, D), (NS, Hkv, T, D) x2, (B, Hq, L, D)
-    Slots, CacheLens, QLens, TreeMask,  # (B,) int64 x3, (B, L, L) uint8
+    Q, K, V, Out,  # (T, Hq, D), (NS, Hkv, S, D) x2, (T, Hq, D)
+    CuSeqlens, Slots, CacheLens, TreeMask, MaskOffsets,  # (B + 1,), (B,) x2 int64, flat uint8, (B,) int64
     scale_log2e,  # softmax scale * log2(e): the kernel works in base 2 (exp2)
-    stride_qb, stride_qh, stride_ql,
+    stride_qt, stride_qh,
     stride_ks, stride_kh, stride_kt,
     stride_vs, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ol,
-    stride_mb, stride_mi,
-    num_kv_heads, L, D,
+    stride_ot, stride_oh,
+    num_kv_heads, D,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -102,18 +111,22 @@ def _tree_attention_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
     kvh = pid_bh % num_kv_heads
+    row0 = tl.load(CuSeqlens + b)  # int64: the sequence's first packed row
+    q_len = (tl.load(CuSeqlens + b + 1) - row0).to(tl.int32)
+    if pid_m * BLOCK_M >= q_len * GROUP:
+        return  # the grid fits the longest sequence; this one has no rows here
     slot = tl.load(Slots + b)  # int64: slot * stride_ks can pass 2**31 on a large cache
     cache_len = tl.load(CacheLens + b).to(tl.int32)  # positions < max_len: int32 is plenty
-    q_len = tl.load(QLens + b).to(tl.int32)
+    mask_off = tl.load(MaskOffsets + b)  # int64: sum of q_len^2 can be large
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed row r = i * GROUP + g
     offs_i = offs_r // GROUP  # query index within the sequence's new tokens
     offs_h = kvh * GROUP + offs_r % GROUP  # query head
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_r < q_len * GROUP  # padding rows (i >= q_len) attend nothing -> zeros
+    row_ok = offs_r < q_len * GROUP  # rows past q_len belong to the next sequence: untouched
     d_ok = offs_d < D
 
-    q_ptrs = Q + b * stride_qb + offs_h[:, None] * stride_qh + offs_i[:, None] * stride_ql + offs_d[None, :]
+    q_ptrs = Q + (row0 + offs_i[:, None]) * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
@@ -124,9 +137,8 @@ def _tree_attention_kernel(
 
     k_base = K + slot * stride_ks + kvh * stride_kh
     v_base = V + slot * stride_vs + kvh * stride_vh
-    mask_base = TreeMask + b * stride_mb + offs_i[:, None] * stride_mi
-    # A block made only of padding rows skips the key loop entirely.
-    num_keys = tl.where(pid_m * BLOCK_M < q_len * GROUP, cache_len + q_len, 0)
+    mask_base = TreeMask + mask_off + offs_i[:, None] * q_len  # row i of the sequence's block
+    num_keys = cache_len + q_len
     for start in range(0, num_keys, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # key positions in the slot
         n_ok = offs_n < num_keys
@@ -158,8 +170,8 @@ def _tree_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # keyless rows: acc = 0 -> 0
-    o_ptrs = Out + b * stride_ob + offs_h[:, None] * stride_oh + offs_i[:, None] * stride_ol + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_r < L * GROUP)[:, None] & d_ok[None, :])
+    o_ptrs = Out + (row0 + offs_i[:, None]) * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _kernel() -> Any:
@@ -171,58 +183,65 @@ def _kernel() -> Any:
 
 
 def tree_attention_triton(
-    q: torch.Tensor,  # (B, Hq, L, D)
+    q: torch.Tensor,  # (T, Hq, D) packed new tokens
     k_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
     v_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
+    cu_seqlens: torch.Tensor,  # (B + 1,) int64
     slots: torch.Tensor,  # (B,) int64
     cache_lens: torch.Tensor,  # (B,) int64
-    q_lens: torch.Tensor,  # (B,) int64
-    tree_mask: torch.Tensor,  # (B, L, L) bool
+    tree_mask: torch.Tensor,  # (sum q_len^2,) bool
+    mask_offsets: torch.Tensor,  # (B,) int64
     scale: float,
     *,
+    max_q_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-) -> torch.Tensor:  # (B, Hq, L, D), contiguous
+) -> torch.Tensor:  # (T, Hq, D), contiguous
     """Triton tree attention; same contract as `tree_attention_ref`.
 
-    Caller contract not checked here (it would need a device sync): cache_len + q_len <= max_len,
-    slot indices in range. block_m defaults to the packed row count (group * L) rounded up to a
-    power of two, clamped to [16, 64]: 16 is tl.dot's minimum tile, 64 a standard flash tile.
-    block_n defaults to 64 keys for 16-bit inputs and 32 for fp32, which keeps fp32 at D = 128
-    at 74 KB of shared memory on sm_90 (115 KB with 64).
+    max_q_len (the longest sequence's q_len) sizes the grid; pass it from the host-side metadata,
+    since deriving it from cu_seqlens is a device sync. Caller contract not checked here (it too
+    would need a sync): cu_seqlens ascending from 0 to T, cache_len + q_len <= max_len, slot
+    indices in range, tree_mask holding every block. block_m defaults to the packed row count
+    (group * max_q_len) rounded up to a power of two, clamped to [16, 64]: 16 is tl.dot's minimum
+    tile, 64 a standard flash tile. block_n defaults to 64 keys for 16-bit inputs and 32 for fp32,
+    which keeps fp32 at D = 128 at 74 KB of shared memory on sm_90 (115 KB with 64).
     """
-    assert q.dim() == 4 and k_cache.dim() == 4, "q: (B, Hq, L, D); caches: (num_slots, Hkv, max_len, D)"
-    B, Hq, L, D = q.shape
+    assert q.dim() == 3 and k_cache.dim() == 4, "q: (T, Hq, D); caches: (num_slots, Hkv, max_len, D)"
+    T, Hq, D = q.shape
     num_slots, Hkv, max_len, Dk = k_cache.shape
+    B = slots.shape[0]
     assert v_cache.shape == k_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
     assert Dk == D, f"head_dim mismatch: q {D}, cache {Dk}"
     assert Hq % Hkv == 0, f"Hq={Hq} is not a multiple of Hkv={Hkv}"
     assert q.dtype in _FLOAT_DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, (
         f"dtypes: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}; want one of {_FLOAT_DTYPES}")
-    for name, t in (("slots", slots), ("cache_lens", cache_lens), ("q_lens", q_lens)):
-        assert t.shape == (B,) and t.dtype == torch.int64 and t.is_contiguous(), (
-            f"{name}: want contiguous int64 ({B},), got {t.dtype} {tuple(t.shape)}")
-    assert tree_mask.shape == (B, L, L) and tree_mask.dtype == torch.bool, (
-        f"tree_mask: want bool ({B}, {L}, {L}), got {tree_mask.dtype} {tuple(tree_mask.shape)}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("tree_mask", tree_mask)):
+    for name, t, n in (("cu_seqlens", cu_seqlens, B + 1), ("slots", slots, B), ("cache_lens", cache_lens, B),
+                       ("mask_offsets", mask_offsets, B)):
+        assert t.shape == (n,) and t.dtype == torch.int64 and t.is_contiguous(), (
+            f"{name}: want contiguous int64 ({n},), got {t.dtype} {tuple(t.shape)}")
+    assert tree_mask.dim() == 1 and tree_mask.dtype == torch.bool and tree_mask.is_contiguous(), (
+        f"tree_mask: want contiguous flat bool, got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         assert t.stride(-1) == 1, f"{name} must be contiguous in its last dim, strides {t.stride()}"
-        assert t.device == q.device, f"{name} on {t.device}, q on {q.device}"
-    for t in (slots, cache_lens, q_lens):
-        assert t.device == q.device, f"index tensors must be on {q.device}"
+    for t in (k_cache, v_cache, cu_seqlens, slots, cache_lens, tree_mask, mask_offsets):
+        assert t.device == q.device, f"all inputs must be on {q.device}, got one on {t.device}"
 
     import triton  # lazy, see kernels/backend.py
 
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0 or T == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     group = Hq // Hkv
     if block_m is None:
-        block_m = min(64, max(16, triton.next_power_of_2(group * L)))
+        block_m = min(64, max(16, triton.next_power_of_2(group * max_q_len)))
     if block_n is None:
         block_n = 32 if q.dtype == torch.float32 else 64
     block_d = max(16, triton.next_power_of_2(D))
-    out = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
-    if B == 0 or L == 0:
-        return out
     # Triton's CPU interpreter has no bf16 arithmetic (its tl.dot multiplies the bf16 bit
     # patterns, triton issue #11584), so there the dot operands are cast to fp32 first: a
     # faithful stand-in, as a product of two bf16 numbers is exact in fp32.
@@ -230,17 +249,16 @@ def tree_attention_triton(
     upcast = q.dtype == torch.bfloat16 and is_interpreted(kernel)
     # fp32 products must be exact fp32 ("ieee"); the GPU default for fp32 is TF32, ~1e-3 off.
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
-    grid = (triton.cdiv(group * L, block_m), B * Hkv)
+    grid = (triton.cdiv(group * max_q_len, block_m), B * Hkv)
     kernel[grid](
         q, k_cache, v_cache, out,
-        slots, cache_lens, q_lens, tree_mask.view(torch.uint8),
+        cu_seqlens, slots, cache_lens, tree_mask.view(torch.uint8), mask_offsets,
         scale * math.log2(math.e),
-        q.stride(0), q.stride(1), q.stride(2),
+        q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        tree_mask.stride(0), tree_mask.stride(1),
-        Hkv, L, D,
+        out.stride(0), out.stride(1),
+        Hkv, D,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
@@ -249,17 +267,20 @@ def tree_attention_triton(
 
 
 def tree_attention(
-    q: torch.Tensor,  # (B, Hq, L, D)
+    q: torch.Tensor,  # (T, Hq, D) packed new tokens
     k_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
     v_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
+    cu_seqlens: torch.Tensor,  # (B + 1,) int64
     slots: torch.Tensor,  # (B,) int64
     cache_lens: torch.Tensor,  # (B,) int64
-    q_lens: torch.Tensor,  # (B,) int64
-    tree_mask: torch.Tensor,  # (B, L, L) bool
+    tree_mask: torch.Tensor,  # (sum q_len^2,) bool
+    mask_offsets: torch.Tensor,  # (B,) int64
     scale: float,
-) -> torch.Tensor:  # (B, Hq, L, D)
+    *,
+    max_q_len: int | None = None,
+) -> torch.Tensor:  # (T, Hq, D)
     """Tree attention: the Triton kernel on CUDA when the backend allows it, else the reference."""
-    args = (q, k_cache, v_cache, slots, cache_lens, q_lens, tree_mask, scale)
+    args = (q, k_cache, v_cache, cu_seqlens, slots, cache_lens, tree_mask, mask_offsets, scale)
     if use_triton(q, k_cache, v_cache):
-        return tree_attention_triton(*args)
+        return tree_attention_triton(*args, max_q_len=max_q_len)
     return tree_attention_ref(*args)

@@ -21,3 +21,17 @@ def test_tiny_run_reports_every_section_and_the_control(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "**Batch 1**" in text and "Control (a second plain engine):" in text
     assert "Outputs identical to plain decoding: yes" in text
+
+
+def test_prefill_itl_section_counts_the_steps_the_long_prompt_shares(tmp_path, capsys):
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--drafters", "none", "--num-prompts", "1", "--max-tokens", "24", "--temperatures", "0",
+                       "--concurrency", "", "--itl-prefill", "64", "--prefill-chunk", "16", "--threads", "1",
+                       "--out", str(out)])
+    itl = json.loads(out.read_text())["prefill_itl"]
+    assert itl["prompt_tokens"] == 64 and itl["prefill_chunk"] == 16
+    v = itl["variants"]["none"]
+    assert v["prefill_steps"] == 64 // 16  # one stream token per step, each step one 16-token chunk
+    assert v["stream_gaps"] == 24 - 1
+    assert v["max_itl_during_prefill_ms"] > 0 and v["ratio"] > 0
+    assert "**Inter-token latency while a 64-token prompt" in capsys.readouterr().out

@@ -47,10 +47,10 @@ def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], 
     `following`: each position's next token, if not the next one in `tokens` (then `pending`)."""
     N = m.config.num_frames
     ctx = m.context_inputs(hidden, torch.tensor(following or tokens[1:] + [pending]))
-    x = torch.cat([ctx, m.frame_queries])[None]
-    batch = build_batch([ForwardItem(0, 0, [0] * len(x[0]))], 1 << 20)
+    x = torch.cat([ctx, m.frame_queries])  # (T, H)
+    batch = build_batch([ForwardItem(0, 0, [0] * len(x))], 1 << 20)
     y = m.run(x, batch.meta, cache=None)
-    return torch.log_softmax(m.frame_logits(y[0, -N:]), -1)
+    return torch.log_softmax(m.frame_logits(y[-N:]), -1)
 
 
 def test_ctc_drafter_incremental_cache_equals_full_forward(base):

@@ -63,48 +63,69 @@ def make_attention_case(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> dict:
-    """Random inputs for one batch. Everything the op must ignore is filled with garbage: other
-    slots, cache positions past cache_len + q_len, tree_mask padding rows and columns."""
+    """Random packed inputs for one batch. Everything the op must ignore is filled with garbage:
+    other slots, cache positions past cache_len + q_len, and gaps of random bits between the
+    sequences' blocks of the flat tree mask."""
     gen = torch.Generator().manual_seed(seed)
-    B, L = len(q_lens), max(q_lens)
+    B, T = len(q_lens), sum(q_lens)
     num_slots, max_len = B + 2, max(c + n for c, n in zip(cache_lens, q_lens)) + 5
     k_cache = torch.randn(num_slots, num_kv_heads, max_len, head_dim, generator=gen)
     v_cache = torch.randn(num_slots, num_kv_heads, max_len, head_dim, generator=gen)
-    q = torch.randn(B, num_q_heads, L, head_dim, generator=gen)
+    q = torch.randn(T, num_q_heads, head_dim, generator=gen)
     slots = torch.randperm(num_slots, generator=gen)[:B]
-    tree_mask = torch.rand(B, L, L, generator=gen) < 0.5  # garbage outside the real block
-    for b, n in enumerate(q_lens):
+    blocks, mask_offsets, used = [], [], 0
+    for n in q_lens:
+        gap = torch.rand(3, generator=gen) < 0.5  # garbage the op must skip
         parents = random_parents(n, gen) if tree else list(range(-1, n - 1))
-        tree_mask[b, :n, :n] = ancestor_mask(parents)
+        blocks += [gap, ancestor_mask(parents).view(-1)]
+        mask_offsets.append(used + 3)
+        used += 3 + n * n
+    cu_seqlens = torch.tensor([0, *q_lens]).cumsum(0)
     return dict(
         q=q.to(device, dtype), k_cache=k_cache.to(device, dtype), v_cache=v_cache.to(device, dtype),
-        slots=slots.to(device), cache_lens=torch.tensor(cache_lens, device=device),
-        q_lens=torch.tensor(q_lens, device=device), tree_mask=tree_mask.to(device),
+        cu_seqlens=cu_seqlens.to(device), slots=slots.to(device), cache_lens=torch.tensor(cache_lens, device=device),
+        tree_mask=torch.cat(blocks).to(device), mask_offsets=torch.tensor(mask_offsets, device=device),
         scale=1.0 / math.sqrt(head_dim),
     )
+
+
+def item_mask(case: dict, b: int) -> torch.Tensor:
+    """Sequence b's (n, n) block of the case's flat tree mask."""
+    n = int(case["cu_seqlens"][b + 1] - case["cu_seqlens"][b])
+    m0 = int(case["mask_offsets"][b])
+    return case["tree_mask"][m0 : m0 + n * n].view(n, n)
 
 
 def as_fp32(case: dict) -> dict:
     return {**case, **{name: case[name].float() for name in ("q", "k_cache", "v_cache")}}
 
 
-def explicit_attention(q, k_cache, v_cache, slots, cache_lens, q_lens, tree_mask, scale):
-    """Oracle: for every (b, h, i), list the allowed key positions and softmax over them."""
-    B, Hq, L, D = q.shape
+def explicit_attention(q, k_cache, v_cache, cu_seqlens, slots, cache_lens, tree_mask, mask_offsets, scale):
+    """Oracle: for every packed row and head, list the allowed key positions and softmax over them."""
+    T, Hq, D = q.shape
     group = Hq // k_cache.shape[1]
-    out = torch.zeros(B, Hq, L, D, dtype=torch.float64)
-    for b in range(B):
-        c, n, s = int(cache_lens[b]), int(q_lens[b]), int(slots[b])
+    out = torch.zeros(T, Hq, D, dtype=torch.float64)
+    for b in range(len(slots)):
+        lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        c, n, s, m0 = int(cache_lens[b]), hi - lo, int(slots[b]), int(mask_offsets[b])
         for i in range(n):
-            keys = list(range(c)) + [c + j for j in range(n) if tree_mask[b, i, j]]
+            keys = list(range(c)) + [c + j for j in range(n) if tree_mask[m0 + i * n + j]]
             if not keys:
                 continue
             for h in range(Hq):
                 k = k_cache[s, h // group, keys].double()  # (K, D)
                 v = v_cache[s, h // group, keys].double()
-                w = torch.softmax(k @ q[b, h, i].double() * scale, dim=0)
-                out[b, h, i] = w @ v
+                w = torch.softmax(k @ q[lo + i, h].double() * scale, dim=0)
+                out[lo + i, h] = w @ v
     return out
+
+
+def one_sequence(case: dict, b: int) -> dict:
+    """Sequence b of a packed case as a batch of its own."""
+    lo, hi = int(case["cu_seqlens"][b]), int(case["cu_seqlens"][b + 1])
+    return {**case, "q": case["q"][lo:hi], "cu_seqlens": torch.tensor([0, hi - lo]),
+            "slots": case["slots"][b : b + 1], "cache_lens": case["cache_lens"][b : b + 1],
+            "tree_mask": item_mask(case, b).reshape(-1), "mask_offsets": torch.tensor([0])}
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
@@ -152,33 +173,32 @@ def test_tree_attention_ref_is_mean_of_allowed_values():
     # q = 0 makes every allowed score equal, so each output is the plain mean of the allowed V.
     # One kv head, D = 1, v at position t = t: the expected numbers can be read off the mask.
     max_len = 8
-    v_cache = torch.arange(max_len, dtype=torch.float32).view(1, 1, max_len, 1)
-    k_cache = torch.randn(1, 1, max_len, 1)
+    v_cache = torch.arange(max_len, dtype=torch.float32).view(1, 1, max_len, 1).repeat(2, 1, 1, 1)
+    v_cache[1] += 100  # slot 1: a second sequence, packed after the first
+    k_cache = torch.randn(2, 1, max_len, 1)
     parents = [-1, 0, 0, 1]  # root 0; 1 and 2 under 0; 3 under 1
-    tree_mask = torch.zeros(1, 5, 5, dtype=torch.bool)
-    tree_mask[0, :4, :4] = ancestor_mask(parents)
-    tree_mask[0, 4] = True  # padding row: must come out 0
-    out = tree_attention_ref(torch.zeros(1, 2, 5, 1), k_cache, v_cache, torch.tensor([0]),
-                             torch.tensor([3]), torch.tensor([4]), tree_mask, scale=1.0)
-    # prefix positions 0, 1, 2; node n at position 3 + n.
+    tree_mask = torch.cat([ancestor_mask(parents).view(-1), torch.ones(1, dtype=torch.bool)])
+    out = tree_attention_ref(torch.zeros(5, 2, 1), k_cache, v_cache, torch.tensor([0, 4, 5]), torch.tensor([0, 1]),
+                             torch.tensor([3, 2]), tree_mask, torch.tensor([0, 16]), scale=1.0)
+    # sequence 0: prefix positions 0, 1, 2; node n at position 3 + n.
     expected = torch.tensor([
         (0 + 1 + 2 + 3) / 4,  # root: prefix + itself
         (0 + 1 + 2 + 3 + 4) / 5,  # node 1: + root
         (0 + 1 + 2 + 3 + 5) / 5,  # node 2: + root, not its sibling 1
         (0 + 1 + 2 + 3 + 4 + 6) / 6,  # node 3: + root + 1, not 2
-        0.0,  # padding
+        100 + (0 + 1 + 2) / 3,  # sequence 1, one decode token after a 2-token prefix, in slot 1
     ])
-    torch.testing.assert_close(out[0, :, :, 0], expected.expand(2, 5))
+    torch.testing.assert_close(out[:, :, 0], expected[:, None].expand(5, 2))
 
 
 def test_tree_attention_ref_rows_without_keys_are_zero():
     # Empty prefix and a query row that may see nothing (not even itself): zeros, not NaN.
     case = make_attention_case([2], [0], num_q_heads=2, num_kv_heads=1, head_dim=4, tree=True)
-    case["tree_mask"] = torch.tensor([[[True, False], [False, False]]])
+    case["tree_mask"], case["mask_offsets"] = torch.tensor([True, False, False, False]), torch.tensor([0])
     out = tree_attention_ref(**case)
     assert torch.isfinite(out).all()
-    assert out[0, :, 1].abs().max() == 0
-    assert out[0, :, 0].abs().max() > 0
+    assert out[1].abs().max() == 0
+    assert out[0].abs().max() > 0
 
 
 @pytest.mark.parametrize("tree", [False, True], ids=["chain", "tree"])
@@ -186,10 +206,18 @@ def test_tree_attention_ref_rows_without_keys_are_zero():
 def test_tree_attention_ref_matches_explicit_loop(tree, num_q_heads, num_kv_heads):
     case = make_attention_case([5, 1, 3, 5], [4, 7, 0, 11], num_q_heads=num_q_heads,
                                num_kv_heads=num_kv_heads, head_dim=8, tree=tree)
+    assert_rel_close(tree_attention_ref(**case), explicit_attention(**case), 1e-5)
+
+
+def test_tree_attention_ref_packed_equals_each_sequence_alone():
+    # A prefill chunk packed with single-token decodes and a tree: every sequence's rows are what
+    # it gets in a batch of its own (no leakage across the packed boundaries).
+    case = make_attention_case([9, 1, 1, 6, 1], [0, 12, 3, 5, 30], num_q_heads=4, num_kv_heads=2,
+                               head_dim=8, tree=True)
     out = tree_attention_ref(**case)
-    assert_rel_close(out, explicit_attention(**case), 1e-5)
-    # Padding rows (q_len 1 and 3 in a batch of L = 5) come out as zeros.
-    assert out[1, :, 1:].abs().max() == 0 and out[2, :, 3:].abs().max() == 0
+    for b in range(5):
+        lo, hi = int(case["cu_seqlens"][b]), int(case["cu_seqlens"][b + 1])
+        torch.testing.assert_close(out[lo:hi], tree_attention_ref(**one_sequence(case, b)), rtol=1e-6, atol=1e-6)
 
 
 def test_kv_commit_ref_hand_checked():
@@ -294,10 +322,11 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 ATTENTION_SHAPES = {
     # name: (q_lens, cache_lens, Hq, Hkv, D, tree)
-    "tree-gqa-padded": ([5, 2, 4], [9, 0, 21], 4, 2, 16, True),
+    "tree-gqa-mixed": ([5, 2, 4], [9, 0, 21], 4, 2, 16, True),
     "chain-mha": ([6, 6], [3, 17], 2, 2, 16, False),
     "decode-gqa4": ([1, 1, 1], [13, 1, 30], 8, 2, 32, False),
     "tree-mqa-d24": ([7, 3], [40, 5], 3, 1, 24, True),  # head_dim not a power of two
+    "prefill-and-decodes": ([20, 1, 1, 1], [0, 9, 33, 2], 4, 2, 16, False),  # one long item, several row blocks
 }
 
 
@@ -308,18 +337,18 @@ def test_tree_attention_triton_matches_ref_interpreted(interpret, shape, dtype):
     case = make_attention_case(q_lens, cache_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                                tree=tree, dtype=dtype)
     # Blocks of 16 (tl.dot's smallest tile): several key blocks even for these short caches.
-    out = tree_attention_triton(**case, block_m=16, block_n=16)
+    out = tree_attention_triton(**case, max_q_len=max(q_lens), block_m=16, block_n=16)
     assert out.dtype == dtype and out.shape == case["q"].shape
     assert_rel_close(out, tree_attention_ref(**as_fp32(case)), TOLERANCE[dtype])
-    for b, n in enumerate(q_lens):  # padding rows are exactly zero
-        assert (out[b, :, n:] == 0).all()
 
 
 def test_tree_attention_triton_strided_inputs_interpreted(interpret):
-    # q sliced out of a (B, L, H, D) projection and a cache that is a slice of a wider buffer:
-    # only the last dim is contiguous, which is all the kernel needs.
+    # q sliced out of a fused (T, Hq + 2 Hkv, D) projection and a cache that is a slice of a
+    # wider buffer: only the last dim is contiguous, which is all the kernel needs.
     case = make_attention_case([4, 2], [6, 3], num_q_heads=4, num_kv_heads=2, head_dim=16, tree=True)
-    case["q"] = torch.randn(2, 4, 4, 16).transpose(1, 2)  # (B, L, Hq, D) -> (B, Hq, L, D)
+    fused = torch.randn(6, 8, 16)
+    fused[:, :4] = case["q"]
+    case["q"] = fused[:, :4]
     wide_k = torch.randn(*case["k_cache"].shape[:3], 32)
     wide_k[..., :16] = case["k_cache"]
     case["k_cache"] = wide_k[..., :16]
@@ -337,10 +366,12 @@ def test_tree_attention_triton_rejects_bad_inputs():
     case = make_attention_case([2], [3], num_q_heads=4, num_kv_heads=2, head_dim=8, tree=True)
     bad = [
         dict(q=case["q"][..., :4]),  # head_dim mismatch
-        dict(q=case["q"].repeat(1, 1, 1, 2)[..., ::2]),  # last dim strided
+        dict(q=case["q"].repeat(1, 1, 2)[..., ::2]),  # last dim strided
         dict(q=case["q"][:, :3]),  # Hq not a multiple of Hkv
+        dict(q=case["q"][None]),  # a padded (B, L, H, D) batch, not a packed one
         dict(tree_mask=case["tree_mask"].int()),
         dict(slots=case["slots"].int()),
+        dict(cu_seqlens=case["cu_seqlens"][1:]),  # B offsets, not B + 1
         dict(k_cache=case["k_cache"].double()),
     ]
     for override in bad:
@@ -374,14 +405,16 @@ needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETING,
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", ["tree64", "decode", "prefill-chunk"])
+@pytest.mark.parametrize("kind", ["tree64", "decode", "prefill-chunk", "mixed"])
 def test_tree_attention_triton_matches_ref_gpu(kind, dtype):
     if kind == "tree64":  # B=4 verify step: a 64-node tree over ~512-token prefixes
         q_lens, cache_lens, tree = [64, 64, 40, 64], [512, 300, 777, 1], True
     elif kind == "decode":  # B=16, L=1, long prefixes
         q_lens, cache_lens, tree = [1] * 16, [2047 - 97 * i for i in range(16)], False
-    else:  # a causal prefill chunk next to a fresh prompt
+    elif kind == "prefill-chunk":  # a causal prefill chunk next to a fresh prompt
         q_lens, cache_lens, tree = [256, 100], [0, 1024], False
+    else:  # a mixed step: one prefill chunk packed with 16 decodes
+        q_lens, cache_lens, tree = [256] + [1] * 16, [512] + [300 + 50 * i for i in range(16)], False
     case = make_attention_case(q_lens, cache_lens, num_q_heads=32, num_kv_heads=8, head_dim=128,
                                tree=tree, dtype=dtype, device="cuda")
     expected = tree_attention_ref(**as_fp32(case))

@@ -32,8 +32,9 @@ def hf_logits(hf, tokens: list[int]) -> torch.Tensor:
 
 def run(model, cache, items):
     batch = build_batch(items, MAX_LEN)
-    hidden = model(batch, cache)
-    return model.compute_logits(hidden)  # (B, L, V)
+    hidden = model(batch, cache)  # (T, H) packed
+    logits = model.compute_logits(hidden)
+    return [logits[lo:hi] for lo, hi in zip(batch.offsets, batch.offsets[1:])]  # per item (n_b, V)
 
 
 def prefill(model, cache, prompts):
@@ -52,7 +53,7 @@ def decode_and_compare(hf, ours, cache, slots, seqs, g, steps: int) -> None:
         for b, (s, t) in enumerate(zip(slots, nxt)):
             cache.advance(s, 1)
             seqs[b].append(t)
-            torch.testing.assert_close(logits[b, 0], hf_logits(hf, seqs[b])[-1], atol=ATOL, rtol=0)
+            torch.testing.assert_close(logits[b][0], hf_logits(hf, seqs[b])[-1], atol=ATOL, rtol=0)
 
 
 def test_prefill_matches(pair):
@@ -99,7 +100,7 @@ def test_tree_verification_matches_sequential_paths(pair):
                 path.insert(0, tree[n])
                 n = TREE_PARENTS[n]
             expected = hf_logits(hf, prompt + path)[-1]
-            torch.testing.assert_close(logits[b, node], expected, atol=ATOL, rtol=0, msg=f"seq {b} node {node}")
+            torch.testing.assert_close(logits[b][node], expected, atol=ATOL, rtol=0, msg=f"seq {b} node {node}")
 
 
 def test_commit_then_decode_equals_sequential_cache(pair):
@@ -121,11 +122,11 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
     """Plain greedy decoding with the runtime: prefill, then one token per forward."""
     cache = model.make_cache(1, MAX_LEN)
     (slot,), logits = prefill(model, cache, [prompt])
-    out = [int(logits[0, -1].argmax())]
+    out = [int(logits[0][-1].argmax())]
     while len(out) < n:
         logits = run(model, cache, [ForwardItem(slot, cache.lengths[slot], [out[-1]])])
         cache.advance(slot, 1)
-        out.append(int(logits[0, 0].argmax()))
+        out.append(int(logits[0][0].argmax()))
     return out
 
 

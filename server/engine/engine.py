@@ -256,7 +256,7 @@ class LLMEngine:
         first_logprobs = self._logprobs(out.logits, completed, decided)
         result = _Forwarded()
         for b, (seq, n) in enumerate(prefill):
-            hidden = out.hidden[b, :n] if self.guard.wants(seq) and self.guard.needs_hidden else None
+            hidden = out.item_hidden(b) if self.guard.wants(seq) and self.guard.needs_hidden else None
             p = _Prefilled(seq, items[b].tokens, hidden)
             if positions[b]:
                 row = out.rows[b][0]
@@ -274,9 +274,10 @@ class LLMEngine:
             return tokens
 
         base = len(prefill)
-        results = speculate.accept(self.model, out.hidden, [base + j for j in range(len(decode))], trees, decide)
+        results = speculate.accept(self.model, out.packed_hidden, [out.offsets[base + j] for j in range(len(decode))],
+                                   trees, decide)
         for j, ((seq, budget), tree, res) in enumerate(zip(decode, trees, results)):
-            hidden = out.hidden[base + j, res.path] if self.guard.wants(seq) and self.guard.needs_hidden else None
+            hidden = out.item_hidden(base + j)[res.path] if self.guard.wants(seq) and self.guard.needs_hidden else None
             result.verified.append(_Verified(seq, budget, tree, res, hidden, walk_logprobs[j]))
         return result
 

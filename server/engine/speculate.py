@@ -32,9 +32,17 @@ from server.runtime.model import CausalLM
 
 @dataclass
 class VerifyOutput:
-    hidden: torch.Tensor  # (B, L, H) final-norm hidden states of every new token
+    # (T, H) final-norm hidden states of every new token, items packed: item b's rows are
+    # offsets[b]:offsets[b+1] (named apart from the padded (B, L, H) `hidden` it replaced, so
+    # that code indexing it as [item, token] fails loudly instead of reading the wrong rows)
+    packed_hidden: torch.Tensor
+    offsets: list[int]  # (B + 1,)
     logits: torch.Tensor  # (M, V) float32 rows requested by `rows`
     rows: list[list[int]]  # per item, indices into `logits` of the token positions asked for
+
+    def item_hidden(self, b: int) -> torch.Tensor:
+        """(q_len, H) hidden states of item b's new tokens."""
+        return self.packed_hidden[self.offsets[b] : self.offsets[b + 1]]
 
 
 def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_positions: list[list[int]]) -> VerifyOutput:
@@ -42,15 +50,14 @@ def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_posi
     projection is the largest matrix of a small model, so rows that need none skip it: prefill
     rows before the last, and tree nodes, whose logits `accept` computes as its walks reach them)."""
     batch = build_batch(items, cache.max_len, cache.k.device)
-    hidden = model(batch, cache)
-    b_idx = [b for b, pos in enumerate(logit_positions) for _ in pos]
-    t_idx = [t for pos in logit_positions for t in pos]
+    hidden = model(batch, cache)  # (T, H)
+    packed = [batch.offsets[b] + t for b, pos in enumerate(logit_positions) for t in pos]
     rows, k = [], 0
     for pos in logit_positions:
         rows.append(list(range(k, k + len(pos))))
         k += len(pos)
-    logits = model.compute_logits(hidden[b_idx, t_idx]) if b_idx else hidden.new_zeros(0, 0)
-    return VerifyOutput(hidden=hidden, logits=logits, rows=rows)
+    logits = model.compute_logits(hidden[packed]) if packed else hidden.new_zeros(0, 0)
+    return VerifyOutput(packed_hidden=hidden, offsets=batch.offsets, logits=logits, rows=rows)
 
 
 def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
@@ -58,14 +65,14 @@ def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> 
     return decide_tokens(logits, [s.params for s in seqs], [s.seed for s in seqs], positions).tolist()
 
 
-def accept(model: CausalLM, hidden: torch.Tensor, items: list[int], trees: list[TokenTree],
+def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[TokenTree],
            decide: Callable[[torch.Tensor, list[tuple[int, int]]], list[int]]) -> list[AcceptResult]:
-    """Walk every tree (item `items[k]` of the verify forward holds `trees[k]`), computing logits
-    only at the nodes the walks stand on: per round one LM-head call over those rows, then
-    `decide(logits, [(k, node), ...])` -> their decided tokens."""
+    """Walk every tree (`trees[k]` holds the packed rows roots[k] + node of the verify forward's
+    `hidden`), computing logits only at the nodes the walks stand on: per round one LM-head call
+    over those rows, then `decide(logits, [(k, node), ...])` -> their decided tokens."""
 
     def at(nodes: list[tuple[int, int]]) -> list[int]:
-        rows = hidden[[items[k] for k, _ in nodes], [node for _, node in nodes]]
+        rows = hidden[[roots[k] + node for k, node in nodes]]
         return decide(model.compute_logits(rows), nodes)
 
     return walk_trees([(t.tokens, t.parents) for t in trees], at)

@@ -8,6 +8,13 @@ tokens that attend its whole committed prefix (cache_len tokens) plus some of ea
   cache_len + depth, so siblings share a position.
 So one `ForwardBatch` (token ids + `AttentionMetadata`) drives all three, mixed in one call.
 New K/V are written at cache index cache_len + i (i = node index), whatever the position.
+
+The batch is packed (varlen, as flash-attention's cu_seqlens layout): the items' new tokens are
+concatenated along one token dimension of T = sum of q_lens rows, item b owning rows
+cu_seqlens[b]:cu_seqlens[b+1]. Embeddings, norms, projections and the MLP run on (T, hidden); only
+attention looks at the per-item offsets. Padding every item to the longest one would make a step
+that mixes one 256-token prefill chunk with 16 single-token decodes run 17 x 256 rows instead of
+272, and every decoding stream would pay for the prompt.
 """
 
 from __future__ import annotations
@@ -49,66 +56,86 @@ class ForwardItem:
 
 @dataclass
 class AttentionMetadata:
-    """Per-forward attention inputs, built once and read by every layer (no global context)."""
+    """Per-forward attention inputs of a packed batch, built once and read by every layer (passed
+    explicitly: no global context). B items, T = sum of q_lens packed token rows."""
 
-    slots: torch.Tensor  # (B,) int64 cache slot of each sequence
+    cu_seqlens: torch.Tensor  # (B + 1,) int64 item b's new tokens are packed rows cu_seqlens[b]:cu_seqlens[b+1]
+    slots: torch.Tensor  # (B,) int64 cache slot of each item
     cache_lens: torch.Tensor  # (B,) int64 committed tokens before this forward
-    q_lens: torch.Tensor  # (B,) int64 new tokens of each sequence (the rest of L is padding)
-    positions: torch.Tensor  # (B, L) int64 rotary positions
-    tree_mask: torch.Tensor  # (B, L, L) bool new-token-to-new-token visibility
-    write_batch: torch.Tensor  # (T,) for the T real new tokens: batch row,
-    write_token: torch.Tensor  # (T,) index within the row,
-    write_slot: torch.Tensor  # (T,) cache slot,
-    write_pos: torch.Tensor  # (T,) cache index (cache_len + i)
+    positions: torch.Tensor  # (T,) int64 rotary position of each packed row
+    tree_mask: torch.Tensor  # (sum q_len^2,) bool item b's (q_len, q_len) visibility block, row-major,
+    mask_offsets: torch.Tensor  # (B,) int64 starting here in tree_mask
+    write_slot: torch.Tensor  # (T,) int64 cache slot of each packed row's K/V
+    write_pos: torch.Tensor  # (T,) int64 cache index of each packed row's K/V (cache_len + i)
+    # Host copies, so that per-item Python code (the CPU reference, the cache-free path) and a
+    # kernel's grid size need no device sync.
+    host_cu_seqlens: list[int]  # (B + 1,) cu_seqlens
+    host_mask_offsets: list[int]  # (B,) mask_offsets
+    max_q_len: int  # the longest item
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    def item_rows(self, b: int) -> slice:
+        """Item b's packed rows."""
+        return slice(self.host_cu_seqlens[b], self.host_cu_seqlens[b + 1])
+
+    def item_mask(self, b: int) -> torch.Tensor:
+        """(n, n) bool visibility block of item b (n = its q_len)."""
+        n, start = self.host_cu_seqlens[b + 1] - self.host_cu_seqlens[b], self.host_mask_offsets[b]
+        return self.tree_mask[start : start + n * n].view(n, n)
 
 
 @dataclass
 class ForwardBatch:
-    input_ids: torch.Tensor  # (B, L) int64, padded with 0
+    input_ids: torch.Tensor  # (T,) int64, the items' tokens packed
     meta: AttentionMetadata
     items: list[ForwardItem]
 
     @property
-    def last_index(self) -> torch.Tensor:
-        """(B,) index of each sequence's last real token (where a prefill's next token comes from)."""
-        return self.meta.q_lens - 1
+    def offsets(self) -> list[int]:
+        """(B + 1,) item b is packed rows offsets[b]:offsets[b+1] (host copy of cu_seqlens)."""
+        return self.meta.host_cu_seqlens
 
 
 def build_batch(items: list[ForwardItem], max_model_len: int, device: torch.device | str = "cpu") -> ForwardBatch:
     if not items:
         raise ValueError("a forward needs at least one sequence")
-    B, L = len(items), max(len(it.tokens) for it in items)
-    input_ids = torch.zeros(B, L, dtype=torch.long)
-    positions = torch.zeros(B, L, dtype=torch.long)
-    tree_mask = torch.zeros(B, L, L, dtype=torch.bool)
-    wb, wt, ws, wp = [], [], [], []
-    for b, it in enumerate(items):
+    offsets, mask_offsets = [0], [0]
+    ids: list[int] = []
+    positions: list[int] = []
+    masks: list[torch.Tensor] = []
+    write_slot: list[int] = []
+    write_pos: list[int] = []
+    for it in items:
         n = len(it.tokens)
         if n == 0:
             raise ValueError(f"slot {it.slot}: empty forward item")
         if it.cache_len + n > max_model_len:
             raise ValueError(f"slot {it.slot}: {it.cache_len} + {n} tokens exceed the cache length {max_model_len}")
-        input_ids[b, :n] = torch.tensor(it.tokens)
-        positions[b, :n] = it.cache_len + torch.tensor(it.depths())
-        tree_mask[b, :n, :n] = it.mask()
-        tree_mask[b, n:, :] = torch.eye(L, dtype=torch.bool)[n:]  # padding rows see themselves only
-        wb += [b] * n
-        wt += range(n)
-        ws += [it.slot] * n
-        wp += range(it.cache_len, it.cache_len + n)
+        ids += it.tokens
+        positions += [it.cache_len + d for d in it.depths()]
+        masks.append(it.mask().view(-1))
+        write_slot += [it.slot] * n
+        write_pos += range(it.cache_len, it.cache_len + n)
+        offsets.append(offsets[-1] + n)
+        mask_offsets.append(mask_offsets[-1] + n * n)
 
     def t(x):
         return torch.as_tensor(x, dtype=torch.long).to(device)
 
     meta = AttentionMetadata(
+        cu_seqlens=t(offsets),
         slots=t([it.slot for it in items]),
         cache_lens=t([it.cache_len for it in items]),
-        q_lens=t([len(it.tokens) for it in items]),
-        positions=positions.to(device),
-        tree_mask=tree_mask.to(device),
-        write_batch=t(wb),
-        write_token=t(wt),
-        write_slot=t(ws),
-        write_pos=t(wp),
+        positions=t(positions),
+        tree_mask=torch.cat(masks).to(device),
+        mask_offsets=t(mask_offsets[:-1]),
+        write_slot=t(write_slot),
+        write_pos=t(write_pos),
+        host_cu_seqlens=offsets,
+        host_mask_offsets=mask_offsets[:-1],
+        max_q_len=max(len(it.tokens) for it in items),
     )
-    return ForwardBatch(input_ids=input_ids.to(device), meta=meta, items=items)
+    return ForwardBatch(input_ids=t(ids), meta=meta, items=items)

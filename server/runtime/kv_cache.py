@@ -77,10 +77,10 @@ class KVCache:
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, layer: int, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the new tokens' K/V (B, Hkv, L, hd) at their cache positions (padding skipped)."""
+        """Store the packed new tokens' K/V (T, Hkv, hd) at their cache positions."""
         idx = (layer, meta.write_slot, slice(None), meta.write_pos)
-        self.k[idx] = k[meta.write_batch, :, meta.write_token]  # (T, Hkv, hd)
-        self.v[idx] = v[meta.write_batch, :, meta.write_token]
+        self.k[idx] = k
+        self.v[idx] = v
 
     def advance(self, slot: int, n: int) -> None:
         """Keep the n tokens just written after the prefix (a prefill chunk or a chain)."""

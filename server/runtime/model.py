@@ -4,8 +4,9 @@ Written here rather than forked from a modeling file: the families differ only i
 rope scaling, which ModelConfig resolves, so one decoder serves all of them. Parameter names
 match Hugging Face's (model.layers.N.self_attn.q_proj.weight, ...) so checkpoints load as they
 are. The forward takes a ForwardBatch (prefill chunks, decode tokens and verification trees,
-mixed) and returns the final-norm hidden states; logits are computed only where needed, since
-a prefill chunk needs one row of them and the vocabulary projection dominates small models.
+mixed, packed along one token dimension) and returns the final-norm hidden states; logits are
+computed only where needed, since a prefill chunk needs one row of them and the vocabulary
+projection dominates small models.
 """
 
 from __future__ import annotations
@@ -50,28 +51,36 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, cache: KVCache | None) -> torch.Tensor:
-        B, L, _ = x.shape
+        T = x.shape[0]  # x: (T, hidden), the batch's new tokens packed (server/runtime/batch.py)
         if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split([self.hq * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, L, self.hq, self.hd).transpose(1, 2)  # (B, Hq, L, hd)
-        k = k.view(B, L, self.hkv, self.hd).transpose(1, 2)  # (B, Hkv, L, hd)
-        v = v.view(B, L, self.hkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q.view(T, self.hq, self.hd), cos, sin)  # (T, Hq, hd)
+        k = apply_rope(k.view(T, self.hkv, self.hd), cos, sin)  # (T, Hkv, hd)
+        v = v.view(T, self.hkv, self.hd)
         if cache is None:
-            # No cache (training, one-shot scoring): the new tokens only see each other, through
-            # the tree mask. Differentiable, unlike the in-place cache writes.
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=meta.tree_mask[:, None], scale=self.hd**-0.5, enable_gqa=self.hq != self.hkv
-            )
+            out = _attention_without_cache(q, k, v, meta, self.hd**-0.5)
         else:
             cache.write(self.layer, meta, k, v)
             out = tree_attention(
-                q, cache.k[self.layer], cache.v[self.layer],
-                meta.slots, meta.cache_lens, meta.q_lens, meta.tree_mask, self.hd**-0.5,
-            )  # (B, Hq, L, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.hq * self.hd))
+                q, cache.k[self.layer], cache.v[self.layer], meta.cu_seqlens, meta.slots, meta.cache_lens,
+                meta.tree_mask, meta.mask_offsets, self.hd**-0.5, max_q_len=meta.max_q_len,
+            )  # (T, Hq, hd)
+        return self.o_proj(out.reshape(T, self.hq * self.hd))
+
+
+def _attention_without_cache(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """No cache (training, one-shot scoring): each item's new tokens see only each other, through
+    its tree mask. One SDPA per item, differentiable, unlike the in-place cache writes."""
+    out = []
+    for b in range(len(meta.host_cu_seqlens) - 1):
+        rows = meta.item_rows(b)
+        qb, kb, vb = (t[rows].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, hd)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.item_mask(b), scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out.append(o[0].transpose(0, 1))  # (n, Hq, hd)
+    return torch.cat(out)
 
 
 class MLP(nn.Module):
@@ -155,7 +164,8 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """Run the batch, writing its K/V into `cache`; returns final-norm hidden states (B, L, H).
+        """Run the batch, writing its K/V into `cache`; returns final-norm hidden states (T, H), one
+        row per packed token (item b's rows: batch.offsets[b]:batch.offsets[b+1]).
         Lengths are not advanced here: the caller decides what to keep (advance / commit_paths)."""
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(batch.meta.positions, self.inv_freq, x.dtype)

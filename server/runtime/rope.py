@@ -39,14 +39,15 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """positions (B, L) -> cos, sin (B, 1, L, head_dim), computed in fp32 then cast."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, L, hd/2)
-    emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, L, hd)
+    """positions (T,) -> cos, sin (T, 1, head_dim), computed in fp32 then cast (the 1 broadcasts
+    over the heads of a packed (T, H, head_dim) tensor)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (T, hd/2)
+    emb = torch.cat((angles, angles), dim=-1)[..., None, :]  # (T, 1, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, L, hd): rotate pairs (i, i + hd/2), the Hugging Face / Llama layout."""
+    """x (T, H, hd): rotate pairs (i, i + hd/2), the Hugging Face / Llama layout."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
