@@ -4,10 +4,11 @@ Every flag mirrors a field of `server.settings.Settings` (the flags are generate
 help text, bounds and environment fallbacks are defined once). Precedence: flag, then the
 `CTC_<NAME>` environment variable, then the default. With no arguments it serves the demo model
 embedded in models/. The engine is built inside the app's start-up (`build_engine(settings)`);
-SIGTERM or Ctrl-C stop accepting connections, let requests in flight finish for up to
---shutdown-timeout seconds, abort the rest (their clients get an error saying the server is
-shutting down, not a cut connection) and join the engine worker; uvicorn then re-raises the
-signal, so supervisors see the usual "terminated by SIGTERM" status (143).
+SIGTERM or Ctrl-C start a drain: the server keeps listening, but /health and every new request
+answer 503, while requests in flight get up to --shutdown-timeout seconds to finish; then the rest
+are aborted (their clients get an error saying the server is shutting down, not a cut connection),
+the server stops listening and joins the engine worker. uvicorn then re-raises the signal, so
+supervisors see the usual "terminated by SIGTERM" status (143).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from server.settings import Settings
 log = logging.getLogger("server.cli")
 
 STARTUP_FAILED_EXIT = 3  # uvicorn's code when the lifespan (engine loading) fails
-SHUTDOWN_BACKSTOP_S = 5  # uvicorn cuts connections still open this long after the drain's deadline
+SHUTDOWN_BACKSTOP_S = 5  # uvicorn cuts connections still open this long after the drain
+DRAIN_POLL_S = 0.05  # how often the shutdown checks whether the drain is over
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,15 +76,20 @@ def _draining_server(config, app, drain_s: float):
     AppStatus.disable_automatic_graceful_drain()
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn's server, whose shutdown first starts the engine's drain: while uvicorn waits
-        for open connections to close, requests in flight get `drain_s` seconds to finish, then
-        the rest are aborted, which completes their responses and so closes the connections."""
+        """uvicorn's server, whose shutdown first runs the engine's drain, still listening: requests
+        in flight get `drain_s` seconds to finish, then the rest are aborted, which completes their
+        responses. Only then does uvicorn stop listening and wait for the connections to close."""
 
         async def shutdown(self, sockets=None) -> None:
             engine = app.state.engine  # None if it never finished loading
             if engine is not None:
-                self.drain = asyncio.ensure_future(engine.drain(drain_s))
-            await super().shutdown(sockets)
+                # Still listening while the drain runs: /health answers 503 (load balancers take us
+                # out of rotation) and new requests get a 503 saying why, instead of a refused
+                # connection. A second Ctrl-C (force_exit) skips the wait.
+                drain = asyncio.ensure_future(engine.drain(drain_s))
+                while not drain.done() and not self.force_exit:
+                    await asyncio.sleep(DRAIN_POLL_S)
+            await super().shutdown(sockets)  # stops listening, closes idle keep-alive connections
 
     return DrainingServer(config)
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # our logging.basicConfig above formats uvicorn's records too
         log_level=settings.log_level,
         access_log=False,  # serving logs one line per finished request instead
-        timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_BACKSTOP_S,
+        timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_S,  # after the drain: only final messages are left to send
     )
     server = _draining_server(config, app, settings.shutdown_timeout)
     server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, run the lifespan shutdown

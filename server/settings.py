@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256, ge=0, description="Most requests waiting for a batch slot; more are refused with 429."
     )
+    max_request_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest request body accepted; a larger one gets 413. 4 MiB holds a "
+        "128k-token prompt (about 0.5 MB of text) with room for JSON escapes.",
+    )
+    request_body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may take to arrive in full after its headers; a slower "
+        "or incomplete one gets 408 and its connection is closed.",
+    )
     shutdown_timeout: int = Field(
         10, ge=0, description="Seconds to let requests in flight finish after SIGTERM before aborting them."
     )

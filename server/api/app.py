@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__
 from server.api.async_engine import AsyncEngine
+from server.api.limits import RequestLimits
 from server.api.metrics import CONTENT_TYPE, ServerMetrics
 from server.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelList
 from server.api.serving import OpenAIServing
@@ -69,6 +70,8 @@ def create_app(settings: Settings, engine: EngineCore | AsyncEngine | None = Non
     _add_routes(app)
     if settings.api_key is not None:
         app.add_middleware(BearerAuth, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
+                       body_timeout_s=settings.request_body_timeout)  # added last: outermost
     return app
 
 
