@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import is_interpreted, jit_kernel, use_triton
+from kernels.backend import is_interpreted, jit_kernel, launches_on_input_device, use_triton
 
 # triton.language, bound by `_kernel()` on the first launch: triton is imported lazily (see
 # kernels/backend.py), and the kernel below is plain Python until then.
@@ -170,6 +170,7 @@ def _kernel() -> Any:
     return jit_kernel(_tree_attention_kernel)
 
 
+@launches_on_input_device
 def tree_attention_triton(
     q: torch.Tensor,  # (B, Hq, L, D)
     k_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)
