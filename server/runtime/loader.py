@@ -8,9 +8,9 @@ in flight, not a second copy of the model. The model is built and fused (q|k|v, 
 meta device, where it holds no data; then every parameter is allocated once, empty, in the target
 dtype on the target device; then the shards are streamed one tensor at a time, each copied
 (cast on the way) into its place, a q/k/v or gate/up part straight into its rows of the fused
-matrix. Keeping a state dict of unfused tensors alive while fusing, as a naive loader does, costs
-~1.6x the weights at the peak for a Llama-3-8B (25 GB instead of 16), so a 24 GB card that holds
-weights and cache could not start.
+matrix. Keeping a state dict of unfused tensors alive while fusing, as a naive loader does, holds
+the attention and MLP weights twice at the peak (~25 GB instead of 16 for a Llama-3-8B), so a
+24 GB card that fits weights and cache could not start.
 """
 
 from __future__ import annotations
