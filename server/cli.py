@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         engine = build_engine(settings)
-    except (CacheSizingError, ModelConfigError, DrafterLoadError, EngineError) as exc:  # refusals that explain themselves
+    except (CacheSizingError, ModelConfigError, DrafterLoadError, EngineError) as exc:  # they explain themselves
         log.error("cannot start: %s", exc)
         return STARTUP_FAILED_EXIT
     app = create_app(settings, engine)

@@ -67,7 +67,8 @@ def test_kv_commit_triton_launches_inside_its_caches_device_context(entered):
 def test_tree_attention_triton_launches_inside_its_querys_device_context(entered):
     _needs_interpreter()
     q, kc, vc = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    args = (q, kc, vc, torch.tensor([0]), torch.tensor([3]), torch.tensor([1]), torch.ones(1, 1, 1, dtype=torch.bool), 0.25)
+    mask = torch.ones(1, 1, 1, dtype=torch.bool)
+    args = (q, kc, vc, torch.tensor([0]), torch.tensor([3]), torch.tensor([1]), mask, 0.25)
     out = tree_attention_triton(*args)
     assert entered == [q.device]
     torch.testing.assert_close(out, tree_attention_ref(*args), atol=1e-5, rtol=0)

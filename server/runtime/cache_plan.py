@@ -58,7 +58,7 @@ def plan_kv_cache(
     if requested_len is not None and requested_len > model_max_len:
         raise CacheSizingError(
             f"--max-model-len {requested_len} is longer than this model's context of {model_max_len} positions "
-            f"(max_position_embeddings); lower it to {model_max_len} or less"
+            f"(max_position_embeddings, or its sliding window); lower it to {model_max_len} or less"
         )
     if memory is None:
         length = requested_len if requested_len is not None else min(model_max_len, CPU_DEFAULT_LEN)
