@@ -37,6 +37,7 @@ from drafter.candidates import Candidate, batched_prefix_beam_search, static_tre
 from drafter.loading import borrow
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
+from server.runtime.host import to_host
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM, DecoderLayer, RMSNorm, fuse_projections
 from server.runtime.rope import inverse_frequencies, rope_cos_sin
@@ -110,8 +111,23 @@ class CTCDraftModel(nn.Module):
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.frame_queries = nn.Parameter(torch.randn(cfg.num_frames, H) * 0.02)
         self.blank_head = nn.Linear(H, 1)
-        self.register_buffer("inv_freq", inverse_frequencies(lc.head_dim, cfg.rope_theta, {}), persistent=False)
+        self.register_buffer("inv_freq", self._rope_frequencies(), persistent=False)
         self._base: tuple[nn.Embedding, nn.Linear] | None = None
+
+    def _rope_frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        lc = self.config.layer_config()
+        return inverse_frequencies(lc.head_dim, self.config.rope_theta, {}).to(device)  # (hd/2,) float32
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` casts every floating buffer; the rope frequencies must stay float32: in
+        bfloat16 they are off by up to 4e-3 relative, and the angle error (position x that) grows
+        linearly along the context, so drafts would get worse the longer a conversation runs.
+        Rebuilt exactly after any cast or move; cos/sin are computed from them in float32
+        (rope_cos_sin) and only the final tables take the activations' dtype."""
+        super()._apply(fn, recurse)
+        if "inv_freq" in self._buffers and not self.inv_freq.is_meta:
+            self.inv_freq = self._rope_frequencies(self.inv_freq.device)
+        return self
 
     def attach_base(self, base: CausalLM) -> CTCDraftModel:
         if (base.config.hidden_size, base.config.vocab_size) != (self.config.base_hidden_size, self.config.base_vocab_size):
@@ -210,7 +226,7 @@ class CTCDrafter(Drafter):
 
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         cfg = self.model.config
-        log_probs = self.frames(requests).cpu()  # (B, N, V+1): candidate search is host code
+        log_probs = to_host(self.frames(requests))  # (B, N, V+1): candidate search is host code
         if cfg.candidates == "beam":
             return batched_prefix_beam_search(log_probs, cfg.blank, cfg.beam_width, cfg.prune_topk)
         return [static_tree_candidates(lp, cfg.blank, cfg.static_topk) for lp in log_probs]

@@ -20,6 +20,7 @@ from drafter.base import Drafter, ProposeRequest
 from drafter.candidates import Candidate
 from drafter.loading import borrow
 from server.runtime.config import ModelConfig
+from server.runtime.host import to_host
 from server.runtime.model import CausalLM
 
 
@@ -109,5 +110,5 @@ class MedusaDrafter(Drafter):
     @torch.inference_mode()
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         h = torch.stack([self.last_hidden[r.seq_id] for r in requests])  # (B, H)
-        log_probs = torch.log_softmax(self.model.logits(h), dim=-1).cpu()  # (B, K, V)
+        log_probs = to_host(torch.log_softmax(self.model.logits(h), dim=-1))  # (B, K, V)
         return [medusa_candidates(lp, self.model.config.topk_per_head) for lp in log_probs]

@@ -7,6 +7,11 @@ catching a failure at call time:
 - Even with the Triton backend, an op takes its Triton path only for CUDA tensors
   (`use_triton`); CPU tensors always take the reference.
 
+Device: a Triton launch goes to the *current* CUDA device, not to the device of its tensors, so
+with `--device cuda:1` a bare launch would run on cuda:0 against memory on cuda:1. Every `*_triton`
+wrapper is therefore decorated with `launches_on_input_device`, which makes the first tensor
+argument's device current for the launch (a no-op for CPU tensors, i.e. under the interpreter).
+
 Nothing here imports triton at module import time, so a CPU-only install never touches it.
 
 Testing mode: with `TRITON_INTERPRET=1`, Triton runs kernels in its Python interpreter on CPU
@@ -20,13 +25,14 @@ kernels cannot share one.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import importlib
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -94,3 +100,27 @@ def jit_kernel(fn: Callable[..., Any]) -> Any:
     import triton  # lazy: only the Triton branch gets here
 
     return triton.jit(fn)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def device_context(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context that makes `tensor`'s CUDA device current (nothing to do for other devices)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def launches_on_input_device(wrapper: F) -> F:
+    """Decorate a Triton wrapper: run it with the device of its first tensor argument (positional
+    or keyword; the wrappers assert that all of them share one) current, so its kernels launch
+    where its inputs live (module docstring, "Device")."""
+
+    @functools.wraps(wrapper)
+    def on_device(*args: Any, **kwargs: Any) -> Any:
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with device_context(first):
+            return wrapper(*args, **kwargs)
+
+    return on_device  # type: ignore[return-value]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kernels.backend import jit_kernel, use_triton
+from kernels.backend import jit_kernel, launches_on_input_device, use_triton
 
 # triton.language, bound by `_kernel()` on the first launch: triton is imported lazily (see
 # kernels/backend.py), and the kernel below is plain Python until then.
@@ -103,6 +103,7 @@ def _kernel() -> Any:
     return jit_kernel(_kv_commit_kernel)
 
 
+@launches_on_input_device
 def kv_commit_triton(
     k_cache: torch.Tensor,  # (num_layers, num_slots, Hkv, max_len, D)
     v_cache: torch.Tensor,  # (num_layers, num_slots, Hkv, max_len, D)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import is_interpreted, jit_kernel, use_triton
+from kernels.backend import is_interpreted, jit_kernel, launches_on_input_device, use_triton
 
 # triton.language, bound by `_kernel()` on the first launch: triton is imported lazily (see
 # kernels/backend.py), and the kernel below is plain Python until then.
@@ -182,6 +182,7 @@ def _kernel() -> Any:
     return jit_kernel(_tree_attention_kernel)
 
 
+@launches_on_input_device
 def tree_attention_triton(
     q: torch.Tensor,  # (T, Hq, D) packed new tokens
     k_cache: torch.Tensor,  # (num_slots, Hkv, max_len, D)

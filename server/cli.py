@@ -3,7 +3,9 @@
 Every flag mirrors a field of `server.settings.Settings` (the flags are generated from it, so the
 help text, bounds and environment fallbacks are defined once). Precedence: flag, then the
 `CTC_<NAME>` environment variable, then the default. With no arguments it serves the demo model
-embedded in models/. The engine is built inside the app's start-up (`build_engine(settings)`);
+embedded in models/. The engine (`build_engine(settings)`) is built before the server starts
+listening, so a configuration that cannot start (a model, drafter or KV cache that does not fit)
+ends the process with one error line that says why, and exit code 3, instead of a traceback.
 SIGTERM or Ctrl-C start a drain: the server keeps listening, but /health and every new request
 answer 503, while requests in flight get up to --shutdown-timeout seconds to finish; then the rest
 are aborted (their clients get an error saying the server is shutting down, not a cut connection),
@@ -105,7 +107,18 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("model %s, drafter %s, device %s, dtype %s", settings.model, settings.drafter, settings.device,
              settings.dtype)
-    app = create_app(settings)
+    from drafter.loading import DrafterLoadError
+    from server.engine.factory import build_engine
+    from server.engine.types import EngineError
+    from server.runtime.cache_plan import CacheSizingError
+    from server.runtime.config import ModelConfigError
+
+    try:
+        engine = build_engine(settings)
+    except (CacheSizingError, ModelConfigError, DrafterLoadError, EngineError) as exc:  # they explain themselves
+        log.error("cannot start: %s", exc)
+        return STARTUP_FAILED_EXIT
+    app = create_app(settings, engine)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -49,8 +49,16 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces, as in Docker).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences decoded together in one step.")
-    max_model_len: int = Field(
-        2048, ge=16, le=1 << 20, description="Context limit per request: prompt plus generated tokens."
+    max_model_len: int | None = Field(
+        None, ge=16, le=1 << 20,
+        description="Context limit per request: prompt plus generated tokens; sizes the KV cache (slots x this). "
+        "Default: the model's max_position_embeddings, on CUDA lowered to what fits in --gpu-memory-utilization, "
+        "on the CPU capped at 2048.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1,
+        description="Share of the GPU's total memory this server may use (weights, activations, KV cache), as in "
+        "vLLM; the KV cache gets what is left after loading. Ignored on the CPU.",
     )
     default_max_tokens: int = Field(
         1024, ge=1, description="max_tokens of requests that set none (lowered to what fits in max_model_len)."

@@ -22,7 +22,8 @@ def test_defaults_serve_the_demo_model() -> None:
     expected_drafter = REPO / "models" / "demo-llama-ctc"
     assert settings.drafter == (str(expected_drafter) + "+ngram" if expected_drafter.is_dir() else "ngram")
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
-    assert (settings.max_batch_size, settings.max_model_len) == (16, 2048)
+    assert (settings.max_batch_size, settings.max_model_len) == (16, None)  # None: sized at start-up
+    assert settings.gpu_memory_utilization == 0.9
     assert settings.api_key is None
 
 

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.runtime.host import host_list
+
 
 @dataclass(frozen=True)
 class AcceptResult:
@@ -136,7 +138,7 @@ def accept_batch(
     so its root has parent -1. `decided` may be a device tensor: it is copied to the host once.
     Paths in the results are local node indices.
     """
-    dec = decided.tolist() if isinstance(decided, torch.Tensor) else list(decided)
+    dec = host_list(decided) if isinstance(decided, torch.Tensor) else list(decided)
     total = sum(num_nodes)
     if not len(tokens) == len(parents) == len(dec) == total:
         raise ValueError(f"sum(num_nodes) = {total} but {len(tokens)} tokens, {len(parents)} parents, {len(dec)} decided")

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.types import SamplingParams, TokenLogprob
+from server.runtime.host import host_list
 
 IntsLike = Sequence[int] | torch.Tensor
 
@@ -73,7 +74,7 @@ def process_logits(
     sampled = temperature > 0  # (M,) greedy rows skip the filters
     k_on = sampled & (top_k > 0) & (top_k < v)
     p_on = sampled & (top_p < 1)
-    if not bool((k_on | p_on).any()):  # common case: nothing to filter, skip the sort
+    if not host_list((k_on | p_on).any()):  # common case: nothing to filter, skip the sort
         return x
 
     sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (M, V) each
@@ -143,7 +144,7 @@ def batch_noise(
 
 
 def _as_list(x: IntsLike) -> list[int]:
-    return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
+    return [int(v) for v in (host_list(x) if isinstance(x, torch.Tensor) else x)]
 
 
 def decide_tokens(
@@ -164,7 +165,7 @@ def decide_tokens(
     if logits.dim() != 2:
         raise ValueError(f"logits must be (M, V), got shape {tuple(logits.shape)}")
     m, v = logits.shape
-    seed_list = seeds.tolist() if isinstance(seeds, torch.Tensor) else list(seeds)
+    seed_list = host_list(seeds) if isinstance(seeds, torch.Tensor) else list(seeds)
     pos_list = _as_list(positions)
     if not len(params) == len(seed_list) == len(pos_list) == m:
         raise ValueError(f"{m} logits rows but {len(params)} params, {len(seed_list)} seeds, {len(pos_list)} positions")
@@ -192,17 +193,19 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[in
 
     logits (M, V): raw next-token logits. The distribution is log_softmax of the raw logits, before
     temperature and filtering (the model's own, as vLLM reports by default). One log_softmax and
-    one topk for all rows, one copy to the host.
+    one topk for all rows, and one copy to the host: the chosen log-probs, the top values and the
+    top ids travel as one float64 tensor (ids below 2**53 are exact in float64).
     """
     if logits.dim() != 2 or not logits.shape[0] == len(tokens) == len(top):
         raise ValueError(f"logits {tuple(logits.shape)} need one row per token ({len(tokens)}) and top ({len(top)})")
     if not len(tokens):
         return []
     logp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
-    chosen = logp.gather(1, torch.tensor(list(tokens), device=logp.device)[:, None])[:, 0].tolist()  # (M,)
+    chosen = logp.gather(1, torch.tensor(list(tokens), device=logp.device)[:, None])  # (M, 1)
     best = logp.topk(max(top), dim=-1)  # (M, k); k may be 0
-    best_lp, best_id = best.values.tolist(), best.indices.tolist()
+    k = best.values.shape[1]
+    rows = host_list(torch.cat([chosen, best.values, best.indices.to(chosen.dtype)], dim=1).double())  # (M, 1 + 2k)
     return [
-        TokenLogprob(int(t), lp, list(zip(ids[:n], lps[:n])))
-        for t, lp, n, ids, lps in zip(tokens, chosen, top, best_id, best_lp)
+        TokenLogprob(int(t), row[0], [(int(i), lp) for i, lp in zip(row[1 + k : 1 + k + n], row[1 : 1 + n])])
+        for t, n, row in zip(tokens, top, rows)
     ]

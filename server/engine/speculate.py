@@ -26,6 +26,7 @@ from server.engine.accept import AcceptResult, walk_trees
 from server.engine.sampler import decide_tokens
 from server.engine.sequence import Sequence
 from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.host import host_list
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
 
@@ -62,7 +63,7 @@ def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_posi
 
 def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
     """The base model's token at each row: row i belongs to seqs[i], output position positions[i]."""
-    return decide_tokens(logits, [s.params for s in seqs], [s.seed for s in seqs], positions).tolist()
+    return host_list(decide_tokens(logits, [s.params for s in seqs], [s.seed for s in seqs], positions))
 
 
 def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[TokenTree],

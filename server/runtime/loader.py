@@ -1,22 +1,31 @@
 """Load a Hugging Face checkpoint directory into our CausalLM, plus its tokenizer.
 
 Reads config.json, one model.safetensors or the shards listed in model.safetensors.index.json,
-and the tokenizer (with its chat template) through transformers' AutoTokenizer. Weights are
-read straight into the requested dtype and device; the model is built on the meta device first,
-so no memory is spent on a random initialisation that would be overwritten.
+and the tokenizer (with its chat template) through transformers' AutoTokenizer.
+
+Lean by construction: peak memory while loading is the final weights plus one checkpoint tensor
+in flight, not a second copy of the model. The model is built and fused (q|k|v, gate|up) on the
+meta device, where it holds no data; then every parameter is allocated once, empty, in the target
+dtype on the target device; then the shards are streamed one tensor at a time, each copied
+(cast on the way) into its place, a q/k/v or gate/up part straight into its rows of the fused
+matrix. Keeping a state dict of unfused tensors alive while fusing, as a naive loader does, holds
+the attention and MLP weights twice at the peak (~25 GB instead of 16 for a Llama-3-8B), so a
+24 GB card that fits weights and cache could not start.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from server.runtime.config import ModelConfig, ModelConfigError
-from server.runtime.model import CausalLM, fuse_projections
+from server.runtime.model import MLP, Attention, CausalLM
 from server.runtime.rope import inverse_frequencies
 
 log = logging.getLogger(__name__)
@@ -54,14 +63,80 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise ModelConfigError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def read_state_dict(files: list[Path], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class Destination:
+    """Where a checkpoint tensor goes: rows [start, start + rows) of `param` (all rows if unfused)."""
+
+    param: nn.Parameter
+    start: int
+    rows: int
+
+
+def fused_destinations(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Fuse `model`'s projections (on the meta device, so nothing is allocated) and return, per
+    checkpoint name of a fused part, (fused parameter name, first row, rows).
+
+    Read off the model rather than restated here: a fused Linear is the concatenation, in
+    declaration order, of the Linears that its module's `fuse()` removed (model.py), so q, k, v
+    (or gate, up) take consecutive row ranges. The exactness tests against transformers check it.
+    """
+    parts: dict[str, tuple[str, int, int]] = {}
+    for prefix, module in list(model.named_modules()):
+        if not isinstance(module, (Attention, MLP)):
+            continue
+        before = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
+        module.fuse()
+        after = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
+        removed = [n for n in before if n not in after]
+        (fused,) = [n for n in after if n not in before]
+        row = 0
+        for name in removed:
+            for kind in ("weight", "bias"):
+                if getattr(before[name], kind) is not None:
+                    parts[f"{prefix}.{name}.{kind}"] = (f"{prefix}.{fused}.{kind}", row, before[name].out_features)
+            row += before[name].out_features
+        if row != after[fused].out_features:
+            raise RuntimeError(f"{prefix}.{fused}: fused rows {after[fused].out_features} != parts {row}")
+    return parts
+
+
+def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Give every meta parameter real (uninitialised) storage, once per parameter object, so tied
+    weights stay tied and are allocated once."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device))
+                module._parameters[name] = made[id(p)]
+
+
+def checkpoint_names(files: list[Path]) -> list[str]:
+    names = []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names += [n for n in f.keys() if not n.endswith(_IGNORED_SUFFIXES)]
+    return names
+
+
+@torch.no_grad()
+def stream_weights(files: list[Path], destinations: dict[str, Destination]) -> None:
+    """Copy every checkpoint tensor named in `destinations` into its place, one tensor at a time
+    (the copy casts to the parameter's dtype and moves it to its device)."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if not name.endswith(_IGNORED_SUFFIXES):
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-    return state
+                dest = destinations.get(name)
+                if dest is None:
+                    continue
+                tensor = f.get_tensor(name)
+                target = dest.param.narrow(0, dest.start, dest.rows)
+                if tensor.shape != target.shape:
+                    raise ModelConfigError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                                           f"the config implies {tuple(target.shape)}")
+                target.copy_(tensor)
+                del tensor
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto") -> CausalLM:
@@ -69,26 +144,32 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
     cfg = ModelConfig.from_dir(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    state = read_state_dict(safetensors_files(model_dir), dt, dev)
+    files = safetensors_files(model_dir)
+    present = set(checkpoint_names(files))
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in state:
+        present.discard("lm_head.weight")
+    elif "lm_head.weight" not in present:
         raise ModelConfigError(f"{model_dir}: untied embeddings but no lm_head.weight in the checkpoint")
     with torch.device("meta"):
         model = CausalLM(cfg)
     expected = {n for n, _ in model.named_parameters()}  # tied lm_head is not listed twice
-    missing, unexpected = expected - state.keys(), state.keys() - expected
+    missing, unexpected = expected - present, present - expected
     if missing or unexpected:
         raise ModelConfigError(
             f"{model_dir}: checkpoint does not match a {cfg.architecture} of this config "
             f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"
         )
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    parts = fused_destinations(model.eval())
+    materialize(model, dt, dev)
+    params = dict(model.named_parameters())
+    destinations = {}
+    for name in expected:
+        fused, start, rows = parts.get(name, (name, 0, None))
+        param = params[fused]
+        destinations[name] = Destination(param, start, param.shape[0] if rows is None else rows)
+    stream_weights(files, destinations)
     # Buffers built under the meta device hold no data: derive the rope frequencies for real.
     model.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
-    fuse_projections(model.eval())
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded %s (%s, %.1fM parameters) on %s in %s", model_dir, cfg.architecture, n / 1e6, dev, dt)
     return model
