@@ -66,9 +66,10 @@ def test_kv_commit_triton_launches_inside_its_caches_device_context(entered):
 
 def test_tree_attention_triton_launches_inside_its_querys_device_context(entered):
     _needs_interpreter()
-    q, kc, vc = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    mask = torch.ones(1, 1, 1, dtype=torch.bool)
-    args = (q, kc, vc, torch.tensor([0]), torch.tensor([3]), torch.tensor([1]), mask, 0.25)
+    q, kc, vc = torch.randn(1, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)  # one packed token
+    mask = torch.ones(1, dtype=torch.bool)
+    # cu_seqlens, slots, cache_lens, tree_mask, mask_offsets, scale
+    args = (q, kc, vc, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([3]), mask, torch.tensor([0]), 0.25)
     out = tree_attention_triton(*args)
     assert entered == [q.device]
     torch.testing.assert_close(out, tree_attention_ref(*args), atol=1e-5, rtol=0)
@@ -102,8 +103,8 @@ def test_bfloat16_drafter_matches_float32_rope_at_long_positions():
     # so the tokens are spread 300 positions apart, up to 3300 between the first and the last.
     L = 12
     meta = build_batch([ForwardItem(0, 0, [0] * L)], 4096).meta
-    meta = dataclasses.replace(meta, positions=torch.arange(L)[None] * 300)
-    x = torch.randn(1, L, 64)
+    meta = dataclasses.replace(meta, positions=torch.arange(L) * 300)  # packed: (T,)
+    x = torch.randn(L, 64)  # packed: (T, H)
     with torch.no_grad():
         want = fp32.run(x, meta, None)
         got = bf16.run(x.to(torch.bfloat16), meta, None).float()
