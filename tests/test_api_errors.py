@@ -71,7 +71,7 @@ async def test_bad_requests_are_400(path: str, content: str | bytes, message: st
          "messages.0.content"),
         ("/v1/completions", {"prompt": "hi", "seed": False}, "valid integer, got a boolean", "seed"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, "valid integer, got a string", "max_tokens"),
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 10.0}, "valid integer, got a number", "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 10.5}, "valid integer, got a number", "max_tokens"),
         ("/v1/completions", {"prompt": "hi", "temperature": "1"}, "valid number, got a string", "temperature"),
         ("/v1/completions", {"prompt": "hi", "stream": "true"}, "valid boolean, got a string", "stream"),
         ("/v1/completions", {"prompt": "hi", "stop_token_ids": [4096]}, "4096 is not a token id", "stop_token_ids"),

@@ -6,7 +6,7 @@ fields); fields we know but do not implement (n > 1, penalties, echo, ...) are r
 clear message instead of being silently dropped.
 
 Types are strict, as OpenAI's are: no numeric strings ("10" is not a max_tokens), no booleans as
-numbers (`seed: false` is not seed 0), no decimals as integers, no NaN or infinity; every integer
+numbers (`seed: false` is not seed 0), no NaN or infinity; every integer
 has a range, so nothing reaches torch as an int64 overflow; text must be valid Unicode (JSON's
 `\ud800` escape decodes to a lone surrogate, which no tokenizer can encode). Each field's JSON
 schema states exactly what is accepted (the OpenAPI document is built from these models), including
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from server.engine.types import MAX_TOP_LOGPROBS, SamplingParams
 
@@ -28,7 +28,10 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 # Bound of token counts, ids and top_k: above any context length or vocabulary in use (the largest
 # vocabularies have ~262k tokens), far below where an int64 tensor would overflow.
 MAX_TOKEN_COUNT = 1 << 20
-INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # seed: an int64, as in OpenAI's API
+# seed: an integer that every JSON parser reads exactly. Beyond 2**53 - 1, parsers and schema
+# validators that read numbers as doubles (JavaScript's, many others: RFC 7493) round them, so a
+# bound there is not one that clients can check.
+MAX_SAFE_INTEGER = (1 << 53) - 1
 REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
@@ -42,7 +45,13 @@ def valid_unicode(text: str) -> str:
     return text
 
 
+def _integral(value: Any) -> Any:
+    """10.0 is the integer 10, as in JSON Schema (the OpenAPI document's language); 10.5 stays a number."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 Text = Annotated[str, AfterValidator(valid_unicode)]
+IntegralFloat = BeforeValidator(_integral)  # strict otherwise: no strings, no booleans as integers
 
 
 class ApiError(Exception):
@@ -90,8 +99,12 @@ NON_EMPTY_TEXT = {"type": "string", "minLength": 1}
 STOP_SCHEMA = {"anyOf": [NON_EMPTY_TEXT, {"type": "array", "items": NON_EMPTY_TEXT, "maxItems": MAX_STOP_SEQUENCES},
                          {"type": "null"}]}
 PROMPT_SCHEMA = {"anyOf": [NON_EMPTY_TEXT, {"type": "array", "items": NON_EMPTY_TEXT, "minItems": 1, "maxItems": 1}]}
-TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_COUNT)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_COUNT)]
+# Integer fields: the bounds go before the validator, so that the JSON schema states them.
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_COUNT), IntegralFloat]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_COUNT), IntegralFloat]
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOKEN_COUNT), IntegralFloat]
+Seed = Annotated[int, Field(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER), IntegralFloat]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), IntegralFloat]
 
 
 def _with_rules(schema: dict[str, Any], cls: type) -> None:
@@ -117,14 +130,13 @@ class SamplingRequest(BaseModel):
     max_completion_tokens: TokenCount | None = Field(None, description="Newer name of max_tokens; wins if both.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 decodes greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 switches it off.")
-    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_COUNT,
-                              description="Keep the k likeliest tokens; 0, -1 or unset: off.")
+    top_k: TopK | None = Field(None, description="Keep the k likeliest tokens; 0, -1 or unset: off.")
     stop: Annotated[list[Text], WithJsonSchema(STOP_SCHEMA)] = Field(
         default_factory=list, description=f"A stop string, or a list of up to {MAX_STOP_SEQUENCES}.")
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="Seed for sampling, for reproducible outputs.")
+    seed: Seed | None = Field(None, description="Seed for sampling, for reproducible outputs.")
     stream: bool = Field(False, description="Stream chunks as server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Only with stream set to true.")
-    n: int = Field(1, description="Choices per request; only 1 is supported.", json_schema_extra={"const": 1})
+    n: Annotated[int, IntegralFloat] = Field(1, description="Choices per request; only 1 is supported.", json_schema_extra={"const": 1})
     presence_penalty: float = Field(0.0, description="Not supported; must be 0.", json_schema_extra={"const": 0})
     frequency_penalty: float = Field(0.0, description="Not supported; must be 0.", json_schema_extra={"const": 0})
     user: Text | None = Field(None, description="End-user id, for logs.")
@@ -194,7 +206,7 @@ class ChatMessage(BaseModel):
     model_config = REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(None, validate_default=True)  # None becomes ""
     name: Text | None = None
 
     @field_validator("content", mode="before")
@@ -219,8 +231,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
     logprobs: bool | None = Field(None, description="Return each output token's log-probability.")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                     description="With logprobs: also the k likeliest tokens at each position.")
+    top_logprobs: TopLogprobs | None = Field(None, description="With logprobs: also the k likeliest tokens at each position.")
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -236,8 +247,7 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, WithJsonSchema(PROMPT_SCHEMA)] = Field(
         ..., description="A string, or a list holding exactly one string.")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                 description="Return each token's log-probability and the k likeliest tokens.")
+    logprobs: TopLogprobs | None = Field(None, description="Return each token's log-probability and the k likeliest tokens.")
     echo: bool = Field(False, description="Not supported; must be false.", json_schema_extra={"const": False})
     suffix: Text | None = Field(None, description="Not supported; must be empty.", json_schema_extra={"maxLength": 0})
 
