@@ -85,3 +85,10 @@ demo-drafters: install
 	$(BIN)/ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \
 		--drafter models/demo-llama-ctc+ngram --drafter models/demo-llama-medusa+ngram \
 		--num-prompts 40 --max-tokens 192 --out $(DRAFT_WORK)/eval.json
+
+# A longer schemathesis run than CI's (tests/test_api_fuzz.py), randomly seeded: all checks, positive
+# and negative data, against a real ctc-serve on the demo model. FUZZ_EXAMPLES cases per operation and phase.
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 300
+fuzz: install
+	CTC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CTC_FUZZ_SEED= CTC_FUZZ_TIMEOUT_S=7200 $(PY) -m pytest -s -q -p no:cacheprovider tests/test_api_fuzz.py

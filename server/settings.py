@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         "auto", description="Weight and activation dtype; auto: bfloat16 on CUDA, float32 on CPU."
     )
     api_key: SecretStr | None = Field(
-        None, description="If set, /v1/* requests must send 'Authorization: Bearer <key>'."
+        None, description="If set, every request but /health and /metrics must send 'Authorization: Bearer <key>'."
     )
     max_queue: int = Field(
         256, ge=0, description="Most requests waiting for a batch slot; more are refused with 429."

@@ -34,6 +34,7 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
     [
         ("/v1/chat/completions", b"{not json", "not valid JSON", None),
         ("/v1/chat/completions", b"[1, 2]", "valid dictionary", None),
+        ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "finite number", "temperature"),
         ("/v1/chat/completions", b"{}", "messages: Field required", "messages"),
         ("/v1/chat/completions", json.dumps(chat_body("x", n=3)), "n=3 is not supported", "n"),
         ("/v1/chat/completions", json.dumps(chat_body("x", top_logprobs=2)), "needs logprobs", None),
@@ -53,6 +54,50 @@ async def test_bad_requests_are_400(path: str, content: str | bytes, message: st
     assert message in error["message"] and error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message", "param"),
+    [
+        # Found by probing as an operator (issue 15): each was a 500 or was accepted.
+        ("/v1/completions", {"prompt": "hi", "top_k": 2**63}, "less than or equal to 1048576", "top_k"),
+        ("/v1/completions", {"prompt": "\ud800"}, "invalid Unicode: lone surrogate \\ud800", "prompt"),
+        ("/v1/completions", {"prompt": ["a\udfff"]}, "invalid Unicode", "prompt"),
+        ("/v1/completions", {"prompt": "hi", "model": "x\ud800"}, "invalid Unicode", "model"),
+        ("/v1/completions", {"prompt": "hi", "stop": "\ud800"}, "invalid Unicode", "stop.0"),
+        ("/v1/completions", {"prompt": "hi", "user": "\udc00"}, "invalid Unicode", "user"),
+        ("/v1/chat/completions", chat_body("\ud800"), "invalid Unicode", "messages.0.content"),
+        ("/v1/chat/completions", chat_body([{"type": "text", "text": "\ud800"}]), "invalid Unicode",
+         "messages.0.content"),
+        ("/v1/completions", {"prompt": "hi", "seed": False}, "valid integer, got a boolean", "seed"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "10"}, "valid integer, got a string", "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 10.5}, "valid integer, got a number", "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "temperature": "1"}, "valid number, got a string", "temperature"),
+        ("/v1/completions", {"prompt": "hi", "stream": "true"}, "valid boolean, got a string", "stream"),
+        ("/v1/completions", {"prompt": "hi", "stop_token_ids": [4096]}, "4096 is not a token id", "stop_token_ids"),
+        ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, "greater than or equal to 0",
+         "stop_token_ids.0"),
+        ("/v1/completions", {"prompt": "hi", "seed": 2**63}, "less than or equal to", "seed"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2**64}, "less than or equal to", "max_tokens"),
+        ("/v1/chat/completions", chat_body("x", logprobs=True, top_logprobs=True), "got a boolean", "top_logprobs"),
+    ],
+)
+async def test_bad_values_are_400_naming_the_field(path: str, body: dict, message: str, param: str) -> None:
+    async with api_client(FakeEngineCore()) as (client, _):
+        # json.dumps writes lone surrogates as \ud800 escapes, as a client's JSON encoder would.
+        response = await client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    error = error_of(response, 400)
+    assert message in error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"])
+async def test_a_body_that_is_not_json_is_a_clear_400(content_type: str) -> None:
+    async with api_client(FakeEngineCore()) as (client, _):
+        response = await client.post("/v1/completions", content=json.dumps({"prompt": "hi"}),
+                                     headers={"content-type": content_type})
+    error = error_of(response, 400)
+    assert "must be JSON" in error["message"] and content_type in error["message"]
+    assert error["code"] == "invalid_content_type"
 
 
 async def test_missing_content_type_is_still_json() -> None:

@@ -90,3 +90,18 @@ def test_to_sampling_params() -> None:
     assert params.stop == ["x"] and params.seed == 7 and params.speculative is False
     assert params.ignore_eos is True and params.stop_token_ids == [5]
     assert to_sampling_params(chat(top_k=40), max_tokens=1).top_k == 40
+
+
+def test_a_message_without_content_is_empty_text() -> None:
+    """Found by the fuzzer: {"role": "tool"} reached the chat template without a content key (a 400)."""
+    assert chat(messages=[{"role": "tool"}]).messages[0].model_dump() == {"role": "tool", "content": "", "name": None}
+
+
+def test_integers_are_strict_but_follow_json_schema() -> None:
+    """No strings or booleans as integers (OpenAI's rule); 10.0 is the integer 10, as JSON Schema counts it
+    (the fuzzer sent `n: 1.0`, valid under the OpenAPI document, and got a 400)."""
+    request = chat(n=1.0, max_tokens=10.0, seed=-3.0, top_k=5.0)
+    assert (request.n, request.max_tokens, request.seed, request.top_k) == (1, 10, -3, 5)
+    assert type(request.max_tokens) is int
+    for bad in ({"max_tokens": "10"}, {"seed": False}, {"max_tokens": 10.5}, {"top_k": True}):
+        assert "valid integer" in refusal(ChatCompletionRequest, {"messages": MESSAGES, **bad})

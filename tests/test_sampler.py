@@ -174,6 +174,14 @@ def test_same_seed_and_position_same_token_whatever_the_batch() -> None:
     assert torch.equal(decide_tokens(x, params, seeds, positions), batched)  # rerun: reproducible
 
 
+def test_top_k_beyond_int64_is_top_k_off() -> None:
+    """A top_k of 2**63 or more once overflowed the int64 tensor (a 500): it keeps every token, like off."""
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(3))
+    huge = [SamplingParams(temperature=1.0, top_k=k) for k in (2**63, 2**70, 50)]
+    off = [SamplingParams(temperature=1.0)] * 3
+    assert torch.equal(decide_tokens(x, huge, [5, 6, 7], [0, 1, 2]), decide_tokens(x, off, [5, 6, 7], [0, 1, 2]))
+
+
 def test_sampled_token_stays_in_filtered_support() -> None:
     x = torch.randn(200, 30, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(temperature=5.0, top_k=3)] * 200

@@ -6,10 +6,16 @@ only then). The lifespan starts the worker thread before the first request and, 
 stops admitting (503), aborts what is still running and joins the worker. All state lives on
 `app.state`; nothing is global, so tests can build many apps in one process.
 
-Every error body is {"error": {"message", "type", "param", "code"}}: malformed JSON and invalid
-fields are 400 (never FastAPI's 422), an unknown model 404, a missing or wrong API key 401, a full
-queue 429 with Retry-After, shutting down 503, and anything unexpected a generic 500 whose
-traceback stays in the server log.
+Every error body is {"error": {"message", "type", "param", "code"}}: malformed JSON, a body that
+is not JSON and invalid fields are 400 (never FastAPI's 422), an unknown model 404, a missing or
+wrong API key 401, a full queue 429 with Retry-After, shutting down 503, and anything unexpected a
+generic 500 whose traceback stays in the server log. An error never costs the client its
+keep-alive connection: unexpected exceptions are answered by `CatchAll`, inside Starlette's
+ServerErrorMiddleware, which would re-raise them to uvicorn and so close the connection.
+
+With an API key, everything but /health and /metrics needs it, the OpenAPI document and /docs
+included: load balancers and Prometheus reach the two probes without credentials, and the server
+shows nothing else to a client without the key.
 """
 
 from __future__ import annotations
@@ -27,13 +33,22 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
 from server.api.async_engine import AsyncEngine
 from server.api.limits import RequestLimits
 from server.api.metrics import CONTENT_TYPE, ServerMetrics
-from server.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelList
+from server.api.openapi import OPEN_PATHS, install_openapi
+from server.api.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    Health,
+    ModelList,
+)
 from server.api.serving import OpenAIServing
 from server.engine.types import EngineCore
 from server.settings import Settings
@@ -68,6 +83,8 @@ def create_app(settings: Settings, engine: EngineCore | AsyncEngine | None = Non
     app.state.engine = None
     _add_error_handlers(app)
     _add_routes(app)
+    install_openapi(app, protected=settings.api_key is not None)
+    app.add_middleware(CatchAll)
     if settings.api_key is not None:
         app.add_middleware(BearerAuth, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestLimits, max_body_bytes=settings.max_request_bytes,
@@ -82,11 +99,11 @@ def _build_engine(settings: Settings) -> EngineCore:
 
 
 def _add_routes(app: FastAPI) -> None:
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletionResponse}})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await _respond(request, _serving(request).chat(body))
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses={200: {"model": CompletionResponse}})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await _respond(request, _serving(request).completion(body))
 
@@ -94,15 +111,17 @@ def _add_routes(app: FastAPI) -> None:
     async def models(request: Request) -> ModelList:
         return _serving(request).models()
 
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, str]:
+    @app.get("/health", response_model=Health)
+    async def health(request: Request) -> Health:
         engine: AsyncEngine | None = request.app.state.engine
         if engine is None or not engine.is_healthy:
             raise ApiError(503, "not ready: the engine is loading, shutting down or has stopped",
                            type="server_error", code="unavailable")
-        return {"status": "ok"}
+        return Health()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format."}})
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -161,6 +180,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not _is_json(content_type):
+            return await api_error(request, ApiError(
+                400, f"the request body must be JSON, sent with 'Content-Type: application/json' (got "
+                f"{content_type!r})", code="invalid_content_type"))
         message, param = _describe_validation_errors(exc.errors())
         return await api_error(request, ApiError(400, message, param=param))
 
@@ -168,10 +192,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return await api_error(request, ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return _error_response(ApiError(500, "internal server error", type="server_error"))
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, or any +json type (a missing Content-Type is read as JSON too)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _describe_validation_errors(errors: Any) -> tuple[str, str | None]:
@@ -184,25 +210,65 @@ def _describe_validation_errors(errors: Any) -> tuple[str, str | None]:
             parts.append(f"request body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}")
             continue
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if str(error.get("type", "")).endswith("_type") and "input" in error:  # strict types: say what came
+            msg += f", got {_json_type(error['input'])}"
         field = ".".join(loc)
         params.append(field or None)
         parts.append(f"{field}: {msg}" if field else msg)
     return "; ".join(parts) or "invalid request", next((p for p in params if p), None)
 
 
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _is_type_tag(part: str) -> bool:
     return part in {"str", "int", "float", "bool", "list", "dict", "none"} or "[" in part or "-" in part
 
 
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a generic 500, and the connection lives on.
+
+    Starlette's own last resort (ServerErrorMiddleware) answers 500 too but then re-raises, and
+    uvicorn closes a connection whose app raised: the client's next request on it would fail.
+    An exception after the response has started cannot be answered; it is re-raised (uvicorn then
+    closes the connection, which is right: that response is cut short).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_watched)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("%s %s failed", scope["method"], scope["path"], exc_info=exc)
+            await _error_response(ApiError(500, "internal server error", type="server_error"))(scope, receive, send)
+
+
 class BearerAuth:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <api_key>`; /health and /metrics stay open."""
+    """ASGI middleware: every path but /health and /metrics needs `Authorization: Bearer <api_key>`."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = Headers(scope=scope).get("authorization", "").encode()
             if not secrets.compare_digest(given, self.expected):
                 error = ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",

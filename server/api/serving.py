@@ -91,6 +91,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_name: str, default_max_tokens: int) -> None:
         self.engine = engine
         self.tokenizer = engine.core.tokenizer
+        self.vocab_size = len(self.tokenizer)  # every id the tokenizer knows, added tokens included
         self.max_model_len = engine.core.max_model_len
         self.model_name = served_model_name
         self.default_max_tokens = default_max_tokens
@@ -121,6 +122,7 @@ class OpenAIServing:
         if request.model is not None and request.model != self.model_name:
             raise ApiError(404, f"The model `{request.model}` does not exist; this server serves "
                            f"`{self.model_name}`.", param="model", code="model_not_found")
+        self._check_token_ids(request.stop_token_ids or [])
         max_tokens = self._max_tokens(request.requested_max_tokens, len(prompt_ids), prompt_param)
         try:
             params = to_sampling_params(request, max_tokens)
@@ -141,6 +143,13 @@ class OpenAIServing:
             return chat_prompt_ids(self.tokenizer, conversation)
         except jinja2.TemplateError as exc:
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+
+    def _check_token_ids(self, token_ids: list[int]) -> None:
+        """Token ids must be in the vocabulary: an id the model can never emit would never stop anything."""
+        outside = [t for t in token_ids if t >= self.vocab_size]
+        if outside:
+            raise ApiError(400, f"stop_token_ids: {outside[0]} is not a token id of this model (its vocabulary "
+                           f"has {self.vocab_size} tokens, ids 0 to {self.vocab_size - 1})", param="stop_token_ids")
 
     def _max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
         room = self.max_model_len - prompt_len

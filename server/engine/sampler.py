@@ -180,7 +180,8 @@ def decide_tokens(
     dev = logits.device
     idx = torch.tensor(rows, device=dev)  # (S,)
     temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)  # (S,)
-    top_k = torch.tensor([params[i].top_k or 0 for i in rows], dtype=torch.long, device=dev)  # (S,)
+    # top_k >= V keeps every token; clamping first keeps a huge top_k from overflowing int64.
+    top_k = torch.tensor([min(params[i].top_k or 0, v) for i in rows], dtype=torch.long, device=dev)  # (S,)
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)  # (S,)
     filtered = process_logits(logits[idx], temperature, top_k, top_p)  # (S, V)
     noise = batch_noise([int(seed_list[i]) for i in rows], [pos_list[i] for i in rows], v, dev)  # (S, V)
