@@ -33,6 +33,9 @@ ERROR_DESCRIPTIONS = {
          "prompt that does not fit the context.",
     401: "Missing or wrong API key.",
     404: "The model requested is not the one served.",
+    408: "The request body did not arrive in full within the server's --request-body-timeout; the "
+         "connection is closed.",
+    413: "The request body is larger than the server's --max-request-bytes; the connection is closed.",
     429: "The queue is full; retry after `Retry-After` seconds.",
     500: "The engine failed on this request (a stream reports it as an error event instead).",
     503: "Not ready yet, or shutting down.",
@@ -44,8 +47,8 @@ ERROR_HEADERS = {
 }
 # Statuses each operation sends, besides 200 (401 is added to every protected operation with a key).
 OPERATION_ERRORS = {
-    ("/v1/chat/completions", "post"): (400, 404, 429, 500, 503),
-    ("/v1/completions", "post"): (400, 404, 429, 500, 503),
+    ("/v1/chat/completions", "post"): (400, 404, 408, 413, 429, 500, 503),
+    ("/v1/completions", "post"): (400, 404, 408, 413, 429, 500, 503),
     ("/v1/models", "get"): (503,),
     ("/health", "get"): (503,),
     ("/metrics", "get"): (),
