@@ -4,6 +4,8 @@ real Hugging Face directories (config.json + safetensors) and loaded back throug
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,10 @@ import torch
 # first import: set it before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests load models from local directories only and must never wait on the Hub. huggingface_hub
+# also reads this once, at its import, so it is set here, before any test module imports it: set
+# in a test module it would take effect only when that module happens to be imported first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "models" / "demo-llama"
@@ -39,13 +45,16 @@ def make_hf_model(family: str, seed: int = 0):
     config_cls, model_cls, extra = FAMILIES[family]
     config = getattr(transformers, config_cls)(**TINY, **extra)
     config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
-    # Random init leaves norms at 1 and biases at 0; perturb them so they are tested too.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    # transformers initialises from the global RNG: seed it here, and restore it afterwards so
+    # that no later test draws different numbers depending on whether this ran before it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_cls)(config).eval()
+        # Random init leaves norms at 1 and biases at 0; perturb them so they are tested too.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(0.1 * torch.randn_like(p))
     return model
 
 
@@ -70,3 +79,49 @@ def anyio_backend() -> str:
 def _few_threads():
     # CI has 2 cores; tiny models run faster without thread fan-out.
     torch.set_num_threads(int(os.environ.get("CTC_TEST_THREADS", "2")))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test, the previous count restored after it; also for tests of a
+    main() that sets the thread count itself. Many tiny ops: one thread is fastest, and stays fast
+    on a busy machine (2 threads: 4x slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Set by others, whatever the order: pytest names the running test; torch sets the inductor cache
+# directory (to its fixed default) when torch._dynamo is first imported, lazily, by the first test
+# that builds a model.
+UNWATCHED_ENV = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def process_state() -> dict:
+    """What one test can change for every test after it in this process (the RNGs are not here:
+    pytest-randomly reseeds random and numpy before each test, not torch, so no test's outcome may
+    depend on the RNG state it starts with: tests that need given numbers seed a generator)."""
+    return {
+        "environment": {k: v for k, v in os.environ.items() if k not in UNWATCHED_ENV},
+        "torch threads": torch.get_num_threads(),
+        "torch default dtype": torch.get_default_dtype(),
+        "torch grad mode": torch.is_grad_enabled(),
+        "working directory": os.getcwd(),
+        "sys.path": list(sys.path),
+        "engine worker threads": sorted(t.name for t in threading.enumerate() if t.name == "engine-worker"),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    """Fail a test that leaves process-wide state changed: the tests after it would then pass or
+    fail depending on the order they run in (restore it in the test, e.g. with monkeypatch)."""
+    before = process_state()
+    yield
+    after = process_state()
+    env_before, env_after = before.pop("environment"), after.pop("environment")
+    changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+    changed |= {f"${name}": (env_before.get(name), env_after.get(name))
+                for name in env_before.keys() | env_after.keys() if env_before.get(name) != env_after.get(name)}
+    assert not changed, f"the test left process-wide state changed (before, after): {changed}"

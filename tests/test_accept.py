@@ -19,7 +19,7 @@ import torch
 from server.engine.accept import AcceptResult, accept_batch, accept_tree, recursive_rejection_probs, walk_trees
 from server.engine.sampler import decide_tokens, process_logits
 from server.engine.types import SamplingParams
-from tests.statistics import chi_square_pvalue
+from tests.chi_square import chi_square_pvalue
 
 ALPHA = 1e-4
 

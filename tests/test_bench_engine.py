@@ -5,7 +5,7 @@ import json
 from bench import bench_engine
 
 
-def test_tiny_run_reports_every_section_and_the_control(tmp_path, capsys):
+def test_tiny_run_reports_every_section_and_the_control(tmp_path, capsys, one_thread):
     out = tmp_path / "engine.json"
     bench_engine.main(["--drafters", "ngram", "--num-prompts", "2", "--max-tokens", "12", "--temperatures", "0,0.7",
                        "--concurrency", "2", "--requests-per-slot", "1", "--concurrency-repeats", "1",

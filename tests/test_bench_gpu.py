@@ -20,15 +20,6 @@ TINY_ARGS = ["--shape", "tiny", "--device", "cpu", "--weights", "disk", "--promp
              "--copy-mib", "4", "--acceptance-length", "2.5"]
 
 
-@pytest.fixture
-def one_thread():
-    """Many tiny ops: one thread is fastest, and stays fast on a busy machine (2 threads: 4x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_run_reports_every_section(tmp_path, capsys, one_thread):
     out = tmp_path / "gpu.json"
     assert bench_gpu.main([*TINY_ARGS, "--out", str(out)]) == 0

@@ -36,9 +36,15 @@ def base(tmp_path_factory):
     return path, model
 
 
+def seeded(build, seed: int = 0):
+    """build() with the global RNG seeded, which is restored afterwards (no test sees the seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def ctc_model(base_model, **kw) -> CTCDraftModel:
-    torch.manual_seed(0)
-    return CTCDraftModel(CTCDrafterConfig.for_base(base_model.config, **kw)).attach_base(base_model)
+    return seeded(lambda: CTCDraftModel(CTCDrafterConfig.for_base(base_model.config, **kw)).attach_base(base_model))
 
 
 def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], pending: int,
@@ -240,8 +246,7 @@ def test_training_reduces_loss_and_resumes(base, tmp_path, kind):
     if kind == "ctc":
         draft = ctc_model(model, num_frames=4, num_labels=3)
     else:
-        torch.manual_seed(0)
-        draft = MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model)
+        draft = seeded(lambda: MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model))
     before = fixed_loss(draft, data)
     cfg = TrainConfig(steps=1, conversations_per_step=4, anchors_per_conversation=8, lr=1e-2, warmup=1,
                       checkpoint_every=1, weight_decay=0.0)  # a fitting test: no regularisation

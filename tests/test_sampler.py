@@ -17,7 +17,7 @@ from scipy import stats
 from server.engine import sampler
 from server.engine.sampler import batch_noise, decide_tokens, noise_seed, position_noise, process_logits
 from server.engine.types import SamplingParams
-from tests.statistics import chi_square_pvalue
+from tests.chi_square import chi_square_pvalue
 
 ALPHA = 1e-4
 NEG_INF = float("-inf")
