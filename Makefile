@@ -26,6 +26,7 @@ STAMP := $(VENV)/.ctc-serve-installed
 install: $(STAMP)
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ctc-serve needs Python 3.11+ (what CI tests and requirements.lock is resolved for); this is " + sys.version.split()[0] + ": run make with PYTHON=python3.11 (or newer)")'
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) requirements.lock requirements-torch.txt pyproject.toml Makefile
