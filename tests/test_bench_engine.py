@@ -23,7 +23,7 @@ def test_tiny_run_reports_every_section_and_the_control(tmp_path, capsys, one_th
     assert "Outputs identical to plain decoding: yes" in text
 
 
-def test_prefill_itl_section_counts_the_steps_the_long_prompt_shares(tmp_path, capsys):
+def test_prefill_itl_section_counts_the_steps_the_long_prompt_shares(tmp_path, capsys, one_thread):
     out = tmp_path / "engine.json"
     bench_engine.main(["--drafters", "none", "--num-prompts", "1", "--max-tokens", "24", "--temperatures", "0",
                        "--concurrency", "", "--itl-prefill", "64", "--prefill-chunk", "16", "--threads", "1",
