@@ -64,7 +64,10 @@ def test_stream_disconnect_mid_stream_aborts(served: tuple[str, FakeEngineCore])
     body = {"prompt": "word " * 100, "stream": True, "ignore_eos": True, "max_tokens": 800}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=10) as response:
         assert response.status_code == 200
-        assert next(line for line in response.iter_lines() if line.startswith("data: "))
+        # Hold the line iterator: a temporary one is closed as soon as it is dropped, and closing it
+        # closes the response, i.e. hangs up early (on a busy machine, before the 5th token).
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
         wait_for(core.paused.is_set)
         request_id = next(iter(core.running))
     wait_for(lambda: request_id in core.aborted and not core.has_work())
