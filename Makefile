@@ -50,7 +50,7 @@ $(UV):
 
 lock: $(UV)
 	if [ -f requirements.lock ]; then cp requirements.lock requirements.lock.tmp; fi  # uv keeps the pins it finds there
-	$(UV) pip compile $(LOCK_ARGS) pyproject.toml --extra test --constraint requirements-torch.txt --generate-hashes \
+	$(UV) pip compile --system-certs $(LOCK_ARGS) pyproject.toml --extra test --constraint requirements-torch.txt --generate-hashes \
 		--python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" \
 		--quiet --output-file requirements.lock.tmp
 	{ echo "# Everything CI tests except torch, at exact versions with their hashes ($(TORCH_PIN), requirements-torch.txt,"; \

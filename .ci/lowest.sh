@@ -31,7 +31,8 @@ TESTS=(tests/test_api_*.py tests/test_engine.py tests/test_runtime.py tests/test
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
-uv() { "$VENV/bin/uv" "$@" --python "$VENV/bin/python"; }
+# --system-certs: the operating system's CA store, as pip uses (behind a proxy with its own CA too)
+uv() { "$VENV/bin/uv" "$@" --system-certs --python "$VENV/bin/python"; }
 
 # 1. The floors: direct dependencies at their lowest, resolved for this interpreter. (uv compile
 # prefers the pins already in its output file: start from none, or an old run would decide.)
