@@ -67,6 +67,10 @@ class DrafterGuard:
         """Does the drafter follow this sequence (so it must be shown what enters its cache)?"""
         return seq.request_id in self._live
 
+    def wants_hidden(self, seq: Sequence) -> bool:
+        """Must `observe` be given this sequence's hidden states (it follows it, and reads them)?"""
+        return self.needs_hidden and self.wants(seq)
+
     def start(self, seq: Sequence) -> None:
         if self.drafter is None or not (seq.params.speculative and seq.drafting):
             return

@@ -256,7 +256,7 @@ class LLMEngine:
         first_logprobs = self._logprobs(out.logits, completed, decided)
         result = _Forwarded()
         for b, (seq, n) in enumerate(prefill):
-            hidden = out.item_hidden(b) if self.guard.wants(seq) and self.guard.needs_hidden else None
+            hidden = out.item_hidden(b) if self.guard.wants_hidden(seq) else None
             p = _Prefilled(seq, items[b].tokens, hidden)
             if positions[b]:
                 row = out.rows[b][0]
@@ -277,7 +277,7 @@ class LLMEngine:
         results = speculate.accept(self.model, out.packed_hidden, [out.offsets[base + j] for j in range(len(decode))],
                                    trees, decide)
         for j, ((seq, budget), tree, res) in enumerate(zip(decode, trees, results)):
-            hidden = out.item_hidden(base + j)[res.path] if self.guard.wants(seq) and self.guard.needs_hidden else None
+            hidden = out.item_hidden(base + j)[res.path] if self.guard.wants_hidden(seq) else None
             result.verified.append(_Verified(seq, budget, tree, res, hidden, walk_logprobs[j]))
         return result
 
