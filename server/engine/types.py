@@ -27,6 +27,27 @@ class EngineError(ValueError):
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's chat limit)
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint every emitted token must keep (structured outputs, forced tool calls).
+
+    The output is `prefix`, then one JSON value (any JSON object for kind "json_object"; a value
+    valid against `schema` for kind "json_schema"), then `suffix`; after that only EOS. Tool calls
+    use `prefix`/`suffix` for the chat template's call markers around {"name": ..., "arguments": ...}.
+    """
+
+    kind: str  # "json_object" | "json_schema"
+    schema: dict | None = None  # the JSON schema, for kind "json_schema"
+    prefix: str = ""
+    suffix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_object", "json_schema"):
+            raise EngineError(f"unknown grammar kind {self.kind!r}")
+        if (self.kind == "json_schema") != (self.schema is not None):
+            raise EngineError("a json_schema grammar needs a schema, and only it takes one")
+
+
 @dataclass
 class SamplingParams:
     """How to decode one request. `temperature == 0` means greedy.
@@ -47,6 +68,13 @@ class SamplingParams:
     seed: int | None = None
     speculative: bool = True
     logprobs: int | None = None
+    # Logits processing, applied identically with and without speculation (along a draft tree path
+    # the penalties count the path's drafted tokens before each node, as plain decoding would):
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    presence_penalty: float = 0.0  # OpenAI: minus this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count among generated tokens
+    repetition_penalty: float = 1.0  # vLLM/CTRL: logits of prompt or generated tokens / (or *) this
+    grammar: GrammarSpec | None = None  # structured output / forced tool call
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -61,6 +89,12 @@ class SamplingParams:
             raise EngineError("stop strings must be non-empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise EngineError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise EngineError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
