@@ -45,7 +45,8 @@ IntsLike = Sequence[int] | torch.Tensor
 
 
 def process_logits(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    filtering: bool | None = None,
 ) -> torch.Tensor:
     """Top-k then top-p filtering, per row. Returns float32 (M, V) logits, -inf outside the kept set.
 
@@ -59,6 +60,8 @@ def process_logits(
     is >= top_p, which always includes rank 0. (Masses within float32 rounding of top_p can go either
     way.) Rows with temperature 0 (greedy) are returned unfiltered. The output logits are *not*
     divided by the temperature.
+    `filtering`: whether any row has a filter on, if the caller knows it from the parameters; None
+    finds out on the device, at the price of one copy to the host (a synchronisation).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (M, V), got shape {tuple(logits.shape)}")
@@ -74,7 +77,9 @@ def process_logits(
     sampled = temperature > 0  # (M,) greedy rows skip the filters
     k_on = sampled & (top_k > 0) & (top_k < v)
     p_on = sampled & (top_p < 1)
-    if not host_list((k_on | p_on).any()):  # common case: nothing to filter, skip the sort
+    if filtering is None:
+        filtering = host_list((k_on | p_on).any())
+    if not filtering:  # common case: nothing to filter, skip the sort
         return x
 
     sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (M, V) each
@@ -183,7 +188,9 @@ def decide_tokens(
     # top_k >= V keeps every token; clamping first keeps a huge top_k from overflowing int64.
     top_k = torch.tensor([min(params[i].top_k or 0, v) for i in rows], dtype=torch.long, device=dev)  # (S,)
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)  # (S,)
-    filtered = process_logits(logits[idx], temperature, top_k, top_p)  # (S, V)
+    # Known from the parameters, so deciding needs no copy to the host (a step stays on the device).
+    filtering = any(0 < min(params[i].top_k or 0, v) < v or params[i].top_p < 1 for i in rows)
+    filtered = process_logits(logits[idx], temperature, top_k, top_p, filtering)  # (S, V)
     noise = batch_noise([int(seed_list[i]) for i in rows], [pos_list[i] for i in rows], v, dev)  # (S, V)
     tokens[idx] = (filtered / temperature[:, None] + noise).argmax(dim=-1)
     return tokens
