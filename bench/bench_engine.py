@@ -32,6 +32,7 @@ import torch
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.factory import build_drafter
 from server.engine.scheduler import SchedulerConfig
+from server.engine.speculate import Acceptance
 from server.engine.types import SamplingParams
 from server.runtime.loader import load_model, load_tokenizer
 
@@ -352,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SchedulerConfig.prefill_chunk: prompt tokens per step, all prefilling sequences together")
     p.add_argument("--control", action="store_true",
                    help="also run a second plain engine, whose ratio to the first measures the run's noise")
+    p.add_argument("--acceptance", choices=[a.value for a in Acceptance], default=Acceptance.AUTO.value,
+                   help="EngineConfig.acceptance: path walk, all-nodes walk, or auto (all-nodes on CUDA, path on CPU)")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -381,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                                 spec_token_budget=args.spec_token_budget, governor=v.governor,
                                 prefill_chunk=args.prefill_chunk)
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
-        cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched)
+        cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched, acceptance=Acceptance(args.acceptance))
         return LLMEngine(model, tokenizer, cfg, drafter=drafter, model_name=Path(args.model).name)
 
     sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget,
