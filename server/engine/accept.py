@@ -3,7 +3,8 @@
 Setting. Node 0 is the sequence's pending token, nodes 1..n are draft tokens (parents[i] < i; see
 drafter/tree.py). The verify forward gives the hidden state of every node, hence its logits: the
 base model's next-token distribution after the path root..i. The sampler turns them into one decided
-token per node (the walk below reads only the nodes it reaches, so `walk_trees` decides only those),
+token per node (the walk reads only the nodes it reaches: `walk_trees` decides only those, lazily, on
+the host; `walk_trees_on_device` takes every node's decision and walks on the device, for accelerators),
     decided[i] = D(logits[i], base + depth(i)),   D(l, t) = argmax(l' / T + g_t)  (greedy: argmax l),
 with g_t the Gumbel noise of output position t (sampler.py) and base = the output position of the
 token that follows the root (= the number of tokens the request has emitted, pending one included).
@@ -125,7 +126,8 @@ def walk_trees(trees: Sequence[tuple[Sequence[int], Sequence[int]]],
     return [AcceptResult(path=p, emitted=e) for p, e in zip(paths, emitted)]
 
 
-def walk_trees_on_device(tokens: torch.Tensor, parents: torch.Tensor, decided: torch.Tensor, depth: int) -> torch.Tensor:
+def walk_trees_on_device(tokens: torch.Tensor, parents: torch.Tensor, decided: torch.Tensor,
+                         depth: int) -> torch.Tensor:
     """`accept_tree` for S trees at once with tensor ops only, so it runs where the tensors are
     (no copy to the host, no data-dependent control flow): one round per depth, all walks in step.
 
