@@ -56,7 +56,7 @@ def ctc_drafter(model: CausalLM) -> CTCDrafter:
     cfg = CTCDrafterConfig.for_base(model.config, num_heads=4, num_kv_heads=4, intermediate_size=512)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        draft = CTCDraftModel(cfg).attach_base(model)
+        draft = CTCDraftModel(cfg).to(model.lm_head.weight.device).attach_base(model)
     return CTCDrafter(draft, max_slots=BATCH, max_len=MAX_LEN)
 
 
@@ -194,3 +194,28 @@ def test_a_mixed_steps_attention_runs_its_real_tokens(base, monkeypatch):
 
 def decoding_seqs(engine: LLMEngine) -> list:
     return [s for s in engine.scheduler.running if s.status is Status.DECODE]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_auto_is_all_nodes_and_gives_the_path_walks_output():
+    """On a GPU: auto picks all-nodes; its output equals the path walk's on the same device, and a
+    decode step with the CTC drafter copies to the host twice (drafter top-k, acceptance)."""
+    model = llama3_8b_shaped(LLAMA3_8B_VOCAB).cuda()
+    out = {}
+    for acceptance in (Acceptance.AUTO, Acceptance.PATH):
+        engine = new_engine(model, ctc_drafter(model), acceptance=acceptance)
+        assert engine.acceptance is (Acceptance.ALL_NODES if acceptance is Acceptance.AUTO else Acceptance.PATH)
+        rec = StepRecorder(engine)
+        for i, p in enumerate(prompts(model.config.vocab_size)):
+            engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        moved = []
+        while engine.has_work():
+            deltas, m = rec.step()
+            moved.append(m.transfers)
+            for d in deltas:
+                tokens.setdefault(d.request_id, []).extend(d.token_ids)
+        out[acceptance] = tokens
+        if acceptance is Acceptance.AUTO:
+            assert max(moved) <= 2
+    assert out[Acceptance.AUTO] == out[Acceptance.PATH]
