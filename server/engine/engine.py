@@ -38,7 +38,7 @@ from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.batch import ForwardItem
-from server.runtime.host import host_list
+from server.runtime.host import host_list, to_device
 from server.runtime.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,8 @@ class LLMEngine:
         if len(rows) != len(logits):
             raise RuntimeError(f"{len(logits)} logits rows for {len(rows)} decisions")
         decided = self._decide(logits, rows)  # (M,) on the device
-        first_tokens, results = speculate.accept_all_nodes(trees, decided, node_rows, decided[first_rows])
+        first_decided = decided[to_device(first_rows, decided.device)]  # (P,)
+        first_tokens, results = speculate.accept_all_nodes(trees, decided, node_rows, first_decided)
 
         # logprobs of the emitted tokens only: their logits rows, in one batch (one copy)
         seqs = [r.seq for r in first] + [seq for (seq, _), res in zip(decode, results) for _ in res.path]

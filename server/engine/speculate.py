@@ -36,7 +36,7 @@ from server.engine.accept import AcceptResult, walk_trees, walk_trees_on_device
 from server.engine.sampler import decide_tokens
 from server.engine.sequence import Sequence
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.host import host_list
+from server.runtime.host import host_list, to_device
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
 
@@ -134,10 +134,10 @@ def accept_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: l
         width = max(t.num_nodes for t in trees)
         depth = max(max(t.depths) for t in trees)
         pad = [width - t.num_nodes for t in trees]
-        tokens = torch.tensor([t.tokens + [-1] * n for t, n in zip(trees, pad)], device=device)  # (S, n)
+        tokens = to_device([t.tokens + [-1] * n for t, n in zip(trees, pad)], device)  # (S, n)
         # -2 is nobody's parent (walks stand on nodes >= 0), so padding never matches a child
-        parents = torch.tensor([t.parents + [-2] * n for t, n in zip(trees, pad)], device=device)  # (S, n)
-        index = torch.tensor([r + [0] * n for r, n in zip(node_rows, pad)], device=device)  # (S, n)
+        parents = to_device([t.parents + [-2] * n for t, n in zip(trees, pad)], device)  # (S, n)
+        index = to_device([r + [0] * n for r, n in zip(node_rows, pad)], device)  # (S, n)
         walks = walk_trees_on_device(tokens, parents, decided[index], depth)  # (S, 2, depth + 1)
     packed = host_list(torch.cat([extra.to(device, torch.long), walks.flatten()]))  # the step's one copy
     head, rest = packed[: len(extra)], packed[len(extra) :]
