@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.types import SamplingParams, TokenLogprob
-from server.runtime.host import host_list
+from server.runtime.host import host_list, to_device
 
 IntsLike = Sequence[int] | torch.Tensor
 
@@ -145,7 +145,7 @@ def batch_noise(
     slot: dict[tuple[int, int], int] = {}
     index = [slot.setdefault((s, t), len(slot)) for s, t in zip(seeds, positions)]  # (S,)
     unique = torch.stack([position_uniform(s, t, vocab, device) for s, t in slot])  # (U, V)
-    return gumbel(unique)[torch.tensor(index, device=unique.device)]
+    return gumbel(unique)[to_device(index, unique.device)]
 
 
 def _as_list(x: IntsLike) -> list[int]:
@@ -183,11 +183,11 @@ def decide_tokens(
         raise ValueError("sampled rows need an integer seed")
 
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)  # (S,)
-    temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)  # (S,)
+    idx = to_device(rows, dev)  # (S,) without a stream sync on CUDA (host.to_device), as below
+    temperature = to_device([params[i].temperature for i in rows], dev, torch.float32)  # (S,)
     # top_k >= V keeps every token; clamping first keeps a huge top_k from overflowing int64.
-    top_k = torch.tensor([min(params[i].top_k or 0, v) for i in rows], dtype=torch.long, device=dev)  # (S,)
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)  # (S,)
+    top_k = to_device([min(params[i].top_k or 0, v) for i in rows], dev)  # (S,)
+    top_p = to_device([params[i].top_p for i in rows], dev, torch.float32)  # (S,)
     # Known from the parameters, so deciding needs no copy to the host (a step stays on the device).
     filtering = any(0 < min(params[i].top_k or 0, v) < v or params[i].top_p < 1 for i in rows)
     filtered = process_logits(logits[idx], temperature, top_k, top_p, filtering)  # (S, V)
