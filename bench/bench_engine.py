@@ -32,6 +32,7 @@ import torch
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.factory import build_drafter
 from server.engine.scheduler import SchedulerConfig
+from server.engine.speculate import Acceptance
 from server.engine.types import SamplingParams
 from server.runtime.loader import load_model, load_tokenizer
 
@@ -40,7 +41,8 @@ Requests = dict[str, tuple[list[int], SamplingParams]]
 
 @dataclass(frozen=True)
 class Variant:
-    """One engine configuration under test: a drafter (none, ngram or a directory) and the governor.
+    """One engine configuration under test: a drafter (none, ngram or a directory), the governor and,
+    when several are compared (--acceptance path,all-nodes), the acceptance path.
     `control`: a second plain engine, run like the others; its ratio to the first shows how far
     two identical engines differ in one run (the machine's noise), which no speedup can be read
     more finely than."""
@@ -48,12 +50,14 @@ class Variant:
     drafter: str
     governor: bool = True
     control: bool = False
+    acceptance: str | None = None  # None: --acceptance's first value; else named in the variant
 
     @property
     def name(self) -> str:
         if self.control:
             return "none (control)"
         base = self.drafter if self.drafter.lower() in ("none", "ngram") else Path(self.drafter).name
+        base = base if self.acceptance is None else f"{base} [{self.acceptance}]"
         return base if self.governor or base == "none" else f"{base} (no governor)"
 
 
@@ -352,6 +356,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SchedulerConfig.prefill_chunk: prompt tokens per step, all prefilling sequences together")
     p.add_argument("--control", action="store_true",
                    help="also run a second plain engine, whose ratio to the first measures the run's noise")
+    p.add_argument("--acceptance", type=lambda s: [Acceptance(a).value for a in s.split(",")],
+                   default=[Acceptance.AUTO.value],
+                   help="EngineConfig.acceptance: path, all-nodes or auto (all-nodes on CUDA, path on CPU); several "
+                   "(comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -370,8 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     rss_after_load = peak_rss_mib()
     governors = {"on": [True], "off": [False], "both": [True, False]}[args.governor]
-    variants = [Variant("none")] + [Variant(d, g) for d in args.drafters.split(",") if d and d.lower() != "none"
-                                    for g in governors]
+    accepts = args.acceptance if len(args.acceptance) > 1 else [None]  # several: each drafter under each
+    variants = [Variant("none")] + [Variant(d, g, acceptance=a) for d in args.drafters.split(",")
+                                    if d and d.lower() != "none" for g in governors for a in accepts]
     if args.control:
         variants.insert(1, Variant("none", control=True))
     prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
@@ -381,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                                 spec_token_budget=args.spec_token_budget, governor=v.governor,
                                 prefill_chunk=args.prefill_chunk)
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
-        cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched)
+        cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched,
+                           acceptance=Acceptance(v.acceptance or args.acceptance[0]))
         return LLMEngine(model, tokenizer, cfg, drafter=drafter, model_name=Path(args.model).name)
 
     sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget,

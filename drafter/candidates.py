@@ -15,6 +15,13 @@ The CTC draft module emits N frames per sequence, each a log-distribution over v
 Both prune the vocabulary with `torch.topk` first, so the per-step cost is O(N V) for the top-k
 plus small Python work on at most N * k symbols; nothing is quadratic in V.
 `candidates_to_tree` merges the result into the `TokenTree` that the engine verifies.
+
+Device and host halves. Each search is split where the data gets small: `static_tree_topk` and
+`beam_search_inputs` run where the log-probs are (the accelerator), reduce (B, N, V+1) to a few
+numbers per frame and pack them into one tensor; the drafter copies that to the host in one counted
+transfer (server/runtime/host.py), and `static_tree_search` / `beam_search` do the search there.
+The copy's size depends on N, k and the batch, never on V (a 128k vocabulary would otherwise cost
+~49 MB per step at batch 16). Ids travel in the values' float dtype: exact below 2**24 in float32.
 """
 
 from __future__ import annotations
@@ -30,6 +37,15 @@ import torch
 from drafter.collapse import ctc_collapse
 from drafter.tree import TokenTree, build_trie
 
+_EXACT_IDS_FLOAT32 = 1 << 24  # float32 represents every integer below this exactly
+
+
+def _packing_dtype(log_probs: torch.Tensor) -> torch.dtype:
+    """float32 (or float64 for float64 input, so that nothing is rounded); ids must stay exact."""
+    dtype = torch.promote_types(log_probs.dtype, torch.float32)
+    if dtype == torch.float32 and log_probs.shape[-1] > _EXACT_IDS_FLOAT32:
+        raise ValueError(f"{log_probs.shape[-1]} symbols: ids above 2**24 are not exact in float32")
+    return dtype
 
 
 class Candidate(NamedTuple):
@@ -54,35 +70,42 @@ def topk_paths(topk_per_frame: Sequence[int]) -> list[tuple[int, ...]]:
     return list(itertools.product(*(range(k) for k in topk_per_frame)))
 
 
-def batched_static_tree_candidates(
-    log_probs: torch.Tensor,
-    blank: int,
-    topk_per_frame: Sequence[int] | None = None,
-    *,
-    paths: Sequence[Sequence[int]] | None = None,
-) -> list[list[Candidate]]:
-    """Static-tree candidates for each sequence of a batch, `log_probs` (B, N, V+1).
-
-    Give exactly one of `topk_per_frame` (k_t children at frame t; see `topk_paths`) or `paths`
-    (a Medusa-style list of rank paths, path[t] = rank of the symbol chosen at frame t; paths may
-    differ in length, all <= N). Returns, per sequence, distinct non-empty collapsed sequences
-    sorted by decreasing score (ties: first path first).
-    """
+def _rank_paths(topk_per_frame: Sequence[int] | None, paths: Sequence[Sequence[int]] | None) -> list[tuple[int, ...]]:
     if (topk_per_frame is None) == (paths is None):
         raise ValueError("give exactly one of topk_per_frame or paths")
     rank_paths = topk_paths(topk_per_frame) if paths is None else [tuple(p) for p in paths]
     if not rank_paths or any(len(p) == 0 or min(p) < 0 for p in rank_paths):
         raise ValueError("paths must be non-empty sequences of ranks >= 0")
-    batch, num_frames, num_symbols = log_probs.shape
-    depth = max(len(p) for p in rank_paths)
-    k = max(max(p) for p in rank_paths) + 1
+    return rank_paths
+
+
+def static_tree_topk(log_probs: torch.Tensor, depth: int, k: int) -> torch.Tensor:
+    """Device half of the static tree: the top-k of the first `depth` frames, `log_probs` (B, N, V+1)
+    -> (B, depth, 2k) packed [values | ids] (see the module docstring), for one copy to the host."""
+    num_frames, num_symbols = log_probs.shape[1:]
     if depth > num_frames or k > num_symbols:
         raise ValueError(f"static tree needs {depth} frames and top-{k}, log_probs has {num_frames} x {num_symbols}")
+    dtype = _packing_dtype(log_probs)
+    top = log_probs[:, :depth].topk(k, dim=-1)  # (B, depth, k) each
+    return torch.cat([top.values.to(dtype), top.indices.to(dtype)], dim=-1)
 
-    top_val, top_idx = log_probs[:, :depth].topk(k, dim=-1)  # (B, L, k) each
-    ranks = torch.tensor([list(p) + [-1] * (depth - len(p)) for p in rank_paths], device=log_probs.device)  # (P, L)
+
+def static_tree_search(
+    packed: torch.Tensor,
+    blank: int,
+    topk_per_frame: Sequence[int] | None = None,
+    *,
+    paths: Sequence[Sequence[int]] | None = None,
+) -> list[list[Candidate]]:
+    """Host half of the static tree: candidates per sequence from `static_tree_topk`'s (B, L, 2k)
+    output, L = the rank paths' depth and k = their largest rank + 1 (`static_tree_shape`)."""
+    rank_paths = _rank_paths(topk_per_frame, paths)
+    batch, depth, two_k = packed.shape
+    k = two_k // 2
+    top_val, top_idx = packed[..., :k], packed[..., k:].long()  # (B, L, k) each
+    ranks = torch.tensor([list(p) + [-1] * (depth - len(p)) for p in rank_paths], device=packed.device)  # (P, L)
     valid = ranks >= 0  # (P, L); a short path's missing frames count as blank with log-prob 0
-    frame = torch.arange(depth, device=log_probs.device).expand_as(ranks)  # (P, L)
+    frame = torch.arange(depth, device=packed.device).expand_as(ranks)  # (P, L)
     sym = top_idx[:, frame, ranks.clamp(min=0)]  # (B, P, L)
     sym = torch.where(valid, sym, blank)  # (B, P, L)
     score = torch.where(valid, top_val[:, frame, ranks.clamp(min=0)].double(), 0.0).sum(-1)  # (B, P)
@@ -104,6 +127,32 @@ def batched_static_tree_candidates(
         ranked = sorted(best.items(), key=lambda kv: -kv[1])  # stable: ties keep first-seen order
         out.append([Candidate(list(seq), s) for seq, s in ranked])
     return out
+
+
+def static_tree_shape(topk_per_frame: Sequence[int] | None = None, *,
+                      paths: Sequence[Sequence[int]] | None = None) -> tuple[int, int]:
+    """(depth, k) of a static tree: the frames and the top-k that `static_tree_topk` must keep."""
+    rank_paths = _rank_paths(topk_per_frame, paths)
+    return max(len(p) for p in rank_paths), max(max(p) for p in rank_paths) + 1
+
+
+def batched_static_tree_candidates(
+    log_probs: torch.Tensor,
+    blank: int,
+    topk_per_frame: Sequence[int] | None = None,
+    *,
+    paths: Sequence[Sequence[int]] | None = None,
+) -> list[list[Candidate]]:
+    """Static-tree candidates for each sequence of a batch, `log_probs` (B, N, V+1), both halves.
+
+    Give exactly one of `topk_per_frame` (k_t children at frame t; see `topk_paths`) or `paths`
+    (a Medusa-style list of rank paths, path[t] = rank of the symbol chosen at frame t; paths may
+    differ in length, all <= N). Returns, per sequence, distinct non-empty collapsed sequences
+    sorted by decreasing score (ties: first path first).
+    """
+    depth, k = static_tree_shape(topk_per_frame, paths=paths)
+    packed = static_tree_topk(log_probs, depth, k)
+    return static_tree_search(packed, blank, topk_per_frame, paths=paths)
 
 
 def static_tree_candidates(
@@ -169,10 +218,51 @@ def _prefix_beam_search(
     return final
 
 
+def beam_search_inputs(log_probs: torch.Tensor, blank: int, prune_topk: int | None) -> torch.Tensor:
+    """Device half of the prefix beam search, `log_probs` (B, N, V+1) -> (B, N, k + U) packed.
+
+    Per frame: [the ids of its top k symbols (k = prune_topk, all V+1 symbols if None) | the
+    frame's log-probs at U = N k + 1 columns: every frame's top-k ids, then the blank]. A prefix
+    only ever holds symbols from some frame's top-k, so these are all the probabilities the search
+    reads (an id in several frames' top-k has several columns with equal values).
+    """
+    if prune_topk is not None and prune_topk < 1:
+        raise ValueError(f"prune_topk must be >= 1 or None, got {prune_topk}")
+    batch, num_frames, num_symbols = log_probs.shape
+    dtype = _packing_dtype(log_probs)
+    k = num_symbols if prune_topk is None else min(prune_topk, num_symbols)
+    if k < num_symbols:
+        top_idx = log_probs.topk(k, dim=-1).indices  # (B, N, k)
+    else:
+        top_idx = torch.arange(num_symbols, device=log_probs.device).expand(batch, num_frames, k)  # (B, N, V+1)
+    blank_col = torch.full((batch, 1), blank, dtype=top_idx.dtype, device=log_probs.device)
+    columns = torch.cat([top_idx.flatten(1), blank_col], dim=1)  # (B, U)
+    gathered = log_probs.gather(2, columns[:, None, :].expand(batch, num_frames, -1))  # (B, N, U)
+    return torch.cat([top_idx.to(dtype), gathered.to(dtype)], dim=-1)
+
+
+def beam_search(packed: torch.Tensor, blank: int, beam_width: int) -> list[list[Candidate]]:
+    """Host half of the prefix beam search: candidates per sequence from `beam_search_inputs`'
+    (B, N, k + N k + 1) output."""
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    batch, num_frames, width = packed.shape
+    k = (width - 1) // (num_frames + 1)
+    top_l = packed[..., :k].long().tolist()  # (B, N, k) ids
+    probs_l = packed[..., k:].double().exp().tolist()  # (B, N, U)
+    out: list[list[Candidate]] = []
+    for b in range(batch):
+        columns = [s for frame in top_l[b] for s in frame] + [blank]  # (U,) as beam_search_inputs laid out
+        column = {s: j for j, s in enumerate(columns)}
+        extensions = [[s for s in frame if s != blank] for frame in top_l[b]]
+        out.append(_prefix_beam_search(probs_l[b], column, extensions, blank, beam_width))
+    return out
+
+
 def batched_prefix_beam_search(
     log_probs: torch.Tensor, blank: int, beam_width: int, prune_topk: int | None = None
 ) -> list[list[Candidate]]:
-    """CTC prefix beam search for each sequence of a batch, `log_probs` (B, N, V+1).
+    """CTC prefix beam search for each sequence of a batch, `log_probs` (B, N, V+1), both halves.
 
     At frame t only the `prune_topk` most likely symbols may extend a prefix (None: all symbols;
     blank and a prefix's own last token always keep their exact probabilities, since every token of
@@ -183,29 +273,7 @@ def batched_prefix_beam_search(
     """
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
-    if prune_topk is not None and prune_topk < 1:
-        raise ValueError(f"prune_topk must be >= 1 or None, got {prune_topk}")
-    batch, num_frames, num_symbols = log_probs.shape
-    k = num_symbols if prune_topk is None else min(prune_topk, num_symbols)
-    if k < num_symbols:
-        top_idx = log_probs.topk(k, dim=-1).indices  # (B, N, k)
-    else:
-        top_idx = torch.arange(num_symbols, device=log_probs.device).expand(batch, num_frames, k)  # (B, N, V+1)
-    top_l = top_idx.tolist()
-
-    # Symbols each sequence can touch: blank + the union of its frames' top-k (at most N*k + 1).
-    symbols = [sorted({s for frame in seq for s in frame} | {blank}) for seq in top_l]
-    width = max(len(s) for s in symbols)
-    gather_idx = torch.tensor([s + [blank] * (width - len(s)) for s in symbols], device=log_probs.device)  # (B, U)
-    gathered = log_probs.gather(2, gather_idx[:, None, :].expand(batch, num_frames, width))  # (B, N, U)
-    gathered_l = gathered.double().exp().tolist()
-
-    out: list[list[Candidate]] = []
-    for b in range(batch):
-        column = {s: j for j, s in enumerate(symbols[b])}
-        extensions = [[s for s in frame if s != blank] for frame in top_l[b]]
-        out.append(_prefix_beam_search(gathered_l[b], column, extensions, blank, beam_width))
-    return out
+    return beam_search(beam_search_inputs(log_probs, blank, prune_topk), blank, beam_width)
 
 
 def ctc_prefix_beam_search(

@@ -33,7 +33,14 @@ import torch
 from torch import nn
 
 from drafter.base import Drafter, ProposeRequest
-from drafter.candidates import Candidate, batched_prefix_beam_search, static_tree_candidates
+from drafter.candidates import (
+    Candidate,
+    beam_search,
+    beam_search_inputs,
+    static_tree_search,
+    static_tree_shape,
+    static_tree_topk,
+)
 from drafter.loading import borrow
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
@@ -225,8 +232,13 @@ class CTCDrafter(Drafter):
         return torch.log_softmax(m.frame_logits(y), dim=-1)
 
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
+        """Frames and their top-k on the device; one small copy (B, N, O(k) values, whatever the
+        vocabulary); the candidate search on the host (candidates.py)."""
         cfg = self.model.config
-        log_probs = to_host(self.frames(requests))  # (B, N, V+1): candidate search is host code
+        log_probs = self.frames(requests)  # (B, N, V+1) on the device
         if cfg.candidates == "beam":
-            return batched_prefix_beam_search(log_probs, cfg.blank, cfg.beam_width, cfg.prune_topk)
-        return [static_tree_candidates(lp, cfg.blank, cfg.static_topk) for lp in log_probs]
+            packed = to_host(beam_search_inputs(log_probs, cfg.blank, cfg.prune_topk))  # (B, N, k + N k + 1)
+            return beam_search(packed, cfg.blank, cfg.beam_width)
+        depth, k = static_tree_shape(cfg.static_topk)
+        packed = to_host(static_tree_topk(log_probs, depth, k))  # (B, depth, 2k)
+        return static_tree_search(packed, cfg.blank, cfg.static_topk)

@@ -79,15 +79,26 @@ class MedusaHeads(nn.Module):
         return torch.stack([lm_head(head(h)) for head in self.heads], dim=-2).float()
 
 
-def medusa_candidates(log_probs: torch.Tensor, topk_per_head: list[int]) -> list[Candidate]:
-    """log_probs (K, V) -> every combination of the heads' top tokens (its prefixes come from the
-    trie), scored by summed log-probability, best first."""
-    K = log_probs.shape[0]
-    top = [log_probs[k].topk(topk_per_head[k]) for k in range(min(K, len(topk_per_head)))]
+def heads_topk(log_probs: torch.Tensor, topk_per_head: list[int]) -> torch.Tensor:
+    """Device half: log_probs (B, K, V) -> (B, K', 2k) packed [values | ids] of each head's top k,
+    K' = the heads that draft (min(K, len(topk_per_head))), k = max(topk_per_head). Ids travel as
+    float32 (exact below 2**24), so one small copy carries both, whatever the vocabulary."""
+    heads, vocab = min(log_probs.shape[1], len(topk_per_head)), log_probs.shape[2]
+    if vocab > 1 << 24:
+        raise ValueError(f"vocabulary of {vocab}: ids above 2**24 are not exact in float32")
+    top = log_probs[:, :heads].float().topk(max(topk_per_head[:heads]), dim=-1)  # (B, K', k) each
+    return torch.cat([top.values, top.indices.float()], dim=-1)
+
+
+def medusa_candidates(packed: torch.Tensor, topk_per_head: list[int]) -> list[Candidate]:
+    """Host half, one sequence: `heads_topk`'s (K', 2k) -> every combination of the heads' top
+    tokens (its prefixes come from the trie), scored by summed log-probability, best first."""
+    k = packed.shape[-1] // 2
+    top = [(packed[h, :n], packed[h, k : k + n].long()) for h, n in enumerate(topk_per_head[: packed.shape[0]])]
     cands = []
-    for ranks in itertools.product(*(range(len(t.indices)) for t in top)):
-        toks = [int(top[k].indices[r]) for k, r in enumerate(ranks)]
-        score = float(sum(top[k].values[r] for k, r in enumerate(ranks)))
+    for ranks in itertools.product(*(range(len(ids)) for _, ids in top)):
+        toks = [int(top[h][1][r]) for h, r in enumerate(ranks)]
+        score = float(sum(top[h][0][r] for h, r in enumerate(ranks)))  # float32 sums, as the scores always were
         cands.append(Candidate(toks, score))
     cands.sort(key=lambda c: -c.score)
     return cands
@@ -110,5 +121,7 @@ class MedusaDrafter(Drafter):
     @torch.inference_mode()
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         h = torch.stack([self.last_hidden[r.seq_id] for r in requests])  # (B, H)
-        log_probs = to_host(torch.log_softmax(self.model.logits(h), dim=-1))  # (B, K, V)
-        return [medusa_candidates(lp, self.model.config.topk_per_head) for lp in log_probs]
+        topk = self.model.config.topk_per_head
+        log_probs = torch.log_softmax(self.model.logits(h), dim=-1)  # (B, K, V) on the device
+        packed = to_host(heads_topk(log_probs, topk))  # (B, K', 2k): one small copy
+        return [medusa_candidates(p, topk) for p in packed]

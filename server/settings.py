@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         True, description="Pick each step's tree size (down to none) by measured tokens/s; false: always the "
         "largest allowed."
     )
+    acceptance: Literal["auto", "path", "all-nodes"] = Field(
+        "auto", description="How drafts are accepted: 'path' computes logits only where the acceptance walk goes "
+        "(one LM-head call and host round trip per tree depth: least work, best on the CPU); 'all-nodes' computes "
+        "every tree node's logits in one call and walks the trees on the device (one host copy per step: best on "
+        "a GPU); auto: all-nodes on CUDA, path on the CPU. Outputs are identical."
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
     )

@@ -16,7 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from server.engine.accept import AcceptResult, accept_batch, accept_tree, recursive_rejection_probs, walk_trees
+from drafter.tree import TokenTree
+from server.engine.accept import (
+    AcceptResult,
+    accept_batch,
+    accept_tree,
+    recursive_rejection_probs,
+    walk_trees,
+    walk_trees_on_device,
+)
+from server.engine.speculate import accept_all_nodes
+from server.runtime.host import TRANSFERS
 from server.engine.sampler import decide_tokens, process_logits
 from server.engine.types import SamplingParams
 from tests.chi_square import chi_square_pvalue
@@ -108,6 +118,40 @@ def test_lazy_walks_ask_only_for_the_nodes_they_reach_one_depth_per_round() -> N
     assert sum(map(len, rounds)) == sum(len(r.path) for r in results)  # never a node off the paths
 
 
+def test_the_device_walk_equals_the_lazy_walk_on_random_trees() -> None:
+    """All-nodes acceptance (`accept_all_nodes` -> `walk_trees_on_device`) against `walk_trees`:
+    random tries with repeated sibling tokens, decided tokens that often match a child (long
+    walks), sometimes -1 (a failed sequence), trees of different sizes and depths in one batch."""
+    rng = random.Random(0)
+    for _ in range(50):
+        trees, decided = [], []
+        for _ in range(rng.randrange(1, 6)):
+            n = rng.randrange(1, 12)
+            parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+            tokens = [rng.randrange(4) for _ in range(n)]  # 4 symbols: repeats among siblings happen
+            trees.append(TokenTree.from_parents(tokens, parents))
+            kids = [[tokens[j] for j in range(n) if parents[j] == i] for i in range(n)]
+            decided.append([rng.choice(k) if k and rng.random() < 0.8 else rng.choice([7, -1]) for k in kids])
+        expected = walk_trees([(t.tokens, t.parents) for t in trees], lambda at: [decided[k][i] for k, i in at])
+        flat = torch.tensor([d for ds in decided for d in ds])
+        starts = [sum(t.num_nodes for t in trees[:k]) for k in range(len(trees))]
+        node_rows = [list(range(s, s + t.num_nodes)) for s, t in zip(starts, trees)]
+        before = TRANSFERS.snapshot()
+        extra, got = accept_all_nodes(trees, flat, node_rows, torch.tensor([5, 6]))
+        assert (TRANSFERS.snapshot() - before).transfers == 1  # paths, tokens and the extra: one copy
+        assert extra == [5, 6] and got == expected
+
+
+def test_device_walk_shapes_and_padding() -> None:
+    tokens = torch.tensor([TOKENS, [3, -1, -1, -1, -1, -1]])
+    parents = torch.tensor([PARENTS, [-1, -2, -2, -2, -2, -2]])  # padding: no node's child
+    decided = torch.tensor([[11, 13, X, 15, X, 7], [-1, -1, 0, 0, 0, 0]])
+    out = walk_trees_on_device(tokens, parents, decided, depth=3)
+    assert out.shape == (2, 2, 4)
+    assert out[0].tolist() == [[0, 1, 3, 5], [11, 13, 15, 7]]
+    assert out[1].tolist() == [[0, -1, -1, -1], [-1, -1, -1, -1]]  # padding a decided -1 never matches
+
+
 # ---- a toy base model: next-token distribution depends on the previous token only -----------------
 
 V = 5
@@ -149,11 +193,13 @@ def sample_plain(table: torch.Tensor, params: SamplingParams, seeds: list[int]) 
 
 
 def sample_speculative(
-    table: torch.Tensor, params: SamplingParams, seeds: list[int], tree_seed: int, depth_offset: bool = True
+    table: torch.Tensor, params: SamplingParams, seeds: list[int], tree_seed: int, depth_offset: bool = True,
+    walk: str = "path",
 ) -> torch.Tensor:
     """(N, LENGTH) continuations by tree speculation: each step every unfinished sequence gets a
     random draft tree, all trees are verified (decided) in one batched call and walked by
-    accept_batch. `depth_offset=False` is a deliberate bug: every node uses the step's base position."""
+    accept_batch (walk="path") or on the device by accept_all_nodes (walk="all-nodes").
+    `depth_offset=False` is a deliberate bug: every node uses the step's base position."""
     rng = random.Random(tree_seed)
     emitted: list[list[int]] = [[] for _ in seeds]
     while True:
@@ -171,7 +217,14 @@ def sample_speculative(
             sizes.append(len(t))
         logits = table[torch.tensor(tokens)]  # (N_nodes, V): the model after path root..i sees token i last
         decided = decide_tokens(logits, [params] * len(tokens), seed_rows, positions)
-        for s, res in zip(active, accept_batch(tokens, parents, decided, sizes)):
+        if walk == "path":
+            results = accept_batch(tokens, parents, decided, sizes)
+        else:
+            starts = list(itertools.accumulate(sizes, initial=0))
+            trees = [TokenTree.from_parents(tokens[a:b], parents[a:b]) for a, b in zip(starts, starts[1:])]
+            _, results = accept_all_nodes(trees, decided, [list(range(a, b)) for a, b in zip(starts, starts[1:])],
+                                          decided[:0])
+        for s, res in zip(active, results):
             emitted[s] += res.emitted
     return torch.tensor([e[:LENGTH] for e in emitted])  # a step may overshoot: keep the first LENGTH
 
@@ -209,13 +262,25 @@ def fit_pvalue(seqs: torch.Tensor, probs: torch.Tensor) -> float:
     return chi_square_pvalue(counts[probs > 0], probs[probs > 0])
 
 
-def test_greedy_speculation_equals_greedy_decoding() -> None:
+@pytest.mark.parametrize("walk", ["path", "all-nodes"])
+def test_greedy_speculation_equals_greedy_decoding(walk: str) -> None:
     table = toy_logits(1)
     greedy = SamplingParams(temperature=0.0)
     seeds = list(range(200))
     plain = sample_plain(table, greedy, seeds)
     assert (plain == plain[0]).all()  # greedy: one continuation whatever the seed
-    assert torch.equal(sample_speculative(table, greedy, seeds, tree_seed=5), plain)
+    assert torch.equal(sample_speculative(table, greedy, seeds, tree_seed=5, walk=walk), plain)
+
+
+@pytest.mark.parametrize("walk", ["path", "all-nodes"])
+def test_seeded_speculative_sampling_is_plain_sampling_sample_by_sample(walk: str) -> None:
+    """The pathwise half of the distribution test below, on both walks (fewer sequences: a
+    pathwise equality needs no statistics)."""
+    table = toy_logits(0)
+    params = SamplingParams(temperature=0.8, top_k=4, top_p=0.9, seed=0)
+    seeds = list(range(500))
+    assert torch.equal(sample_speculative(table, params, seeds, tree_seed=2, walk=walk),
+                       sample_plain(table, params, seeds))
 
 
 @pytest.mark.parametrize(

@@ -299,9 +299,11 @@ def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a), "training changed nothing"
 
 
+@pytest.mark.parametrize("acceptance", ["path", "all-nodes"])
 @pytest.mark.parametrize("kind", ["ctc-beam", "ctc-static", "medusa", "ctc-beam+ngram", "medusa+ngram"])
-def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind):
-    """Random-init drafters propose mostly wrong trees: outputs must still equal plain greedy."""
+def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind, acceptance):
+    """Random-init drafters propose mostly wrong trees: outputs must still equal plain greedy, on
+    both acceptance paths."""
     path, model = base
     learned = kind.removesuffix("+ngram")
     if learned.startswith("ctc"):
@@ -314,7 +316,7 @@ def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind):
         kind, learned.split("-")[0] + "+ngram")
     reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts_for(5, seed=23))}
     plain = run_all(make_engine(model, None), reqs)
-    spec = run_all(make_engine(model, drafter, max_tree_nodes=8), reqs)
+    spec = run_all(make_engine(model, drafter, max_tree_nodes=8, acceptance=acceptance), reqs)
     for rid in reqs:
         assert spec[rid]["tokens"] == plain[rid]["tokens"], rid
     assert sum(o["drafts"] for o in spec.values()) > 0

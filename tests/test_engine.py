@@ -1,5 +1,7 @@
 """The engine end to end on random-init models: lossless against transformers, stops, batching.
 
+The lossless tests run on both acceptance paths (speculate.Acceptance): the path walk the CPU
+uses and the all-nodes walk an accelerator uses; both must give exactly plain decoding's output.
 A `NoisyOracleDrafter` (test-only) proposes trees built from the reference continuation with
 some tokens corrupted and some siblings added, so every step exercises acceptance, rejection at
 every depth and sibling choice; lossless means the engine's output is still exactly greedy.
@@ -17,6 +19,7 @@ from drafter.ngram import NgramDrafter
 from drafter.tree import build_trie
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
+from server.engine.speculate import Acceptance
 from server.engine.types import EngineError, FinishReason, SamplingParams
 from server.runtime.loader import load_model
 
@@ -62,11 +65,15 @@ class _NoTokenizer:
         return "".join(f"<{i}>" for i in ids)
 
 
-def make_engine(model, drafter=None, max_len=96, batch=4, **sched):
+ACCEPTANCE = ["path", "all-nodes"]  # speculate.Acceptance values (auto is one of them, by device)
+
+
+def make_engine(model, drafter=None, max_len=96, batch=4, acceptance="auto", **sched):
     # The throughput governor makes speculation depend on timings; tests that count drafts want
     # every step to speculate. Outputs never depend on it (test_greedy_is_lossless... runs it on).
     sched = {"governor": False, **sched}
-    cfg = EngineConfig(max_model_len=max_len, scheduler=SchedulerConfig(max_batch_size=batch, **sched))
+    cfg = EngineConfig(max_model_len=max_len, scheduler=SchedulerConfig(max_batch_size=batch, **sched),
+                       acceptance=Acceptance(acceptance))
     return LLMEngine(model, _NoTokenizer(), cfg, drafter=drafter)
 
 
@@ -108,7 +115,8 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 @pytest.mark.parametrize("drafter_kind", ["none", "ngram", "oracle"])
-def test_greedy_is_lossless_against_transformers(models, drafter_kind):
+@pytest.mark.parametrize("acceptance", ACCEPTANCE)
+def test_greedy_is_lossless_against_transformers(models, drafter_kind, acceptance):
     hf, model = models
     prompts = prompts_for(6, seed=11)
     refs = {f"r{i}": hf_greedy(hf, p, 24) for i, p in enumerate(prompts)}
@@ -116,7 +124,7 @@ def test_greedy_is_lossless_against_transformers(models, drafter_kind):
     # batch 4 < 6 requests: the last two wait for slots, so admission mid-flight is exercised;
     # a small prefill chunk splits prompts across steps.
     engine = make_engine(model, drafter, batch=4, prefill_chunk=16, max_tree_nodes=6,
-                         governor=drafter_kind == "ngram")
+                         governor=drafter_kind == "ngram", acceptance=acceptance)
     out = run_all(engine, {rid: (p, GREEDY) for rid, p in zip(refs, prompts)})
     for rid, ref in refs.items():
         assert out[rid]["tokens"] == ref, rid
@@ -128,32 +136,36 @@ def test_greedy_is_lossless_against_transformers(models, drafter_kind):
     assert engine.cache.num_used_slots == 0
 
 
-def test_seeded_sampling_is_identical_with_and_without_speculation(models):
+@pytest.mark.parametrize("acceptance", ACCEPTANCE)
+def test_seeded_sampling_is_identical_with_and_without_speculation(models, acceptance):
     _, model = models
     prompts = prompts_for(4, seed=12)
     params = [SamplingParams(max_tokens=20, temperature=t, top_p=p, top_k=k, seed=100 + i, ignore_eos=True)
               for i, (t, p, k) in enumerate([(0.7, 1.0, None), (1.0, 0.9, None), (1.3, 1.0, 20), (0.5, 0.8, 10)])]
     reqs = {f"s{i}": (p, sp) for i, (p, sp) in enumerate(zip(prompts, params))}
-    plain = run_all(make_engine(model, None), reqs)
+    plain = run_all(make_engine(model, None, acceptance=acceptance), reqs)
     # Draft with the plain run's own outputs as the (noisy) reference: long acceptances happen.
     refs = {rid: o["tokens"] for rid, o in plain.items()}
-    spec = run_all(make_engine(model, NoisyOracleDrafter(refs, 160, seed=3), max_tree_nodes=5), reqs)
-    again = run_all(make_engine(model, None, batch=1), reqs)
+    spec = run_all(make_engine(model, NoisyOracleDrafter(refs, 160, seed=3), max_tree_nodes=5, acceptance=acceptance),
+                   reqs)
+    again = run_all(make_engine(model, None, batch=1, acceptance=acceptance), reqs)
     for rid in reqs:
         assert spec[rid]["tokens"] == plain[rid]["tokens"] == again[rid]["tokens"], rid
     assert sum(o["accepted"] for o in spec.values()) > 0
 
 
-def test_logprobs_are_the_base_models_with_and_without_speculation(models):
+@pytest.mark.parametrize("acceptance", ACCEPTANCE)
+def test_logprobs_are_the_base_models_with_and_without_speculation(models, acceptance):
     hf, model = models
     prompts = prompts_for(3, seed=14)
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3),
               SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True, logprobs=0),
               SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
     reqs = {f"l{i}": (p, sp) for i, (p, sp) in enumerate(zip(prompts, params))}
-    plain = run_all(make_engine(model, None), reqs)
+    plain = run_all(make_engine(model, None, acceptance=acceptance), reqs)
     refs = {rid: o["tokens"] for rid, o in plain.items()}
-    spec = run_all(make_engine(model, NoisyOracleDrafter(refs, 160, seed=4), max_tree_nodes=5), reqs)
+    spec = run_all(make_engine(model, NoisyOracleDrafter(refs, 160, seed=4), max_tree_nodes=5, acceptance=acceptance),
+                   reqs)
     assert sum(o["accepted"] for o in spec.values()) > 0
     for rid, (prompt, sp) in reqs.items():
         tokens = plain[rid]["tokens"]
@@ -182,13 +194,14 @@ def test_different_seeds_give_different_samples(models):
     assert len({tuple(o["tokens"]) for o in out.values()}) > 1
 
 
-def test_stops_eos_max_tokens_stop_token_and_stop_string(models):
+@pytest.mark.parametrize("acceptance", ACCEPTANCE)
+def test_stops_eos_max_tokens_stop_token_and_stop_string(models, acceptance):
     hf, model = models
     prompt = prompts_for(1, seed=14)[0]
     ref = hf_greedy(hf, prompt, 30)
     eos = ref[5]
     k = ref.index(eos)  # first occurrence (may be before index 5)
-    engine = make_engine(model, NgramDrafter())
+    engine = make_engine(model, NgramDrafter(), acceptance=acceptance)
     engine.eos_ids = {eos}
     stop_text = "".join(f"<{i}>" for i in ref[8:10])
     reqs = {
@@ -250,10 +263,11 @@ def test_bad_requests_are_refused(models):
         SamplingParams(temperature=-1)
 
 
-def test_a_failing_request_does_not_stop_the_others(models, monkeypatch):
+@pytest.mark.parametrize("acceptance", ACCEPTANCE)
+def test_a_failing_request_does_not_stop_the_others(models, monkeypatch, acceptance):
     hf, model = models
     prompts = prompts_for(2, seed=17)
-    engine = make_engine(model, None)
+    engine = make_engine(model, None, acceptance=acceptance)
     import server.engine.speculate as spec
 
     real = spec.decide_tokens

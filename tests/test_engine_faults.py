@@ -4,7 +4,8 @@ Every admitted request gets exactly one final delta; nothing hangs; the engine s
 request. A drafter fault (start, observe, propose, release, a bad tree) costs drafts only: every
 request, the faulty one included, ends with the output plain decoding gives, greedy and seeded.
 A fault in the model forward (prefill, decode, the LM head), the sampler or the detokenizer fails
-the one request it hits; the others in its step finish with their plain output.
+the one request it hits; the others in its step finish with their plain output, on both
+acceptance paths (speculate.Acceptance).
 
 The base model is a real (tiny, random-init) checkpoint loaded by our loader; the drafters are the
 real n-gram drafter and the shipped CTC + lookup hybrid (random-init CTC module). Fakes are the
@@ -31,6 +32,7 @@ from server.engine.drafter_guard import DrafterGuardConfig
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
 from server.engine.sequence import Status
+from server.engine.speculate import Acceptance
 from server.engine.types import FinishReason, SamplingParams
 from server.runtime.loader import load_model
 from tests.conftest import make_hf_model
@@ -77,10 +79,11 @@ def new_drafter(kind: str, model) -> Drafter | None:
     return LookupHybridDrafter(CTCDrafter(ctc, max_slots=4, max_len=96))
 
 
-def new_engine(model, drafter: Drafter | None, guard: DrafterGuardConfig | None = None) -> LLMEngine:
+def new_engine(model, drafter: Drafter | None, guard: DrafterGuardConfig | None = None,
+               acceptance: str = "auto") -> LLMEngine:
     # Governor off: every step drafts, so every drafter call site is reached.
     cfg = EngineConfig(max_model_len=96, scheduler=SchedulerConfig(max_batch_size=4, governor=False),
-                       drafter_guard=guard or DrafterGuardConfig())
+                       drafter_guard=guard or DrafterGuardConfig(), acceptance=Acceptance(acceptance))
     return LLMEngine(model, _IdTokenizer(), cfg, drafter=drafter)
 
 
@@ -271,15 +274,17 @@ def check_engine_fault(out: dict, plain: dict) -> None:
 
 @pytest.mark.parametrize("fail_in, where", [(Status.PREFILL, "forward"), (Status.DECODE, "forward"),
                                              (Status.PREFILL, "lm_head"), (Status.DECODE, "lm_head")])
-def test_a_model_fault_fails_only_its_request(model, plain, fail_in, where):
-    engine = new_engine(model, new_drafter("ctc+ngram", model))
+@pytest.mark.parametrize("acceptance", ["path", "all-nodes"])
+def test_a_model_fault_fails_only_its_request(model, plain, fail_in, where, acceptance):
+    engine = new_engine(model, new_drafter("ctc+ngram", model), acceptance=acceptance)
     faulty = engine.model = FaultyModel(engine, fail_in, where)
     check_engine_fault(drive(engine, REQUESTS), plain)
     assert faulty.faults > 0
     serves_next(engine, plain)
 
 
-def test_a_sampler_fault_fails_only_its_request(model, plain, monkeypatch):
+@pytest.mark.parametrize("acceptance", ["path", "all-nodes"])
+def test_a_sampler_fault_fails_only_its_request(model, plain, monkeypatch, acceptance):
     real = speculate.decide_tokens
 
     def decide_tokens(logits, params, seeds, positions):
@@ -288,7 +293,7 @@ def test_a_sampler_fault_fails_only_its_request(model, plain, monkeypatch):
         return real(logits, params, seeds, positions)
 
     monkeypatch.setattr(speculate, "decide_tokens", decide_tokens)
-    engine = new_engine(model, new_drafter("ngram", model))
+    engine = new_engine(model, new_drafter("ngram", model), acceptance=acceptance)
     check_engine_fault(drive(engine, REQUESTS), plain)
     serves_next(engine, plain)
 

@@ -1,12 +1,15 @@
 """Device -> host copies per decode step, counted through server/runtime/host.py.
 
-Batch 16 on the demo model with its CTC drafter, greedy. What a decode step copies today: the
-drafter's frame log-probs (B, N, V+1) float32 for candidate search, once, then one int64 per
-walking sequence per acceptance round (one round per tree depth the walks reach), plus one
-float64 row per decided token for requests that ask for logprobs. The bounds below are that,
-exactly as counted, so a new copy in the hot path fails them; issue 14's target (one transfer of
-O(batch x tree nodes) integers, independent of the vocabulary) is not met yet, and the figures
-print under `-s`.
+Batch 16 on the demo model with its CTC drafter, greedy, on both acceptance paths. What a decode
+step copies:
+- the drafter: its frames' top-k for candidate search, once (B x N x (k + N k + 1) float32: no
+  vocabulary term; it was the full (B, N, V+1) log-probs before issue 14);
+- path walk (the CPU's): one int64 per walking sequence per acceptance round (one round per tree
+  depth the walks reach), plus one float64 row per decided token for requests that ask for logprobs;
+- all-nodes walk (an accelerator's): ONE copy of the paths and emitted tokens, 2 x B x (deepest
+  tree + 1) int64, plus one copy of the emitted tokens' logprob rows when asked for.
+The bounds below are that, so a new copy in the hot path fails them; the figures print under
+`-s`. tests/test_device_step.py checks the same exactly on a Llama-3-8B-shaped model.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ def demo():
     return model, load_drafter(DRAFTER, model, max_slots=BATCH, max_len=256)
 
 
+@pytest.mark.parametrize("acceptance", ["path", "all-nodes"])
 @pytest.mark.parametrize("logprobs", [None, 2], ids=["plain", "logprobs"])
-def test_transfers_per_decode_step_at_batch_16_with_the_ctc_drafter(demo, logprobs):
+def test_transfers_per_decode_step_at_batch_16_with_the_ctc_drafter(demo, logprobs, acceptance):
     model, drafter = demo
-    engine = make_engine(model, drafter, max_len=256, batch=BATCH)
+    engine = make_engine(model, drafter, max_len=256, batch=BATCH, acceptance=acceptance)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=logprobs)
     for i in range(BATCH):
@@ -60,17 +64,25 @@ def test_transfers_per_decode_step_at_batch_16_with_the_ctc_drafter(demo, logpro
         if all_decoding and not any(d.finished for d in deltas):  # no output cut short by a stop
             rounds = max(len(d.token_ids) for d in deltas)  # acceptance rounds: the deepest walk + 1
             drafted = sum(d.num_draft_tokens for d in deltas)
-            steps.append((moved, rounds, drafted))
+            emitted = sum(len(d.token_ids) for d in deltas)
+            steps.append((moved, rounds, drafted, emitted))
     assert len(steps) >= 5
-    vocab, frames = model.config.vocab_size, drafter.model.config.num_frames
-    per_round = 2 if logprobs else 1  # the decided tokens, and the logprobs rows when asked for
-    for moved, rounds, drafted in steps:
+    cfg = drafter.model.config
+    frames, k, depth = cfg.num_frames, cfg.prune_topk, engine.config.scheduler.max_tree_nodes
+    drafter_bytes = BATCH * frames * (k + frames * k + 1) * 4
+    for moved, rounds, drafted, emitted in steps:
         drafter_copies = 1 if drafted else 0
-        assert moved.transfers <= drafter_copies + per_round * rounds, (moved, rounds)
-        logprob_bytes = BATCH * rounds * (1 + 2 * logprobs) * 8 if logprobs else 0
-        assert moved.bytes <= drafter_copies * BATCH * frames * (vocab + 1) * 4 + BATCH * rounds * 8 + logprob_bytes
+        logprob_bytes = emitted * (1 + 2 * logprobs) * 8 if logprobs else 0
+        if acceptance == "path":
+            per_round = 2 if logprobs else 1  # the decided tokens, and the logprobs rows when asked for
+            assert moved.transfers <= drafter_copies + per_round * rounds, (moved, rounds)
+            assert moved.bytes <= drafter_copies * drafter_bytes + BATCH * rounds * 8 + logprob_bytes
+        else:
+            assert moved.transfers == drafter_copies + 1 + (1 if logprobs else 0), moved
+            assert moved.bytes <= drafter_copies * drafter_bytes + 2 * BATCH * (depth + 1) * 8 + logprob_bytes
     n = len(steps)
-    print(f"\n[{'logprobs' if logprobs else 'plain'}] batch {BATCH}, {n} decode steps: "
-          f"{sum(m.transfers for m, _, _ in steps) / n:.2f} transfers/step, "
-          f"{sum(m.bytes for m, _, _ in steps) / n / 1e6:.3f} MB/step, "
-          f"{sum(r for _, r, _ in steps) / n:.2f} acceptance rounds/step (vocab {vocab})")
+    vocab = model.config.vocab_size
+    print(f"\n[{acceptance}, {'logprobs' if logprobs else 'plain'}] batch {BATCH}, {n} decode steps: "
+          f"{sum(m.transfers for m, *_ in steps) / n:.2f} transfers/step, "
+          f"{sum(m.bytes for m, *_ in steps) / n / 1e3:.1f} kB/step, "
+          f"{sum(r for _, r, *_ in steps) / n:.2f} acceptance rounds/step (vocab {vocab})")

@@ -40,9 +40,12 @@ print(json.dumps({"weights": sum(p.numel() * p.element_size() for p in model.par
 """
 
 
-def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int = 4096) -> None:
-    """A random bfloat16 Llama checkpoint, one shard per embedding, per attention and per MLP."""
-    heads, kv_heads, hd = hidden // 64, 2, 64
+def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int = 4096, heads: int | None = None,
+                     kv_heads: int = 2) -> None:
+    """A random bfloat16 Llama checkpoint, one shard per embedding, per attention and per MLP
+    (heads of 64 dimensions unless `heads` says how many)."""
+    heads = heads or hidden // 64
+    hd = hidden // heads
     out.mkdir(parents=True)
     config = dict(architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden,
                   intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
@@ -76,9 +79,24 @@ def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
-def test_loading_peaks_within_1_1x_the_weights(tmp_path):
+LLAMA3_8B_SHAPED_OVER = (
+    "measured 1.245x (317 MiB for 255 MiB): the embedding's shard stays mapped while it is converted, and with a "
+    "128k vocabulary and hidden 256 that one bf16 shard is 25% of the float32 weights (in a real 8B, 6%)"
+)
+
+
+@pytest.mark.parametrize("shape", ["deep", pytest.param("llama3-8b-shaped", marks=pytest.mark.xfail(
+    strict=True, reason=LLAMA3_8B_SHAPED_OVER))])
+def test_loading_peaks_within_1_1x_the_weights(tmp_path, shape):
+    """deep: 8 layers of a ~0.1B model; llama3-8b-shaped: Llama-3-8B's vocabulary (128,256) and
+    GQA (32 query / 8 KV heads) with a small hidden size, so the embedding and LM head dominate:
+    over the bound today (see the xfail reason), strict so that the loader fix that meets it
+    removes the mark."""
     write_checkpoint(tmp_path / "tiny", hidden=128, inter=256, layers=1)
-    write_checkpoint(tmp_path / "big", hidden=640, inter=1792, layers=8)
+    if shape == "deep":
+        write_checkpoint(tmp_path / "big", hidden=640, inter=1792, layers=8)
+    else:
+        write_checkpoint(tmp_path / "big", hidden=256, inter=512, layers=2, vocab=128_256, heads=32, kv_heads=8)
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's loader, not an installed one
     done = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "tiny"), str(tmp_path / "big")],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)

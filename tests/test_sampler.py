@@ -17,6 +17,7 @@ from scipy import stats
 from server.engine import sampler
 from server.engine.sampler import batch_noise, decide_tokens, noise_seed, position_noise, process_logits
 from server.engine.types import SamplingParams
+from server.runtime.host import TRANSFERS
 from tests.chi_square import chi_square_pvalue
 
 ALPHA = 1e-4
@@ -264,3 +265,15 @@ def test_cuda_noise_and_decisions_are_reproducible() -> None:
     assert out.device.type == "cuda"
     assert torch.equal(out, decide_tokens(x, params, list(range(16)), list(range(16))))
     assert torch.equal(out[1::2], x[1::2].argmax(-1))
+
+
+def test_deciding_makes_no_copy_to_the_host() -> None:
+    """The all-nodes step decides every node on the device: greedy, sampled and filtered rows alike
+    (whether any filter is on is known from the parameters, not asked of the device)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, seed=1),
+              SamplingParams(temperature=0.7, top_k=5, seed=2), SamplingParams(temperature=1.0, top_p=0.8, seed=3)]
+    before = TRANSFERS.snapshot()
+    tokens = decide_tokens(logits, params, [None, 1, 2, 3], [0, 3, 3, 7])
+    assert (TRANSFERS.snapshot() - before).transfers == 0
+    assert tokens.shape == (4,) and tokens[0] == logits[0].argmax()

@@ -3,7 +3,8 @@
 Setting. Node 0 is the sequence's pending token, nodes 1..n are draft tokens (parents[i] < i; see
 drafter/tree.py). The verify forward gives the hidden state of every node, hence its logits: the
 base model's next-token distribution after the path root..i. The sampler turns them into one decided
-token per node (the walk below reads only the nodes it reaches, so `walk_trees` decides only those),
+token per node (the walk reads only the nodes it reaches: `walk_trees` decides only those, lazily, on
+the host; `walk_trees_on_device` takes every node's decision and walks on the device, for accelerators),
     decided[i] = D(logits[i], base + depth(i)),   D(l, t) = argmax(l' / T + g_t)  (greedy: argmax l),
 with g_t the Gumbel noise of output position t (sampler.py) and base = the output position of the
 token that follows the root (= the number of tokens the request has emitted, pending one included).
@@ -123,6 +124,36 @@ def walk_trees(trees: Sequence[tuple[Sequence[int], Sequence[int]]],
                 walking.append(k)
         active = walking
     return [AcceptResult(path=p, emitted=e) for p, e in zip(paths, emitted)]
+
+
+def walk_trees_on_device(tokens: torch.Tensor, parents: torch.Tensor, decided: torch.Tensor,
+                         depth: int) -> torch.Tensor:
+    """`accept_tree` for S trees at once with tensor ops only, so it runs where the tensors are
+    (no copy to the host, no data-dependent control flow): one round per depth, all walks in step.
+
+    tokens, parents, decided (S, n): tree k's nodes in row k, padded at the end with parents that
+    are no node (< 0; padding then never matches a child); depth: the deepest tree's depth.
+    Returns (S, 2, depth + 1) int64: [k, 0] = the path (node indices), [k, 1] = the emitted tokens,
+    both padded with -1 after the walk's end (a path never holds -1; `emitted` may, where a decided
+    token is -1, so read it up to the path's length). Equals `walk_trees` (tests check it).
+    """
+    num, _ = tokens.shape
+    rows = torch.arange(num, device=tokens.device)  # (S,)
+    at = torch.zeros(num, dtype=torch.long, device=tokens.device)  # (S,) the node each walk stands on
+    walking = torch.ones(num, dtype=torch.bool, device=tokens.device)  # (S,)
+    out = torch.full((num, 2, depth + 1), -1, dtype=torch.long, device=tokens.device)
+    out[:, 0, 0] = 0
+    for d in range(depth + 1):
+        tok = decided[rows, at]  # (S,) decided token of the node each walk stands on
+        out[:, 1, d] = torch.where(walking, tok, -1)
+        child = (parents == at[:, None]) & (tokens == tok[:, None])  # (S, n) children carrying it
+        moves = walking & child.any(dim=1)  # (S,) else tok is the bonus and the walk ends
+        nxt = child.to(torch.uint8).argmax(dim=1)  # (S,) the first (lowest-index) match, as accept_tree
+        if d < depth:  # a node at the deepest depth has no children
+            out[:, 0, d + 1] = torch.where(moves, nxt, -1)
+        at = torch.where(moves, nxt, at)
+        walking = moves
+    return out
 
 
 def accept_batch(

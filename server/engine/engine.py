@@ -8,7 +8,8 @@ fails. A client waits for that delta, so a request that ends without one hangs u
 times out. How faults are contained, from cheapest to dearest:
 - the drafter: every call goes through `DrafterGuard`, which never raises; a failure stops
   drafting for the sequences it concerned, which decode on plainly to the same output;
-- sampling: decided row by row when the batched call fails; a failing row fails its request;
+- sampling: decided sequence by sequence when the batched call fails; a failing sequence fails
+  its request;
 - the forward (verify/prefill/decode, accept): if the batched forward fails, each request is run
   alone, and only those that fail alone fail (it changes no engine state before it succeeds);
 - finishing one request (its KV bookkeeping, stop checks, the detokenizer): fails that request
@@ -37,6 +38,7 @@ from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.batch import ForwardItem
+from server.runtime.host import host_list, to_device
 from server.runtime.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class EngineConfig:
     max_model_len: int = 2048
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     drafter_guard: DrafterGuardConfig = field(default_factory=DrafterGuardConfig)
+    # How acceptance gets the decided tokens (speculate.py): the path walk (least compute, one host
+    # round trip per depth) or all nodes at once (one LM-head call, one copy); AUTO picks by device.
+    acceptance: speculate.Acceptance = speculate.Acceptance.AUTO
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
@@ -99,6 +104,7 @@ class LLMEngine:
             )
         self.model, self.tokenizer, self.config, self.drafter = model, tokenizer, config, drafter
         self.guard = DrafterGuard(drafter, cfg.vocab_size, config.drafter_guard)  # every drafter call goes here
+        self.acceptance = speculate.Acceptance(config.acceptance).resolve(model.lm_head.weight.device)
         self.model_name = model_name
         self.max_model_len = config.max_model_len
         self.cache = model.make_cache(config.scheduler.max_batch_size, config.max_model_len)
@@ -239,6 +245,7 @@ class LLMEngine:
                  trees: list[TokenTree]) -> _Forwarded:
         """verify + decide + accept for these sequences, changing no engine state (the K/V it
         writes lie past every committed length until `commit`/`advance` keep them)."""
+        all_nodes = self.acceptance is speculate.Acceptance.ALL_NODES
         items, positions = [], []
         for seq, n in prefill:
             chunk = seq.prompt_ids[seq.num_prefilled : seq.num_prefilled + n]
@@ -247,63 +254,110 @@ class LLMEngine:
             positions.append([n - 1] if last else [])
         for (seq, _), tree in zip(decode, trees):
             items.append(ForwardItem(seq.slot, self.cache.lengths[seq.slot], tree.tokens, tree.parents))
-            positions.append([])  # its logits: speculate.accept computes them where its walk goes
+            # all-nodes: every node's logits now; path: speculate.accept computes them where its walks go
+            positions.append(list(range(tree.num_nodes)) if all_nodes else [])
         out = speculate.verify(self.model, self.cache, items, positions)
+        base = len(prefill)
+        first_rows = [out.rows[b][0] for b in range(base) if positions[b]]  # prefills that completed
+        first = [speculate.DecideRow(seq, 0) for (seq, _), pos in zip(prefill, positions) if pos]
+        if all_nodes:
+            first_tokens, results, logprobs = self._accept_all_nodes(out, first, first_rows, decode, trees)
+        else:
+            first_tokens, results, logprobs = self._accept_path(out, first, decode, trees)
 
-        # the first token of every prefill that completed: one batched call
-        completed = [seq for (seq, _), pos in zip(prefill, positions) if pos]
-        decided = self._decide(out.logits, completed, [0] * len(out.logits))
-        first_logprobs = self._logprobs(out.logits, completed, decided)
         result = _Forwarded()
+        completed = iter(zip(first_tokens, logprobs[: len(first)]))
         for b, (seq, n) in enumerate(prefill):
             hidden = out.item_hidden(b) if self.guard.wants_hidden(seq) else None
             p = _Prefilled(seq, items[b].tokens, hidden)
             if positions[b]:
-                row = out.rows[b][0]
-                p.token, p.logprob = decided[row], first_logprobs[row]
+                p.token, p.logprob = next(completed)
             result.prefilled.append(p)
+        for j, ((seq, budget), tree, res) in enumerate(zip(decode, trees, results)):
+            hidden = out.item_hidden(base + j)[res.path] if self.guard.wants_hidden(seq) else None
+            result.verified.append(_Verified(seq, budget, tree, res, hidden, logprobs[len(first) + j]))
+        return result
 
+    def _accept_path(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow],
+                     decode: list[tuple[Sequence, int]], trees: list[TokenTree]):
+        """The path walk (speculate.py): one LM-head call and one copy to the host per depth.
+        Returns (first tokens of the completed prefills, one AcceptResult per tree, logprobs:
+        one entry per completed prefill, then one list per tree)."""
+        first_tokens = host_list(self._decide(out.logits, first)) if first else []
+        logprobs: list = self._logprobs(out.logits, [r.seq for r in first], first_tokens)
         walk_logprobs: list[list[TokenLogprob | None]] = [[] for _ in decode]  # per walk, per emitted token
 
         def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
-            seqs = [decode[k][0] for k, _ in nodes]
-            depths = [trees[k].depths[node] for k, node in nodes]
-            tokens = self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)])
-            for (k, _), lp in zip(nodes, self._logprobs(logits, seqs, tokens)):
+            rows = [self._row(decode[k][0], trees[k], node) for k, node in nodes]
+            tokens = host_list(self._decide(logits, rows))
+            for (k, _), lp in zip(nodes, self._logprobs(logits, [r.seq for r in rows], tokens)):
                 walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
             return tokens
 
-        base = len(prefill)
-        results = speculate.accept(self.model, out.packed_hidden, [out.offsets[base + j] for j in range(len(decode))],
-                                   trees, decide)
-        for j, ((seq, budget), tree, res) in enumerate(zip(decode, trees, results)):
-            hidden = out.item_hidden(base + j)[res.path] if self.guard.wants_hidden(seq) else None
-            result.verified.append(_Verified(seq, budget, tree, res, hidden, walk_logprobs[j]))
-        return result
+        roots = [out.offsets[len(out.rows) - len(decode) + j] for j in range(len(decode))]
+        results = speculate.accept(self.model, out.packed_hidden, roots, trees, decide)
+        return first_tokens, results, logprobs + walk_logprobs
 
-    def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
-        if not seqs:
-            return []
+    def _accept_all_nodes(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow], first_rows: list[int],
+                          decode: list[tuple[Sequence, int]], trees: list[TokenTree]):
+        """The all-nodes walk (speculate.py): every row of `out.logits` (the completed prefills'
+        last tokens, then every tree node) decided on the device, the walks run there, one copy to
+        the host; one more for the emitted tokens' logprob rows if any request asked for them.
+        Returns what `_accept_path` returns."""
+        base = len(out.rows) - len(decode)
+        node_rows = out.rows[base:]
+        rows = list(first)
+        for (seq, _), tree in zip(decode, trees):
+            rows += [self._row(seq, tree, node) for node in range(tree.num_nodes)]
+        logits = out.logits  # (M, V): verify laid its rows out in this order (items in order, nodes in order)
+        if len(rows) != len(logits):
+            raise RuntimeError(f"{len(logits)} logits rows for {len(rows)} decisions")
+        decided = self._decide(logits, rows)  # (M,) on the device
+        first_decided = decided[to_device(first_rows, decided.device)]  # (P,)
+        first_tokens, results = speculate.accept_all_nodes(trees, decided, node_rows, first_decided)
+
+        # logprobs of the emitted tokens only: their logits rows, in one batch (one copy)
+        seqs = [r.seq for r in first] + [seq for (seq, _), res in zip(decode, results) for _ in res.path]
+        lp_rows = first_rows + [node_rows[j][node] for j, res in enumerate(results) for node in res.path]
+        tokens = first_tokens + [t for res in results for t in res.emitted]
+        found = iter(self._logprobs(logits, seqs, tokens, lp_rows))
+        logprobs: list = [next(found) for _ in first]
+        logprobs += [[next(found) for _ in res.path] for res in results]
+        return first_tokens, results, logprobs
+
+    def _row(self, seq: Sequence, tree: TokenTree, node: int) -> speculate.DecideRow:
+        """Node `node` of `seq`'s tree: its logits decide output position len(output) + depth."""
+        return speculate.DecideRow(seq, len(seq.output_ids) + tree.depths[node], node, tree)
+
+    def _decide(self, logits: torch.Tensor, rows: list[speculate.DecideRow]) -> torch.Tensor:
+        """(M,) decided tokens on the logits' device; -1 for the rows of a sequence whose deciding
+        failed (its token never matches a child, and _emit refuses it: that sequence fails)."""
+        if not rows:
+            return torch.empty(0, dtype=torch.long, device=logits.device)
         try:
-            return speculate.decide(logits, seqs, positions)
+            return speculate.decide(logits, rows)
         except Exception:
-            # Isolate the failing request(s): decide row by row; a failing row gets -1 and its
-            # sequence fails in acceptance (a token of -1 never matches and is refused by _emit).
-            out = []
-            for i, seq in enumerate(seqs):
+            # Isolate the failing request(s): decide sequence by sequence.
+            out = torch.full((len(rows),), -1, dtype=torch.long, device=logits.device)
+            groups: dict[int, list[int]] = {}
+            for i, r in enumerate(rows):
+                groups.setdefault(id(r.seq), []).append(i)
+            for idx in groups.values():
                 try:
-                    out += speculate.decide(logits[i : i + 1], [seq], positions[i : i + 1])
+                    out[idx] = speculate.decide(logits[idx], [rows[i] for i in idx])
                 except Exception:
-                    log.exception("request %s failed while sampling", seq.request_id)
-                    out.append(-1)
+                    log.exception("request %s failed while sampling", rows[idx[0]].seq.request_id)
             return out
 
-    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
-        """Row i's TokenLogprob where seqs[i] asked for log-probabilities (and was decided), else None."""
+    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int],
+                  logit_rows: list[int] | None = None) -> list[TokenLogprob | None]:
+        """Entry i's TokenLogprob where seqs[i] asked for log-probabilities (and was decided), else
+        None; entry i's logits are row logit_rows[i] (default: row i). One copy to the host, if any."""
         out: list[TokenLogprob | None] = [None] * len(seqs)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None and tokens[i] >= 0]
         if rows:
-            found = token_logprobs(logits[rows], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
+            at = rows if logit_rows is None else [logit_rows[i] for i in rows]
+            found = token_logprobs(logits[at], [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
             for i, lp in zip(rows, found):
                 out[i] = lp
         return out

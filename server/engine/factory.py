@@ -13,6 +13,7 @@ from pathlib import Path
 from drafter.base import Drafter
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
+from server.engine.speculate import Acceptance
 from server.engine.warmup import warm_up
 from server.runtime.cache_plan import (
     CachePlan,
@@ -88,10 +89,12 @@ def build_engine(settings) -> LLMEngine:
                  plan.max_model_len, sched.max_batch_size, plan.kv_bytes / 2**30, plan.budget / 2**30,
                  settings.gpu_memory_utilization)
     drafter = build_drafter(settings.drafter, model, settings.max_batch_size, plan.max_model_len)
-    config = EngineConfig(max_model_len=plan.max_model_len, scheduler=sched)
+    config = EngineConfig(max_model_len=plan.max_model_len, scheduler=sched,
+                          acceptance=Acceptance(settings.acceptance))
     name = getattr(settings, "served_model_name", None) or Path(settings.model).name
     engine = LLMEngine(model, tokenizer, config, drafter=drafter, model_name=name)
     warm_up(engine)
-    log.info("engine ready: model %s, drafter %s, max_batch_size %d, max_model_len %d",
-             name, drafter.name if drafter else "none", sched.max_batch_size, config.max_model_len)
+    log.info("engine ready: model %s, drafter %s, max_batch_size %d, max_model_len %d, acceptance %s",
+             name, drafter.name if drafter else "none", sched.max_batch_size, config.max_model_len,
+             engine.acceptance.value)
     return engine

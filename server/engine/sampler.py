@@ -39,13 +39,14 @@ from collections.abc import Sequence
 import torch
 
 from server.engine.types import SamplingParams, TokenLogprob
-from server.runtime.host import host_list
+from server.runtime.host import host_list, to_device
 
 IntsLike = Sequence[int] | torch.Tensor
 
 
 def process_logits(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    filtering: bool | None = None,
 ) -> torch.Tensor:
     """Top-k then top-p filtering, per row. Returns float32 (M, V) logits, -inf outside the kept set.
 
@@ -59,6 +60,8 @@ def process_logits(
     is >= top_p, which always includes rank 0. (Masses within float32 rounding of top_p can go either
     way.) Rows with temperature 0 (greedy) are returned unfiltered. The output logits are *not*
     divided by the temperature.
+    `filtering`: whether any row has a filter on, if the caller knows it from the parameters; None
+    finds out on the device, at the price of one copy to the host (a synchronisation).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (M, V), got shape {tuple(logits.shape)}")
@@ -74,7 +77,9 @@ def process_logits(
     sampled = temperature > 0  # (M,) greedy rows skip the filters
     k_on = sampled & (top_k > 0) & (top_k < v)
     p_on = sampled & (top_p < 1)
-    if not host_list((k_on | p_on).any()):  # common case: nothing to filter, skip the sort
+    if filtering is None:
+        filtering = host_list((k_on | p_on).any())
+    if not filtering:  # common case: nothing to filter, skip the sort
         return x
 
     sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (M, V) each
@@ -140,7 +145,7 @@ def batch_noise(
     slot: dict[tuple[int, int], int] = {}
     index = [slot.setdefault((s, t), len(slot)) for s, t in zip(seeds, positions)]  # (S,)
     unique = torch.stack([position_uniform(s, t, vocab, device) for s, t in slot])  # (U, V)
-    return gumbel(unique)[torch.tensor(index, device=unique.device)]
+    return gumbel(unique)[to_device(index, unique.device)]
 
 
 def _as_list(x: IntsLike) -> list[int]:
@@ -178,12 +183,14 @@ def decide_tokens(
         raise ValueError("sampled rows need an integer seed")
 
     dev = logits.device
-    idx = torch.tensor(rows, device=dev)  # (S,)
-    temperature = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)  # (S,)
+    idx = to_device(rows, dev)  # (S,) without a stream sync on CUDA (host.to_device), as below
+    temperature = to_device([params[i].temperature for i in rows], dev, torch.float32)  # (S,)
     # top_k >= V keeps every token; clamping first keeps a huge top_k from overflowing int64.
-    top_k = torch.tensor([min(params[i].top_k or 0, v) for i in rows], dtype=torch.long, device=dev)  # (S,)
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)  # (S,)
-    filtered = process_logits(logits[idx], temperature, top_k, top_p)  # (S, V)
+    top_k = to_device([min(params[i].top_k or 0, v) for i in rows], dev)  # (S,)
+    top_p = to_device([params[i].top_p for i in rows], dev, torch.float32)  # (S,)
+    # Known from the parameters, so deciding needs no copy to the host (a step stays on the device).
+    filtering = any(0 < min(params[i].top_k or 0, v) < v or params[i].top_p < 1 for i in rows)
+    filtered = process_logits(logits[idx], temperature, top_k, top_p, filtering)  # (S, V)
     noise = batch_noise([int(seed_list[i]) for i in rows], [pos_list[i] for i in rows], v, dev)  # (S, V)
     tokens[idx] = (filtered / temperature[:, None] + noise).argmax(dim=-1)
     return tokens

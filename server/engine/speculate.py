@@ -5,28 +5,38 @@
            asks through drafter_guard.DrafterGuard, so a drafter fault costs drafts only;
   verify:  ONE base-model forward over every sequence's tree and every prefill chunk;
   accept:  walk each tree from its root along the base model's decided tokens (greedy or seeded
-           sample, sampler.py; accept.py) -> accepted path + bonus token. Logits are computed
-           only at the nodes the walks reach, one LM-head call per depth for the whole batch: the
-           vocabulary projection is a large share of a small model's per-token cost, and most
-           nodes of a tree are never reached;
+           sample, sampler.py; accept.py) -> accepted path + bonus token. Two ways, same output
+           (`Acceptance`):
+           - path: logits only at the nodes the walks reach, one LM-head call and one copy to the
+             host per depth for the whole batch. On a CPU each logit row is compute (the
+             vocabulary projection is a large share of a small model's per-token cost) and most
+             nodes of a tree are never reached, so this does the least work;
+           - all-nodes: logits of every node in the verify forward's one LM-head call, every
+             node's token decided at once, the walks run on the device (`accept_all_nodes`), and
+             ONE copy to the host of O(batch x depth) integers. On an accelerator the LM head
+             over all nodes costs about what it costs over the roots (it streams the same
+             weight matrix once), while every extra host round trip idles the device;
   commit:  move the accepted nodes' K/V right after each prefix; tell the drafter what entered
            the cache (with hidden states, for drafters that condition on them).
-Plain decoding is the same step with root-only trees.
+Plain decoding is the same step with root-only trees. Every decision goes through `decide`, one
+function over logits rows with, per row, (sequence, output position, node): the one place where
+logits turn into tokens, on both paths.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from drafter.tree import TokenTree
-from server.engine.accept import AcceptResult, walk_trees
+from server.engine.accept import AcceptResult, walk_trees, walk_trees_on_device
 from server.engine.sampler import decide_tokens
 from server.engine.sequence import Sequence
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.host import host_list
+from server.runtime.host import host_list, to_device
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
 
@@ -46,10 +56,25 @@ class VerifyOutput:
         return self.packed_hidden[self.offsets[b] : self.offsets[b + 1]]
 
 
+class Acceptance(enum.Enum):
+    """How `accept` gets the decided tokens (module docstring): AUTO = ALL_NODES on an
+    accelerator, PATH on the CPU."""
+
+    AUTO = "auto"
+    PATH = "path"
+    ALL_NODES = "all-nodes"
+
+    def resolve(self, device: torch.device) -> Acceptance:
+        if self is not Acceptance.AUTO:
+            return self
+        return Acceptance.PATH if device.type == "cpu" else Acceptance.ALL_NODES
+
+
 def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_positions: list[list[int]]) -> VerifyOutput:
-    """One forward over all items; logits only at `logit_positions[b]` of item b (the vocabulary
-    projection is the largest matrix of a small model, so rows that need none skip it: prefill
-    rows before the last, and tree nodes, whose logits `accept` computes as its walks reach them)."""
+    """One forward over all items; logits only at `logit_positions[b]` of item b, in one LM-head
+    call (the vocabulary projection is the largest matrix of a small model, so rows that need none
+    skip it: prefill rows before the last and, on the path walk, tree nodes, whose logits
+    `accept` computes as its walks reach them)."""
     batch = build_batch(items, cache.max_len, cache.k.device)
     hidden = model(batch, cache)  # (T, H)
     packed = [batch.offsets[b] + t for b, pos in enumerate(logit_positions) for t in pos]
@@ -61,22 +86,68 @@ def verify(model: CausalLM, cache: KVCache, items: list[ForwardItem], logit_posi
     return VerifyOutput(packed_hidden=hidden, offsets=batch.offsets, logits=logits, rows=rows)
 
 
-def decide(logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
-    """The base model's token at each row: row i belongs to seqs[i], output position positions[i]."""
-    return host_list(decide_tokens(logits, [s.params for s in seqs], [s.seed for s in seqs], positions))
+@dataclass(frozen=True)
+class DecideRow:
+    """What one logits row stands for: the sequence, the output position t of the token it decides
+    (= tokens the request emitted before it), and the tree node whose logits these are (0: the
+    root, or a prefill's last token; `tree` is None there). seq.output_ids + the draft tokens on
+    the tree path root..node (root excluded) are the tokens before position t."""
+
+    seq: Sequence
+    position: int
+    node: int = 0
+    tree: TokenTree | None = None
+
+
+def decide(logits: torch.Tensor, rows: list[DecideRow]) -> torch.Tensor:
+    """The base model's token at each logits row (M, V) -> (M,) int64, on the logits' device (no
+    copy to the host: the all-nodes path keeps them there)."""
+    return decide_tokens(logits, [r.seq.params for r in rows], [r.seq.seed for r in rows], [r.position for r in rows])
 
 
 def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[TokenTree],
            decide: Callable[[torch.Tensor, list[tuple[int, int]]], list[int]]) -> list[AcceptResult]:
-    """Walk every tree (`trees[k]` holds the packed rows roots[k] + node of the verify forward's
-    `hidden`), computing logits only at the nodes the walks stand on: per round one LM-head call
-    over those rows, then `decide(logits, [(k, node), ...])` -> their decided tokens."""
+    """The path walk. Walk every tree (`trees[k]` holds the packed rows roots[k] + node of the
+    verify forward's `hidden`), computing logits only at the nodes the walks stand on: per round
+    one LM-head call over those rows, then `decide(logits, [(k, node), ...])` -> their decided
+    tokens, on the host."""
 
     def at(nodes: list[tuple[int, int]]) -> list[int]:
         rows = hidden[[roots[k] + node for k, node in nodes]]
         return decide(model.compute_logits(rows), nodes)
 
     return walk_trees([(t.tokens, t.parents) for t in trees], at)
+
+
+def accept_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]],
+                     extra: torch.Tensor) -> tuple[list[int], list[AcceptResult]]:
+    """The all-nodes walk: `decided` (M,) holds every node's decided token on the device, node i of
+    trees[k] at row node_rows[k][i]. The walks run on the device (accept.walk_trees_on_device);
+    their paths and emitted tokens, with `extra` (P,) int64 tokens that must reach the host too
+    (prefills' first tokens), come to the host in ONE copy of P + 2 x trees x (depth + 1) ints.
+    Returns (extra as a list, one AcceptResult per tree)."""
+    if not trees and not len(extra):
+        return [], []
+    device = decided.device
+    walks = torch.zeros(0, 2, 1, dtype=torch.long, device=device)  # (S, 2, depth + 1)
+    if trees:
+        width = max(t.num_nodes for t in trees)
+        depth = max(max(t.depths) for t in trees)
+        pad = [width - t.num_nodes for t in trees]
+        tokens = to_device([t.tokens + [-1] * n for t, n in zip(trees, pad)], device)  # (S, n)
+        # -2 is nobody's parent (walks stand on nodes >= 0), so padding never matches a child
+        parents = to_device([t.parents + [-2] * n for t, n in zip(trees, pad)], device)  # (S, n)
+        index = to_device([r + [0] * n for r, n in zip(node_rows, pad)], device)  # (S, n)
+        walks = walk_trees_on_device(tokens, parents, decided[index], depth)  # (S, 2, depth + 1)
+    packed = host_list(torch.cat([extra.to(device, torch.long), walks.flatten()]))  # the step's one copy
+    head, rest = packed[: len(extra)], packed[len(extra) :]
+    step = walks.shape[2]
+    results = []
+    for k in range(len(trees)):
+        path, emitted = rest[2 * k * step : (2 * k + 1) * step], rest[(2 * k + 1) * step : (2 * k + 2) * step]
+        n = sum(1 for p in path if p >= 0)  # the path is its entries >= 0; -1 pads it to depth + 1
+        results.append(AcceptResult(path=path[:n], emitted=emitted[:n]))
+    return head, results
 
 
 def commit(cache: KVCache, seqs: list[Sequence], results: list[AcceptResult]) -> None:

@@ -63,3 +63,14 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 def host_list(tensor: torch.Tensor) -> list:
     """`tensor.tolist()` (a Python number for a 0-d tensor) as one counted copy."""
     return to_host(tensor).tolist()
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host numbers as a tensor on `device`, without waiting for the device. A plain copy to CUDA
+    from ordinary (pageable) memory makes PyTorch synchronise the stream, so the CPU would wait for
+    every kernel queued before it (the verify forward, mid-step); from pinned memory the copy is
+    queued like a kernel (the caching host allocator keeps the buffer until it is done)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
