@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         True, description="Pick each step's tree size (down to none) by measured tokens/s; false: always the "
         "largest allowed."
     )
+    enforce_eager: bool = Field(
+        False, description="Run every forward eagerly: no CUDA graphs. Default: decode and verify steps that fit a "
+        "graph bucket (up to --max-batch-size sequences x --max-tree-nodes + 1 tokens) replay graphs captured at "
+        "start-up, on CUDA with the Triton kernels; the CPU always runs eagerly.",
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
     )

@@ -91,7 +91,7 @@ def build_engine(settings) -> LLMEngine:
     config = EngineConfig(max_model_len=plan.max_model_len, scheduler=sched)
     name = getattr(settings, "served_model_name", None) or Path(settings.model).name
     engine = LLMEngine(model, tokenizer, config, drafter=drafter, model_name=name)
-    warm_up(engine)
+    warm_up(engine, cuda_graphs=not getattr(settings, "enforce_eager", False))
     log.info("engine ready: model %s, drafter %s, max_batch_size %d, max_model_len %d",
              name, drafter.name if drafter else "none", sched.max_batch_size, config.max_model_len)
     return engine
