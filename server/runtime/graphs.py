@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.backend import device_context, use_triton
 from server.runtime.batch import AttentionMetadata, ForwardBatch, ForwardItem, pack_items
 from server.runtime.kv_cache import KVCache
 
@@ -139,7 +140,8 @@ class GraphRunner:
         static = self.static[bucket]
         n = static.load(batch.items, self.cache.max_len)
         if bucket in self.graphs:
-            self.graphs[bucket].replay()
+            with device_context(self.cache.k):  # replay goes to the current device's stream (`cuda:N`)
+                self.graphs[bucket].replay()
             hidden = self.outputs[bucket]
         else:  # not captured (the CPU, or CUDA with graphs not captured yet): the padded forward, eagerly
             hidden = self.model.forward_eager(static.batch, self.cache)
@@ -152,6 +154,10 @@ class GraphRunner:
         eagerly first, on a side stream as CUDA graphs require, which also compiles its Triton
         kernels: capture records launches, it cannot compile."""
         assert self.cache.k.is_cuda, "CUDA graphs need a CUDA device"
+        with device_context(self.cache.k):  # streams, pool and capture on the cache's device (`cuda:N`)
+            self._capture_all()
+
+    def _capture_all(self) -> None:
         t0, pool = time.perf_counter(), torch.cuda.graph_pool_handle()
         for bucket in sorted(self.buckets, key=lambda b: (b.tokens, b.items), reverse=True):
             static = self.static[bucket]
@@ -173,6 +179,4 @@ class GraphRunner:
 
 def can_capture(cache: KVCache) -> bool:
     """CUDA graphs need CUDA tensors and the Triton attention (the torch reference syncs)."""
-    from kernels.backend import use_triton
-
     return cache.k.is_cuda and use_triton(cache.k)
