@@ -139,6 +139,13 @@ def test_steps_outside_the_buckets_run_eagerly(model):
         model.graph_runner = None
 
 
+def test_warm_up_captures_nothing_on_the_cpu(model):
+    from server.engine.warmup import capture_graphs
+
+    engine = LLMEngine(model, StubTokenizer(), EngineConfig(max_model_len=MAX_LEN))
+    assert capture_graphs(engine) is None and model.graph_runner is None
+
+
 class StubTokenizer:
     eos_token_id = None
 

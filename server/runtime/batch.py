@@ -123,6 +123,7 @@ def pack_items(items: list[ForwardItem], max_model_len: int) -> PackedItems:
     if not items:
         raise ValueError("a forward needs at least one sequence")
     p = PackedItems([], [], [], [], [], [0], [], [it.slot for it in items], [it.cache_len for it in items])
+    mask_end = 0
     for it in items:
         n = len(it.tokens)
         if n == 0:
@@ -131,8 +132,9 @@ def pack_items(items: list[ForwardItem], max_model_len: int) -> PackedItems:
             raise ValueError(f"slot {it.slot}: {it.cache_len} + {n} tokens exceed the cache length {max_model_len}")
         p.ids += it.tokens
         p.positions += [it.cache_len + d for d in it.depths()]
-        p.mask_offsets.append(p.mask_offsets[-1] + len(p.masks[-1]) if p.masks else 0)
+        p.mask_offsets.append(mask_end)
         p.masks.append(it.mask().view(-1))
+        mask_end += n * n
         p.write_slot += [it.slot] * n
         p.write_pos += range(it.cache_len, it.cache_len + n)
         p.offsets.append(p.offsets[-1] + n)
