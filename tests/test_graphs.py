@@ -91,6 +91,8 @@ def test_static_batch_pads_after_the_real_rows():
     # A smaller step afterwards: nothing of the larger one survives in the real rows' metadata.
     assert static.load(ITEMS[:1], MAX_LEN) == 1
     assert meta.cu_seqlens.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1] and meta.write_pos[1:].eq(MAX_LEN).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        StaticBatch(Bucket(2, 8), torch.device("cpu"), MAX_LEN).load(ITEMS, MAX_LEN)  # 4 items > 2
 
 
 @pytest.mark.parametrize("bucket", [Bucket(4, 8), Bucket(8, 16)], ids=str)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.backend import device_context, use_triton
-from server.runtime.batch import AttentionMetadata, ForwardBatch, ForwardItem, pack_items
+from server.runtime.batch import AttentionMetadata, ForwardBatch, ForwardItem, PackedItems, pack_items
 from server.runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -90,28 +90,28 @@ class StaticBatch:
     def load(self, items: list[ForwardItem], max_len: int) -> int:
         """Pad `items` (which must fit the bucket) into the buffers; returns their real row count.
         No items: every row is padding (what capture runs)."""
-        B, T = self.bucket.items, self.bucket.tokens
-        p = pack_items(items, max_len) if items else None
-        n, k = (len(p.ids), len(items)) if p else (0, 0)
-        assert k <= B and n <= T and (p is None or p.max_q_len <= self.bucket.q_len), "the step does not fit"
-        pad = T - n
-        offsets = (p.offsets if p else [0]) + [n] * (B - k)
-        mask_offsets = (p.mask_offsets if p else []) + [0] * (B - k)
-        host = torch.tensor(
-            (p.ids if p else []) + [0] * pad  # input_ids
-            + (p.positions if p else []) + [0] * pad  # positions
-            + (p.write_slot if p else []) + [0] * pad  # write_slot: any slot,
-            + (p.write_pos if p else []) + [self.scratch_pos] * pad  # at its scratch position
-            + offsets + (p.slots if p else []) + [0] * (B - k) + (p.cache_lens if p else []) + [0] * (B - k)
-            + mask_offsets,
-            dtype=torch.long,
-        )
-        self.ints.copy_(host)
-        if p:
+        B, T, q_len = self.bucket.items, self.bucket.tokens, self.bucket.q_len
+        p = pack_items(items, max_len) if items else PackedItems([], [], [], [], [], [0], [], [], [])
+        n, k = len(p.ids), len(p.slots)
+        if k > B or n > T or (k and p.max_q_len > q_len):
+            raise ValueError(f"{k} items of {n} tokens (longest {p.max_q_len if k else 0}) do not fit {self.bucket}")
+        pad_rows, pad_items = T - n, B - k
+        fields = {
+            "input_ids": p.ids + [0] * pad_rows,
+            "positions": p.positions + [0] * pad_rows,
+            "write_slot": p.write_slot + [0] * pad_rows,  # any slot: padding writes its scratch position
+            "write_pos": p.write_pos + [self.scratch_pos] * pad_rows,
+            "cu_seqlens": p.offsets + [n] * pad_items,  # empty items after the real ones
+            "slots": p.slots + [0] * pad_items,
+            "cache_lens": p.cache_lens + [0] * pad_items,
+            "mask_offsets": p.mask_offsets + [0] * pad_items,
+        }
+        self.ints.copy_(torch.tensor([x for name in self.FIELDS for x in fields[name]], dtype=torch.long))
+        if p.masks:
             mask = torch.cat(p.masks)  # (sum q_len^2,)
             self.tree_mask[: mask.numel()].copy_(mask)
         meta = self.batch.meta
-        meta.host_cu_seqlens, meta.host_mask_offsets = offsets, mask_offsets
+        meta.host_cu_seqlens, meta.host_mask_offsets = fields["cu_seqlens"], fields["mask_offsets"]
         self.batch.items = items
         return n
 
