@@ -61,27 +61,31 @@ ITEMS = [
 
 def test_default_buckets_double_up_to_the_limits():
     buckets = default_buckets(max_items=6, max_q_len=17)
-    assert {b.items for b in buckets} == {1, 2, 4, 6}
-    assert {b.q_len for b in buckets} == {1, 2, 4, 8, 16, 17}
-    assert Bucket(6, 17).tokens == 102
+    assert [b for b in buckets if b.q_len == 1] == [Bucket(1, 1, 1), Bucket(2, 1, 2), Bucket(4, 1, 4), Bucket(6, 1, 6)]
+    assert {b.q_len for b in buckets} == {1, 17}
+    assert [b.tokens for b in buckets if b.items == 1 and b.q_len == 17] == [2, 4, 8, 16, 17]
+    assert [b.tokens for b in buckets if b.items == 6 and b.q_len == 17] == [8, 16, 32, 64, 102]
+    assert len(default_buckets(16, 17)) == 30
+    assert default_buckets(2, 1) == [Bucket(1, 1, 1), Bucket(2, 1, 2)]  # no speculation: decode only
 
 
 def test_pick_bucket_takes_the_fewest_tokens_that_hold_the_step():
     buckets = default_buckets(max_items=16, max_q_len=17)
-    assert pick_bucket(buckets, 1, 1, 1) == Bucket(1, 1)  # batch-1 decode
-    assert pick_bucket(buckets, 3, 1, 3) == Bucket(4, 1)
-    assert pick_bucket(buckets, 4, 5, 11) == Bucket(4, 8)
-    assert pick_bucket(buckets, 16, 17, 16 * 17) == Bucket(16, 17)
+    assert pick_bucket(buckets, 1, 1, 1) == Bucket(1, 1, 1)  # batch-1 decode
+    assert pick_bucket(buckets, 3, 1, 3) == Bucket(4, 1, 4)
+    assert pick_bucket(buckets, 4, 5, 11) == Bucket(4, 17, 16)
+    assert pick_bucket(buckets, 16, 17, 16 * 17) == Bucket(16, 17, 272)
+    assert pick_bucket(buckets, 16, 2, 17) == Bucket(16, 17, 32)
     assert pick_bucket(buckets, 1, 18, 18) is None  # a prefill chunk longer than the tree budget
     assert pick_bucket(buckets, 17, 1, 17) is None  # more sequences than the largest batch
 
 
 def test_static_batch_pads_after_the_real_rows():
-    static = StaticBatch(Bucket(8, 8), torch.device("cpu"), scratch_pos=MAX_LEN)
+    static = StaticBatch(Bucket(8, 8, 32), torch.device("cpu"), scratch_pos=MAX_LEN)
     n = static.load(ITEMS, MAX_LEN)
     real = build_batch(ITEMS, MAX_LEN).meta
     meta = static.batch.meta
-    assert n == 11 and meta.num_tokens == 64 and meta.max_q_len == 8
+    assert n == 11 and meta.num_tokens == 32 and meta.max_q_len == 8
     assert meta.cu_seqlens.tolist() == real.cu_seqlens.tolist() + [11] * 4  # 4 empty items
     assert torch.equal(static.batch.input_ids[:11], build_batch(ITEMS, MAX_LEN).input_ids)
     assert torch.equal(meta.positions[:11], real.positions) and meta.positions[11:].eq(0).all()
@@ -92,10 +96,10 @@ def test_static_batch_pads_after_the_real_rows():
     assert static.load(ITEMS[:1], MAX_LEN) == 1
     assert meta.cu_seqlens.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1] and meta.write_pos[1:].eq(MAX_LEN).all()
     with pytest.raises(ValueError, match="do not fit"):
-        StaticBatch(Bucket(2, 8), torch.device("cpu"), MAX_LEN).load(ITEMS, MAX_LEN)  # 4 items > 2
+        StaticBatch(Bucket(2, 8, 16), torch.device("cpu"), MAX_LEN).load(ITEMS, MAX_LEN)  # 4 items > 2
 
 
-@pytest.mark.parametrize("bucket", [Bucket(4, 8), Bucket(8, 16)], ids=str)
+@pytest.mark.parametrize("bucket", [Bucket(4, 5, 11), Bucket(4, 8, 16), Bucket(8, 16, 64)], ids=str)
 def test_padded_forward_equals_unpadded_and_touches_only_the_scratch(model, bucket):
     eager_cache, graph_cache = filled_cache(model), filled_cache(model)
     batch = build_batch(ITEMS, MAX_LEN)
@@ -109,8 +113,9 @@ def test_padded_forward_equals_unpadded_and_touches_only_the_scratch(model, buck
     real = slice(0, MAX_LEN)  # every position but the scratch one
     torch.testing.assert_close(graph_cache.k[..., real, :], eager_cache.k[..., real, :], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(graph_cache.v[..., real, :], eager_cache.v[..., real, :], rtol=1e-5, atol=1e-5)
-    # The padding did write (to the scratch position of slot 0), and the real forward did not.
-    assert not torch.equal(graph_cache.k[:, 0, :, MAX_LEN], eager_cache.k[:, 0, :, MAX_LEN])
+    # Padding rows (if the bucket has any) wrote to the scratch position of slot 0, the real rows did not.
+    padded = not torch.equal(graph_cache.k[:, 0, :, MAX_LEN], eager_cache.k[:, 0, :, MAX_LEN])
+    assert padded == (bucket.tokens > 11)
 
 
 def test_padding_aimed_at_a_real_position_is_caught(model):
@@ -119,15 +124,16 @@ def test_padding_aimed_at_a_real_position_is_caught(model):
     eager_cache, graph_cache = filled_cache(model), filled_cache(model)
     batch = build_batch(ITEMS, MAX_LEN)
     model.forward_eager(batch, eager_cache)
-    runner = GraphRunner(model, graph_cache, [Bucket(4, 8)])
-    runner.static[Bucket(4, 8)] = StaticBatch(Bucket(4, 8), torch.device("cpu"), scratch_pos=0)
+    bucket = Bucket(4, 8, 16)
+    runner = GraphRunner(model, graph_cache, [bucket])
+    runner.static[bucket] = StaticBatch(bucket, torch.device("cpu"), scratch_pos=0)
     runner.run(batch)
     assert not torch.equal(graph_cache.k[..., :MAX_LEN, :], eager_cache.k[..., :MAX_LEN, :])
 
 
 def test_steps_outside_the_buckets_run_eagerly(model):
     cache = filled_cache(model)
-    runner = GraphRunner(model, cache, [Bucket(4, 8)])
+    runner = GraphRunner(model, cache, [Bucket(4, 8, 16)])
     prefill = build_batch([ForwardItem(slot=2, cache_len=0, tokens=list(range(20)))], MAX_LEN)
     assert runner.run(prefill) is None
     model.graph_runner = runner

@@ -4,9 +4,9 @@ At batch 1 an 8B step is hundreds of small kernel launches (per layer: norms, pr
 the K/V write, attention, MLP), and the CPU issuing them can take longer than the GPU runs them.
 A CUDA graph replays the whole forward with one launch. A graph fixes every shape and pointer,
 so a step is run in a *bucket*: static buffers for `items` sequences of at most `q_len` new tokens
-each, i.e. T = items x q_len packed rows (the (batch, tree-node budget) pair; plain decode is
-q_len = 1). A step fits a bucket when it has no more items, no longer item and no more tokens;
-it is then padded to the bucket's fixed-size metadata:
+each (the (batch, tree-node budget) pair; plain decode is q_len = 1) in `tokens` packed rows. A
+step fits a bucket when it has no more items, no longer item and no more tokens; it is then padded
+to the bucket's fixed-size metadata:
 - the real items' rows are packed first, exactly as build_batch packs them (same positions,
   masks, K/V targets), and the items after them have no rows (q_len 0: attention skips them);
 - the padding rows after the last item belong to no item: token 0, position 0, attention output
@@ -39,29 +39,32 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, order=True)
 class Bucket:
     items: int  # sequences (padded with empty items)
-    q_len: int  # most new tokens of one sequence (tree nodes + the pending token)
-
-    @property
-    def tokens(self) -> int:
-        """Packed rows of the static buffers."""
-        return self.items * self.q_len
+    q_len: int  # most new tokens of one sequence (tree nodes + the pending token); sizes the attention grid
+    tokens: int  # packed rows (padded with rows of no item); what the projections and the MLP run on
 
 
 def default_buckets(max_items: int, max_q_len: int) -> list[Bucket]:
-    """Batch sizes 1, 2, 4, ... and max_items, times per-item budgets 1 (plain decode), 2, 4, ...
-    and max_q_len: a step pays at most about twice its tokens, with about 6 x 6 graphs for a
-    16-sequence batch and 16-node trees."""
+    """Per batch size b = 1, 2, 4, ..., max_items: plain decode (b sequences of 1 token), and trees
+    (up to max_q_len tokens each) in b x 2, 4, 8, ... packed tokens up to b x max_q_len. Items and
+    tokens are each padded by less than 2x (the projections' cost follows the tokens; extra items
+    and rows past an item's q_len cost attention programs that return at once): 30 graphs for 16
+    sequences and 16-node trees."""
 
-    def doubling(n: int) -> list[int]:
-        return sorted({*(1 << i for i in range(n.bit_length()) if 1 << i <= n), n})
+    def doubling(lo: int, hi: int) -> list[int]:
+        return sorted({*(1 << i for i in range(hi.bit_length()) if lo <= 1 << i <= hi), hi})
 
-    return [Bucket(b, q) for b in doubling(max_items) for q in doubling(max_q_len)]
+    buckets = []
+    for b in doubling(1, max_items):
+        buckets.append(Bucket(b, 1, b))
+        if max_q_len > 1:
+            buckets += [Bucket(b, max_q_len, t) for t in doubling(b + 1, b * max_q_len)]
+    return buckets
 
 
 def pick_bucket(buckets: list[Bucket], num_items: int, max_q_len: int, num_tokens: int) -> Bucket | None:
     """The bucket with the fewest tokens (then items) that holds the step, or None."""
     fits = [b for b in buckets if b.items >= num_items and b.q_len >= max_q_len and b.tokens >= num_tokens]
-    return min(fits, key=lambda b: (b.tokens, b.items), default=None)
+    return min(fits, key=lambda b: (b.tokens, b.items, b.q_len), default=None)
 
 
 class StaticBatch:
