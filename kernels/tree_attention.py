@@ -329,9 +329,8 @@ def tree_attention_triton(
 
     import triton  # lazy, see kernels/backend.py
 
-    out = torch.zeros((T, Hq, D), dtype=q.dtype, device=q.device)  # rows past cu_seqlens[B] stay zero
     if B == 0 or T == 0:
-        return out
+        return torch.zeros((T, Hq, D), dtype=q.dtype, device=q.device)
     if max_q_len is None:
         max_q_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     group = Hq // Hkv
@@ -351,6 +350,9 @@ def tree_attention_triton(
     if num_splits is None:
         num_splits = num_kv_splits(grid[0] * grid[1], _sm_count(q.device), max_len) if q.is_cuda else 1
     assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    # Unsplit, rows past cu_seqlens[B] are never stored: zero them up front. Split, the combine pass
+    # writes every row (those of no item from lse = -inf: zeros).
+    out = (torch.zeros if num_splits == 1 else torch.empty)((T, Hq, D), dtype=q.dtype, device=q.device)
     partial = lse = out  # unused placeholders when not split
     if num_splits > 1:
         partial = torch.empty((num_splits, T, Hq, D), dtype=torch.float32, device=q.device)
