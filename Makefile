@@ -87,6 +87,15 @@ demo-drafters: install
 		--drafter models/demo-llama-ctc+ngram --drafter models/demo-llama-medusa+ngram \
 		--num-prompts 40 --max-tokens 192 --out $(DRAFT_WORK)/eval.json
 
+# The one GPU check (issue 14; bench/gpu_check.py): kernel parity in bf16, batch-1 decode against the
+# bandwidth limit and transformers, verify cost eager and with CUDA graphs, speculative vs plain on the
+# demo model; one results file under bench/results/, under 8 minutes. On a CUDA host keep its torch:
+# `make gpu-check TORCH=`. `make gpu-check GPU_CHECK_ARGS="--smoke --device cpu"`: tiny shapes on the CPU.
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
 # A longer schemathesis run than CI's (tests/test_api_fuzz.py), randomly seeded: all checks, positive
 # and negative data, against a real ctc-serve on the demo model. FUZZ_EXAMPLES cases per operation and phase.
 .PHONY: fuzz

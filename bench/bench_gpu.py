@@ -52,6 +52,7 @@ from server.engine import speculate
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
 from server.engine.types import SamplingParams
+from server.engine.warmup import capture_graphs
 from server.runtime.batch import ForwardItem
 from server.runtime.config import ModelConfig
 from server.runtime.loader import load_model, resolve_dtype
@@ -220,12 +221,19 @@ def step_bytes(model: CausalLM, args: argparse.Namespace) -> dict:
 
 
 def make_engine(model: CausalLM, slots: int, args: argparse.Namespace, drafter: Drafter | None = None,
-                governor: bool = False) -> LLMEngine:
+                governor: bool = False, graphs: bool = False) -> LLMEngine:
+    """An engine on `model`; `graphs`: with CUDA graphs captured and attached to the model, as the server
+    does at start-up (where they can run: CUDA and the Triton kernels). The model serves one engine's graphs
+    at a time: detach them (`model.graph_runner = None`) before the next engine."""
     sched = SchedulerConfig(max_batch_size=slots, max_tree_nodes=args.max_tree_nodes,
                             spec_token_budget=args.spec_token_budget, prefill_chunk=args.prefill_chunk,
                             **({"governor": governor} if HAS_GOVERNOR else {}))
     cfg = EngineConfig(max_model_len=args.prompt_len + args.new_tokens + args.max_tree_nodes + 1, scheduler=sched)
-    return LLMEngine(model, StubTokenizer(), cfg, drafter=drafter)
+    engine = LLMEngine(model, StubTokenizer(), cfg, drafter=drafter)
+    model.graph_runner = None
+    if graphs:
+        capture_graphs(engine)
+    return engine
 
 
 def greedy(args: argparse.Namespace) -> SamplingParams:
@@ -236,14 +244,20 @@ def random_prompt(gen: torch.Generator, vocab: int, n: int) -> list[int]:
     return torch.randint(vocab, (n,), generator=gen).tolist()
 
 
-def bench_plain(model: CausalLM, prompt: list[int], args: argparse.Namespace) -> dict:
-    """Our engine without a drafter, the request alone, --runs times after a warm-up."""
-    engine, runs, steps = make_engine(model, 1, args), [], 0
-    warm_up(engine, prompt)
-    for i in range(args.runs):
-        done, _, n = drive(engine, {f"plain{i}": (prompt, greedy(args))})
-        runs, steps = runs + list(done.values()), steps + n
-    return {**summarize(runs, sum(r.wall_s for r in runs), steps, serial=True), "tokens": runs[0].tokens}
+def bench_plain(model: CausalLM, prompt: list[int], args: argparse.Namespace, graphs: bool = False) -> dict:
+    """Our engine without a drafter, the request alone, --runs times after a warm-up (`graphs`: see
+    make_engine; `cuda_graphs` says whether any were captured)."""
+    engine, runs, steps = make_engine(model, 1, args, graphs=graphs), [], 0
+    captured = model.graph_runner is not None
+    try:
+        warm_up(engine, prompt)
+        for i in range(args.runs):
+            done, _, n = drive(engine, {f"plain{i}": (prompt, greedy(args))})
+            runs, steps = runs + list(done.values()), steps + n
+    finally:
+        model.graph_runner = None
+    return {**summarize(runs, sum(r.wall_s for r in runs), steps, serial=True), "tokens": runs[0].tokens,
+            "cuda_graphs": captured}
 
 
 def bench_transformers(hf, prompt: list[int], args: argparse.Namespace, device: torch.device) -> dict:
@@ -367,9 +381,11 @@ def bench_concurrency(model: CausalLM, args: argparse.Namespace, level: int, q: 
             ref = {rid: r.tokens for rid, r in runs["none"][0].items()}
             ref["warmup"] = ref["c0"][:16]  # warm_up() decodes c0's prompt for 16 tokens
             oracle = OracleDrafter(ref, q, args.oracle_depth, model.config.vocab_size, args.seed)
-        engine = make_engine(model, level, args, oracle, governor=name.endswith("governor"))
+        engine = make_engine(model, level, args, oracle, governor=name.endswith("governor"),
+                             graphs=not args.enforce_eager)
         warm_up(engine, reqs["c0"][0])
         runs[name] = drive(engine, reqs)
+        model.graph_runner = None
         diverged[name] = len(oracle.diverged & reqs.keys()) if oracle else 0
         del engine
         free_memory()
@@ -400,7 +416,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: torch.device, dtyp
     out["bandwidth_limit_tokens_per_s"] = bw * 1e9 / out["bytes_per_step"]
     out["bandwidth_limit_tokens_per_s_all_weights"] = bw * 1e9 / out["weight_bytes"]  # the issue's simpler bound
     prompt = random_prompt(gen, model.config.vocab_size, args.prompt_len)
-    plain = out["plain"] = bench_plain(model, prompt, args)
+    plain = out["plain"] = bench_plain(model, prompt, args, graphs=not args.enforce_eager)
     plain["share_of_limit"] = plain["decode_tokens_per_s"] / out["bandwidth_limit_tokens_per_s"]
     note(f"plain decode {plain['decode_tokens_per_s']:.1f} tok/s")
     if not args.no_transformers:
@@ -536,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SchedulerConfig.spec_token_budget: draft nodes per step, shared by all sequences")
     p.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk, help="prompt tokens per step")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' generate")
+    p.add_argument("--enforce-eager", action="store_true", help="engines without CUDA graphs (as ctc-serve "
+                   "--enforce-eager); by default they capture them, as the server does")
     p.add_argument("--quick", action="store_true", help="runs 1, warmup 2, repeats 5, at most 128 new tokens, "
                    "concurrency 1,8,32")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts, trees and the oracle")

@@ -17,7 +17,10 @@ mask_b is "ancestor-or-self" for a token tree (as in Medusa / SpecInfer tree att
 "j <= i" for a causal chain (prefill chunk, plain decode with q_len = 1).
 GQA: Hq = Hkv * group, query head h reads kv head h // group.
 
-Output rows that attend no key are ZEROS in both implementations (never NaN).
+Output rows that attend no key are ZEROS in both implementations (never NaN), and so are rows
+that belong to no sequence: packed rows past cu_seqlens[B]. Fixed-size (padded) metadata is valid
+input: items with q_len 0 contribute nothing, and a CUDA graph's padding rows sit past the last
+item (server/runtime/graphs.py), so one captured launch serves every step that fits its bucket.
 
 Two implementations with one contract:
 - `tree_attention_ref`: plain torch (`scaled_dot_product_attention` per sequence, on views of the
@@ -28,11 +31,18 @@ Two implementations with one contract:
   per query head; this matters most for decode, where q_len is 1 and a per-head program would
   fill 1 row of a 16-row tile. The grid is sized by the longest sequence; the programs of a
   shorter one past its rows return at once.
+  Split-KV (flash-decoding): when the grid has far fewer programs than the GPU has SMs (decode at
+  batch 1: B x Hkv = 8 programs on 132 SMs), each (rows, sequence, kv head) program is split again
+  over NUM_SPLITS contiguous ranges of the key positions. Pass 1 writes every split's normalised
+  partial output and its log-sum-exp; pass 2 (`_combine_splits_kernel`, oracle `combine_splits_ref`)
+  merges them: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s, which is exact
+  softmax algebra (each split's softmax rescaled to the common denominator).
 `tree_attention` dispatches between them (see kernels/backend.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -69,7 +79,7 @@ def tree_attention_ref(
     T, Hq, D = q.shape
     Hkv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # rows past cu_seqlens[B] (padding) stay zero
     cu = cu_seqlens.tolist()
     for b, (slot, c, m0) in enumerate(zip(slots.tolist(), cache_lens.tolist(), mask_offsets.tolist())):
         lo, n = cu[b], cu[b + 1] - cu[b]
@@ -92,23 +102,27 @@ def tree_attention_ref(
 
 def _tree_attention_kernel(
     Q, K, V, Out,  # (T, Hq, D), (NS, Hkv, S, D) x2, (T, Hq, D)
+    Partial, Lse,  # NUM_SPLITS > 1 only: (NUM_SPLITS, T, Hq, D) and (NUM_SPLITS, T, Hq) float32
     CuSeqlens, Slots, CacheLens, TreeMask, MaskOffsets,  # (B + 1,), (B,) x2 int64, flat uint8, (B,) int64
     scale_log2e,  # softmax scale * log2(e): the kernel works in base 2 (exp2)
     stride_qt, stride_qh,
     stride_ks, stride_kh, stride_kt,
     stride_vs, stride_vh, stride_vt,
     stride_ot, stride_oh,
-    num_kv_heads, D,
+    num_kv_heads, D, T, Hq,
     GROUP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # One program = BLOCK_M packed rows (query i, head-in-group g) of one (sequence, kv head).
+    # One program = BLOCK_M packed rows (query i, head-in-group g) of one (sequence, kv head), over
+    # one of NUM_SPLITS contiguous ranges of its key positions.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // num_kv_heads
     kvh = pid_bh % num_kv_heads
     row0 = tl.load(CuSeqlens + b)  # int64: the sequence's first packed row
@@ -139,9 +153,14 @@ def _tree_attention_kernel(
     v_base = V + slot * stride_vs + kvh * stride_vh
     mask_base = TreeMask + mask_off + offs_i[:, None] * q_len  # row i of the sequence's block
     num_keys = cache_len + q_len
-    for start in range(0, num_keys, BLOCK_N):
+    # This split's keys: [key_lo, key_hi), whole BLOCK_N blocks except at the end (an empty range
+    # when there are fewer blocks than splits; its rows then report lse = -inf and weigh nothing).
+    split_len = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    key_lo = pid_s * split_len
+    key_hi = tl.minimum(num_keys, key_lo + split_len)
+    for start in range(key_lo, key_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)  # key positions in the slot
-        n_ok = offs_n < num_keys
+        n_ok = offs_n < key_hi
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -170,8 +189,43 @@ def _tree_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # keyless rows: acc = 0 -> 0
-    o_ptrs = Out + (row0 + offs_i[:, None]) * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS == 1:
+        o_ptrs = Out + (row0 + offs_i[:, None]) * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Contiguous (NUM_SPLITS, T, Hq, D) / (NUM_SPLITS, T, Hq) buffers; int64 row index: T * Hq * D
+        # can pass 2**31 for a long prefill chunk.
+        rows = (pid_s * T + row0 + offs_i).to(tl.int64) * Hq + offs_h  # (BLOCK_M,)
+        tl.store(Partial + rows[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(Lse + rows, lse, mask=row_ok)
+
+
+def _combine_splits_kernel(
+    Partial, Lse, Out,  # (S, T, Hq, D), (S, T, Hq) float32; (T, Hq, D)
+    num_rows, D,  # num_rows = T * Hq
+    stride_ot, stride_oh, Hq,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program = one (packed row, query head): the weighted mean of its splits' outputs.
+    row = tl.program_id(0).to(tl.int64)  # = t * Hq + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    d_ok = offs_d < D
+    lse = tl.load(Lse + offs_s * num_rows + row, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+    top = tl.max(lse, 0)
+    has_key = top != float("-inf")
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - tl.where(has_key, top, 0.0)))  # (BLOCK_S,)
+    part = tl.load(Partial + (offs_s[:, None] * num_rows + row) * D + offs_d[None, :],
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    part = tl.where(w[:, None] > 0.0, part, 0.0)  # splits without keys left their rows unwritten
+    out = tl.sum(w[:, None] * part, 0) / tl.where(has_key, tl.sum(w, 0), 1.0)  # keyless rows -> 0
+    t = row // Hq
+    h = row % Hq
+    tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
 def _kernel() -> Any:
@@ -180,6 +234,46 @@ def _kernel() -> Any:
     import triton.language as tl
 
     return jit_kernel(_tree_attention_kernel)
+
+
+def _combine_kernel() -> Any:
+    _kernel()  # binds tl
+    return jit_kernel(_combine_splits_kernel)
+
+
+def combine_splits_ref(partial: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Merge split-KV partial results (the oracle of `_combine_splits_kernel`).
+
+    partial (S, T, Hq, D): each split's softmax-normalised output over its keys; lse (S, T, Hq):
+    log2 of each split's softmax denominator (in the kernel's base-2 logits), -inf for a split
+    whose rows saw no key (its partial is then ignored, whatever it holds). Returns (T, Hq, D)
+    float32; rows that no split saw a key for are zero."""
+    top = lse.max(dim=0).values  # (T, Hq)
+    has_key = top != float("-inf")
+    w = torch.where(lse == float("-inf"), 0.0, torch.exp2(lse - torch.where(has_key, top, 0.0)))  # (S, T, Hq)
+    part = torch.where(w[..., None] > 0, partial.float(), 0.0)
+    den = torch.where(has_key, w.sum(dim=0), 1.0)
+    return (w[..., None] * part).sum(dim=0) / den[..., None]
+
+
+MAX_KV_SPLITS = 16  # beyond this the combine pass and the partial buffers cost more than idle SMs
+MIN_SPLIT_KEYS = 256  # a split shorter than this (at full cache) is mostly launch overhead
+
+
+def num_kv_splits(programs: int, num_sms: int, max_len: int) -> int:
+    """How many KV splits a launch of `programs` (row block, sequence, kv head) programs should use:
+    enough to give every SM about one program when the grid alone would leave most of them idle,
+    at most MAX_KV_SPLITS, and none shorter than MIN_SPLIT_KEYS keys of a full cache of `max_len`.
+    Depends on shapes only (never on the cache lengths, which live on the device), so a CUDA graph
+    captured for a bucket keeps a valid choice for every step it replays."""
+    if programs <= 0 or 2 * programs > num_sms:
+        return 1
+    return max(1, min(MAX_KV_SPLITS, num_sms // programs, max_len // MIN_SPLIT_KEYS))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @launches_on_input_device
@@ -199,6 +293,7 @@ def tree_attention_triton(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    num_splits: int | None = None,
 ) -> torch.Tensor:  # (T, Hq, D), contiguous
     """Triton tree attention; same contract as `tree_attention_ref`.
 
@@ -209,6 +304,8 @@ def tree_attention_triton(
     (group * max_q_len) rounded up to a power of two, clamped to [16, 64]: 16 is tl.dot's minimum
     tile, 64 a standard flash tile. block_n defaults to 64 keys for 16-bit inputs and 32 for fp32,
     which keeps fp32 at D = 128 at 74 KB of shared memory on sm_90 (115 KB with 64).
+    num_splits: KV splits per program (module docstring, split-KV); None: `num_kv_splits` for this
+    grid on a CUDA device, 1 under the interpreter.
     """
     assert q.dim() == 3 and k_cache.dim() == 4, "q: (T, Hq, D); caches: (num_slots, Hkv, max_len, D)"
     T, Hq, D = q.shape
@@ -232,9 +329,8 @@ def tree_attention_triton(
 
     import triton  # lazy, see kernels/backend.py
 
-    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     if B == 0 or T == 0:
-        return out
+        return torch.zeros((T, Hq, D), dtype=q.dtype, device=q.device)
     if max_q_len is None:
         max_q_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     group = Hq // Hkv
@@ -251,19 +347,34 @@ def tree_attention_triton(
     # fp32 products must be exact fp32 ("ieee"); the GPU default for fp32 is TF32, ~1e-3 off.
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     grid = (triton.cdiv(group * max_q_len, block_m), B * Hkv)
-    kernel[grid](
-        q, k_cache, v_cache, out,
+    if num_splits is None:
+        num_splits = num_kv_splits(grid[0] * grid[1], _sm_count(q.device), max_len) if q.is_cuda else 1
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+    # Unsplit, rows past cu_seqlens[B] are never stored: zero them up front. Split, the combine pass
+    # writes every row (those of no item from lse = -inf: zeros).
+    out = (torch.zeros if num_splits == 1 else torch.empty)((T, Hq, D), dtype=q.dtype, device=q.device)
+    partial = lse = out  # unused placeholders when not split
+    if num_splits > 1:
+        partial = torch.empty((num_splits, T, Hq, D), dtype=torch.float32, device=q.device)
+        lse = torch.full((num_splits, T, Hq), float("-inf"), dtype=torch.float32, device=q.device)
+    kernel[(*grid, num_splits)](
+        q, k_cache, v_cache, out, partial, lse,
         cu_seqlens, slots, cache_lens, tree_mask.view(torch.uint8), mask_offsets,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
-        Hkv, D,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        Hkv, D, T, Hq,
+        GROUP=group, NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        _combine_kernel()[(T * Hq,)](
+            partial, lse, out, T * Hq, D, out.stride(0), out.stride(1), Hq,
+            NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        )
     return out
 
 

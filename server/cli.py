@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         default = field.get_default(call_default_factory=True)
         shown = "unset" if default is None else default
         help_text = f"{field.description} [env {env}; default: {shown}]".replace("%", "%%")
+        # A boolean flag alone means true (`--enforce-eager`); `--governor false` still works.
+        switch = dict(nargs="?", const="true") if field.annotation is bool else {}
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=None, choices=choices,
-            metavar=None if choices else name.upper(), help=help_text,
+            metavar=None if choices else name.upper(), help=help_text, **switch,
         )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

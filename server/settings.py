@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         "every tree node's logits in one call and walks the trees on the device (one host copy per step: best on "
         "a GPU); auto: all-nodes on CUDA, path on the CPU. Outputs are identical."
     )
+    enforce_eager: bool = Field(
+        False, description="Run every forward eagerly: no CUDA graphs. Default: decode and verify steps that fit a "
+        "graph bucket (up to --max-batch-size sequences x --max-tree-nodes + 1 tokens) replay graphs captured at "
+        "start-up, on CUDA with the Triton kernels; the CPU always runs eagerly.",
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
     )

@@ -76,3 +76,12 @@ def test_help_runs_without_the_engine() -> None:
     for flag in ("--model", "--drafter", "--host", "--port", "--max-batch-size", "--max-model-len", "--device",
                  "--dtype", "--api-key", "CTC_MODEL"):
         assert flag in result.stdout
+
+
+def test_boolean_flags_alone_mean_true(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings([]).enforce_eager is False
+    assert load_settings(["--enforce-eager"]).enforce_eager is True
+    assert load_settings(["--enforce-eager", "false", "--governor", "false"]).governor is False
+    assert load_settings(["--enforce-eager", "false"]).enforce_eager is False
+    monkeypatch.setenv("CTC_ENFORCE_EAGER", "1")
+    assert load_settings([]).enforce_eager is True

@@ -75,6 +75,16 @@ def test_tree_attention_triton_launches_inside_its_querys_device_context(entered
     torch.testing.assert_close(out, tree_attention_ref(*args), atol=1e-5, rtol=0)
 
 
+def test_split_kv_tree_attention_launches_inside_its_querys_device_context(entered):
+    _needs_interpreter()
+    q, kc, vc = torch.randn(1, 2, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    mask = torch.ones(1, dtype=torch.bool)
+    args = (q, kc, vc, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([35]), mask, torch.tensor([0]), 0.25)
+    out = tree_attention_triton(*args, block_n=16, num_splits=2)  # both passes: split, then combine
+    assert entered == [q.device]
+    torch.testing.assert_close(out, tree_attention_ref(*args), atol=1e-5, rtol=0)
+
+
 def _drafter(seed: int = 0) -> CTCDraftModel:
     cfg = CTCDrafterConfig(base_architecture="LlamaForCausalLM", base_hidden_size=64, base_vocab_size=100,
                            num_heads=4, num_kv_heads=2, intermediate_size=96)

@@ -26,7 +26,14 @@ import pytest  # noqa: E402
 
 from kernels import backend  # noqa: E402
 from kernels.kv_commit import kv_commit, kv_commit_ref, kv_commit_triton  # noqa: E402
-from kernels.tree_attention import tree_attention, tree_attention_ref, tree_attention_triton  # noqa: E402
+from kernels.tree_attention import (  # noqa: E402
+    MAX_KV_SPLITS,
+    combine_splits_ref,
+    num_kv_splits,
+    tree_attention,
+    tree_attention_ref,
+    tree_attention_triton,
+)
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -220,6 +227,55 @@ def test_tree_attention_ref_packed_equals_each_sequence_alone():
         torch.testing.assert_close(out[lo:hi], tree_attention_ref(**one_sequence(case, b)), rtol=1e-6, atol=1e-6)
 
 
+def padded(case: dict, extra_items: int, extra_rows: int) -> dict:
+    """The case as a CUDA graph's fixed-size metadata sees it: `extra_items` items with no rows
+    (slot 0, cache_len 0) after the real ones, and `extra_rows` rows owned by no item at the end."""
+    T, H, D = case["q"].shape
+    q = torch.cat([case["q"], torch.randn(extra_rows, H, D).to(case["q"])])
+    end = case["cu_seqlens"][-1:]
+    zeros = torch.zeros(extra_items, dtype=torch.long, device=end.device)
+    return {**case, "q": q, "cu_seqlens": torch.cat([case["cu_seqlens"], end.repeat(extra_items)]),
+            "slots": torch.cat([case["slots"], zeros]), "cache_lens": torch.cat([case["cache_lens"], zeros]),
+            "mask_offsets": torch.cat([case["mask_offsets"], zeros])}
+
+
+def test_tree_attention_ref_accepts_padded_metadata():
+    case = make_attention_case([3, 1], [5, 2], num_q_heads=4, num_kv_heads=2, head_dim=8, tree=True)
+    out = tree_attention_ref(**padded(case, extra_items=3, extra_rows=4))
+    assert torch.equal(out[:4], tree_attention_ref(**case))
+    assert out[4:].abs().max() == 0  # rows of no item: zeros
+
+
+def test_combine_splits_ref_is_the_softmax_over_all_keys():
+    # Split 10 keys 4 / 0 / 6: each split's own softmax and log2-sum-exp, merged, is the full softmax.
+    gen = torch.Generator().manual_seed(0)
+    s, v = torch.randn(3, 10, generator=gen), torch.randn(10, 5, generator=gen)  # 3 rows, 10 keys, D = 5
+    expected = torch.softmax(s, -1) @ v
+    s2 = s * math.log2(math.e)  # base-2 logits, as in the kernel
+    parts, lses = [], []
+    for lo, hi in [(0, 4), (4, 4), (4, 10)]:
+        if lo == hi:
+            parts.append(torch.full((3, 5), float("nan")))  # never written: must be ignored
+            lses.append(torch.full((3,), float("-inf")))
+            continue
+        w = torch.exp2(s2[:, lo:hi] - s2[:, lo:hi].max(-1, keepdim=True).values)
+        parts.append(w / w.sum(-1, keepdim=True) @ v[lo:hi])
+        lses.append(torch.logsumexp(s[:, lo:hi], -1) * math.log2(math.e))
+    partial, lse = torch.stack(parts)[:, :, None], torch.stack(lses)[:, :, None]  # (S, T=3, Hq=1, ...)
+    torch.testing.assert_close(combine_splits_ref(partial, lse)[:, 0], expected)
+    keyless = combine_splits_ref(partial, torch.full_like(lse, float("-inf")))
+    assert keyless.abs().max() == 0
+
+
+def test_num_kv_splits_fills_idle_sms_only():
+    assert num_kv_splits(8, 132, 8192) == MAX_KV_SPLITS  # batch 1, 8 kv heads: 16 x 8 = 128 programs
+    assert num_kv_splits(32, 132, 8192) == 4
+    assert num_kv_splits(128, 132, 8192) == 1  # the grid fills the GPU already
+    assert num_kv_splits(8, 132, 512) == 2  # a short cache: no split under MIN_SPLIT_KEYS keys
+    assert num_kv_splits(8, 132, 100) == 1
+    assert num_kv_splits(0, 132, 8192) == 1
+
+
 def test_kv_commit_ref_hand_checked():
     # Cache value at position t is t, so after the commit position c + k must hold c + src[k].
     num_layers, num_slots, max_len = 2, 2, 10
@@ -342,6 +398,35 @@ def test_tree_attention_triton_matches_ref_interpreted(interpret, shape, dtype):
     assert_rel_close(out, tree_attention_ref(**as_fp32(case)), TOLERANCE[dtype])
 
 
+SPLIT_SHAPES = {
+    # name: (q_lens, cache_lens, Hq, Hkv, D, tree)
+    "decode-gqa4": ([1, 1], [70, 3], 8, 2, 16, False),  # splits past the keys of sequence 1: empty
+    "tree-gqa": ([5, 3], [40, 0], 4, 2, 16, True),  # some tree rows see keys of one split only
+    "chain-mha": ([6], [57], 2, 2, 16, False),
+}
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(SPLIT_SHAPES))
+def test_tree_attention_triton_split_kv_matches_ref_interpreted(interpret, shape, dtype, num_splits):
+    q_lens, cache_lens, hq, hkv, d, tree = SPLIT_SHAPES[shape]
+    case = make_attention_case(q_lens, cache_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                               tree=tree, dtype=dtype)
+    out = tree_attention_triton(**case, max_q_len=max(q_lens), block_m=16, block_n=16, num_splits=num_splits)
+    assert out.dtype == dtype
+    assert_rel_close(out, tree_attention_ref(**as_fp32(case)), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_tree_attention_triton_accepts_padded_metadata_interpreted(interpret, num_splits):
+    case = make_attention_case([3, 1], [20, 2], num_q_heads=4, num_kv_heads=2, head_dim=16, tree=True)
+    big = padded(case, extra_items=2, extra_rows=5)
+    out = tree_attention_triton(**big, max_q_len=8, block_m=16, block_n=16, num_splits=num_splits)
+    assert_rel_close(out[:4], tree_attention_ref(**case), 1e-5)
+    assert out[4:].abs().max() == 0
+
+
 def test_tree_attention_triton_strided_inputs_interpreted(interpret):
     # q sliced out of a fused (T, Hq + 2 Hkv, D) projection and a cache that is a slice of a
     # wider buffer: only the last dim is contiguous, which is all the kernel needs.
@@ -442,3 +527,18 @@ def test_kv_commit_triton_matches_ref_gpu():
     kv_commit(k, v, **args)  # dispatch on CUDA: a second commit of the same moves
     kv_commit_ref(k_exp, v_exp, **args)
     assert torch.equal(k, k_exp) and torch.equal(v, v_exp)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["decode-b1", "tree16-b1"])
+def test_tree_attention_triton_split_kv_gpu(kind, dtype):
+    # Batch 1 on an 8B shape: 8 programs on a GPU of 100+ SMs, so the automatic choice splits.
+    q_lens, tree = ([1], False) if kind == "decode-b1" else ([17], True)
+    case = make_attention_case(q_lens, [4000], num_q_heads=32, num_kv_heads=8, head_dim=128, tree=tree,
+                               dtype=dtype, device="cuda")
+    expected = tree_attention_ref(**as_fp32(case))
+    assert num_kv_splits(8, torch.cuda.get_device_properties(0).multi_processor_count, 4100) > 1
+    assert_rel_close(tree_attention_triton(**case, max_q_len=q_lens[0]), expected, TOLERANCE[dtype])
+    assert_rel_close(tree_attention_triton(**case, max_q_len=q_lens[0], num_splits=1), expected, TOLERANCE[dtype])

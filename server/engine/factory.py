@@ -93,7 +93,7 @@ def build_engine(settings) -> LLMEngine:
                           acceptance=Acceptance(settings.acceptance))
     name = getattr(settings, "served_model_name", None) or Path(settings.model).name
     engine = LLMEngine(model, tokenizer, config, drafter=drafter, model_name=name)
-    warm_up(engine)
+    warm_up(engine, cuda_graphs=not getattr(settings, "enforce_eager", False))
     log.info("engine ready: model %s, drafter %s, max_batch_size %d, max_model_len %d, acceptance %s",
              name, drafter.name if drafter else "none", sched.max_batch_size, config.max_model_len,
              engine.acceptance.value)

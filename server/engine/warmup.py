@@ -7,6 +7,10 @@ health check (Docker's HEALTHCHECK, a load balancer) that passes means the first
 served at full speed. A broken kernel toolchain (no C compiler for Triton's launcher, an
 unwritable cache directory) then fails start-up with its own error, not a user's request.
 
+On CUDA (with the Triton kernels, unless --enforce-eager) the decode/verify CUDA graphs are
+captured first (server/runtime/graphs.py): capture runs every bucket once eagerly, which compiles
+the kernels for its shapes, and the warm-up request then replays them.
+
 The request drafts when the engine has a drafter, so every phase runs: propose, verify a tree,
 accept, commit. Afterwards the engine is as new: its KV slot is free, and its step timings are
 forgotten (they include the compilation, and the governor would otherwise judge tree sizes by
@@ -20,6 +24,7 @@ import time
 
 from server.engine.engine import LLMEngine
 from server.engine.types import EngineError, SamplingParams
+from server.runtime.graphs import GraphRunner, can_capture, default_buckets
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +34,25 @@ MAX_TOKENS = 16  # several decode steps: the governor tries its largest tree fir
 PATTERN = 8  # the prompt repeats this many distinct token ids, so drafters have something to match
 
 
-def warm_up(engine: LLMEngine) -> int:
-    """Serve one greedy request to completion, then reset the engine's timings; returns the number
-    of tokens it generated. Raises EngineError if the request fails (start-up should fail too)."""
+def capture_graphs(engine: LLMEngine) -> GraphRunner | None:
+    """Capture CUDA graphs for the engine's decode and verify steps and attach them to its model:
+    buckets up to max_batch_size sequences of up to max_tree_nodes + 1 tokens. None (nothing
+    attached) where graphs cannot run: the CPU, or the torch attention reference on CUDA."""
+    if not can_capture(engine.cache):
+        return None
+    sched = engine.config.scheduler
+    runner = GraphRunner(engine.model, engine.cache, default_buckets(sched.max_batch_size, sched.max_tree_nodes + 1))
+    runner.capture()
+    engine.model.graph_runner = runner
+    return runner
+
+
+def warm_up(engine: LLMEngine, cuda_graphs: bool = True) -> int:
+    """Capture CUDA graphs where they can run (unless `cuda_graphs` is false: --enforce-eager), then
+    serve one greedy request to completion and reset the engine's timings; returns the number of
+    tokens it generated. Raises EngineError if the request fails (start-up should fail too)."""
+    if cuda_graphs:
+        capture_graphs(engine)
     vocab = engine.model.config.vocab_size
     n_prompt = max(1, min(PROMPT_TOKENS, engine.max_model_len // 2))
     prompt = [i % min(PATTERN, vocab) for i in range(n_prompt)]

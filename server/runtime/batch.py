@@ -99,43 +99,65 @@ class ForwardBatch:
         return self.meta.host_cu_seqlens
 
 
-def build_batch(items: list[ForwardItem], max_model_len: int, device: torch.device | str = "cpu") -> ForwardBatch:
+@dataclass
+class PackedItems:
+    """A step's items packed on the host: what `build_batch` moves to the device, and what a CUDA
+    graph's runner copies into its static buffers (server/runtime/graphs.py)."""
+
+    ids: list[int]  # (T,)
+    positions: list[int]  # (T,)
+    masks: list[torch.Tensor]  # per item, its flat (q_len * q_len,) bool visibility block
+    write_slot: list[int]  # (T,)
+    write_pos: list[int]  # (T,)
+    offsets: list[int]  # (B + 1,) cu_seqlens
+    mask_offsets: list[int]  # (B,)
+    slots: list[int]  # (B,)
+    cache_lens: list[int]  # (B,)
+
+    @property
+    def max_q_len(self) -> int:
+        return max(b - a for a, b in zip(self.offsets, self.offsets[1:]))
+
+
+def pack_items(items: list[ForwardItem], max_model_len: int) -> PackedItems:
     if not items:
         raise ValueError("a forward needs at least one sequence")
-    offsets, mask_offsets = [0], [0]
-    ids: list[int] = []
-    positions: list[int] = []
-    masks: list[torch.Tensor] = []
-    write_slot: list[int] = []
-    write_pos: list[int] = []
+    p = PackedItems([], [], [], [], [], [0], [], [it.slot for it in items], [it.cache_len for it in items])
+    mask_end = 0
     for it in items:
         n = len(it.tokens)
         if n == 0:
             raise ValueError(f"slot {it.slot}: empty forward item")
         if it.cache_len + n > max_model_len:
             raise ValueError(f"slot {it.slot}: {it.cache_len} + {n} tokens exceed the cache length {max_model_len}")
-        ids += it.tokens
-        positions += [it.cache_len + d for d in it.depths()]
-        masks.append(it.mask().view(-1))
-        write_slot += [it.slot] * n
-        write_pos += range(it.cache_len, it.cache_len + n)
-        offsets.append(offsets[-1] + n)
-        mask_offsets.append(mask_offsets[-1] + n * n)
+        p.ids += it.tokens
+        p.positions += [it.cache_len + d for d in it.depths()]
+        p.mask_offsets.append(mask_end)
+        p.masks.append(it.mask().view(-1))
+        mask_end += n * n
+        p.write_slot += [it.slot] * n
+        p.write_pos += range(it.cache_len, it.cache_len + n)
+        p.offsets.append(p.offsets[-1] + n)
+    return p
+
+
+def build_batch(items: list[ForwardItem], max_model_len: int, device: torch.device | str = "cpu") -> ForwardBatch:
+    p = pack_items(items, max_model_len)
 
     def t(x):
         return torch.as_tensor(x, dtype=torch.long).to(device)
 
     meta = AttentionMetadata(
-        cu_seqlens=t(offsets),
-        slots=t([it.slot for it in items]),
-        cache_lens=t([it.cache_len for it in items]),
-        positions=t(positions),
-        tree_mask=torch.cat(masks).to(device),
-        mask_offsets=t(mask_offsets[:-1]),
-        write_slot=t(write_slot),
-        write_pos=t(write_pos),
-        host_cu_seqlens=offsets,
-        host_mask_offsets=mask_offsets[:-1],
-        max_q_len=max(len(it.tokens) for it in items),
+        cu_seqlens=t(p.offsets),
+        slots=t(p.slots),
+        cache_lens=t(p.cache_lens),
+        positions=t(p.positions),
+        tree_mask=torch.cat(p.masks).to(device),
+        mask_offsets=t(p.mask_offsets),
+        write_slot=t(p.write_slot),
+        write_pos=t(p.write_pos),
+        host_cu_seqlens=p.offsets,
+        host_mask_offsets=p.mask_offsets,
+        max_q_len=p.max_q_len,
     )
-    return ForwardBatch(input_ids=t(ids), meta=meta, items=items)
+    return ForwardBatch(input_ids=t(p.ids), meta=meta, items=items)

@@ -5,6 +5,10 @@ K/V at cache_len + i without touching the committed prefix, so a rejected draft 
 rollback: its entries lie past the committed length and the next forward overwrites them.
 Keeping an accepted tree path is the one primitive `commit_paths` (kernels/kv_commit.py):
 move the path's nodes to the positions right after the prefix and advance the length.
+
+Every slot has one position more than `max_len`: position `scratch_pos` (= max_len) is reached by
+no sequence (build_batch refuses cache_len + n > max_len), so a CUDA graph's padding rows
+(server/runtime/graphs.py) write their K/V there and no real slot's entries are touched.
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_layers, max_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_layers, max_slots, num_kv_heads, max_len + 1, head_dim)  # + the scratch position
         # zeros, not empty: padding queries may read never-written positions and must see finite values.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_slots, self.max_len = max_slots, max_len
+        self.scratch_pos = max_len  # written by padding rows only, read by nobody
         self.lengths = [0] * max_slots
         self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out slot 0 first
         log.info(

@@ -156,6 +156,7 @@ class CausalLM(nn.Module):
         self.register_buffer(
             "inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
         )
+        self.graph_runner = None  # a server/runtime/graphs.GraphRunner, asked first by `forward`
 
     def make_cache(self, max_slots: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
@@ -166,7 +167,16 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Run the batch, writing its K/V into `cache`; returns final-norm hidden states (T, H), one
         row per packed token (item b's rows: batch.offsets[b]:batch.offsets[b+1]).
-        Lengths are not advanced here: the caller decides what to keep (advance / commit_paths)."""
+        Lengths are not advanced here: the caller decides what to keep (advance / commit_paths).
+        A step that fits a bucket of the attached graph runner (for this cache) replays its graph."""
+        runner = self.graph_runner
+        if runner is not None and runner.cache is cache and (hidden := runner.run(batch)) is not None:
+            return hidden
+        return self.forward_eager(batch, cache)
+
+    @torch.inference_mode()
+    def forward_eager(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """`forward` without graphs: what a graph captures, and the fallback."""
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = rope_cos_sin(batch.meta.positions, self.inv_freq, x.dtype)
         for layer in self.model.layers:
