@@ -32,6 +32,8 @@ from server.engine import speculate
 from server.engine.accept import AcceptResult
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.drafter_guard import DrafterGuard, DrafterGuardConfig
+from server.engine.grammar import Grammars
+from server.engine.logits_process import LogitsProcessor
 from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
@@ -106,6 +108,8 @@ class LLMEngine:
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, sorted(self.eos_ids))  # structured outputs
+        self.processor = LogitsProcessor(self.grammars)  # logit_bias, penalties, grammar masks
         self._seqs: dict[str, Sequence] = {}
         self._outbox: list[RequestDelta] = []  # deltas produced outside step() (aborts)
         # Wall seconds spent per phase since start (propose / verify / finish): where a step's time goes.
@@ -126,6 +130,7 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_token_ids), params, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self.grammars.start(seq)  # refuses a grammar that does not compile
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -177,7 +182,7 @@ class LLMEngine:
         failure part-way keeps the final deltas of the requests that finished before it)."""
         t0 = time.perf_counter()
         decode = [(seq, self._clamp_budget(seq, b)) for seq, b in plan.decode]
-        trees = self.guard.propose(decode, plan.tier)
+        trees = self.grammars.prune([seq for seq, _ in decode], self.guard.propose(decode, plan.tier))
         t1 = time.perf_counter()
         retried = False
         try:
@@ -252,7 +257,7 @@ class LLMEngine:
 
         # the first token of every prefill that completed: one batched call
         completed = [seq for (seq, _), pos in zip(prefill, positions) if pos]
-        decided = self._decide(out.logits, completed, [0] * len(out.logits))
+        decided = self._decide(out.logits, completed, [0] * len(out.logits), [[] for _ in completed])
         first_logprobs = self._logprobs(out.logits, completed, decided)
         result = _Forwarded()
         for b, (seq, n) in enumerate(prefill):
@@ -268,7 +273,8 @@ class LLMEngine:
         def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
             seqs = [decode[k][0] for k, _ in nodes]
             depths = [trees[k].depths[node] for k, node in nodes]
-            tokens = self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)])
+            paths = [[trees[k].tokens[i] for i in trees[k].path_to(node)[1:]] for k, node in nodes]
+            tokens = self._decide(logits, seqs, [len(s.output_ids) + d for s, d in zip(seqs, depths)], paths)
             for (k, _), lp in zip(nodes, self._logprobs(logits, seqs, tokens)):
                 walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
             return tokens
@@ -281,18 +287,22 @@ class LLMEngine:
             result.verified.append(_Verified(seq, budget, tree, res, hidden, walk_logprobs[j]))
         return result
 
-    def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int]) -> list[int]:
+    def _decide(self, logits: torch.Tensor, seqs: list[Sequence], positions: list[int],
+                paths: list[list[int]]) -> list[int]:
+        """Row i's token for seqs[i] at output position positions[i], after its output and then
+        paths[i] (the drafted tokens below the tree root down to the row's node)."""
         if not seqs:
             return []
         try:
-            return speculate.decide(logits, seqs, positions)
+            return speculate.decide(self.processor.process(logits, seqs, paths), seqs, positions)
         except Exception:
             # Isolate the failing request(s): decide row by row; a failing row gets -1 and its
             # sequence fails in acceptance (a token of -1 never matches and is refused by _emit).
             out = []
             for i, seq in enumerate(seqs):
                 try:
-                    out += speculate.decide(logits[i : i + 1], [seq], positions[i : i + 1])
+                    row = self.processor.process(logits[i : i + 1], [seq], paths[i : i + 1])
+                    out += speculate.decide(row, [seq], positions[i : i + 1])
                 except Exception:
                     log.exception("request %s failed while sampling", seq.request_id)
                     out.append(-1)
@@ -325,7 +335,7 @@ class LLMEngine:
         for t in tokens:
             kept.append(t)
             seq.output_ids.append(t)
-            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids or self.grammars.advance(seq, t):
                 reason = FinishReason.STOP
             elif len(seq.output_ids) >= p.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len:
                 reason = FinishReason.LENGTH
@@ -351,6 +361,7 @@ class LLMEngine:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self._seqs.pop(seq.request_id, None)
         self.guard.release(seq)
+        self.grammars.release(seq)
         try:
             self.scheduler.remove(seq)
             if seq.slot >= 0:
