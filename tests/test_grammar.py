@@ -111,7 +111,7 @@ def constrained_requests() -> dict[str, tuple[list[int], SamplingParams]]:
     reqs = {}
     for i, prompt in enumerate(demo_prompts(6)):
         sampled = dict(temperature=0, logprobs=1) if i % 2 == 0 else dict(temperature=0.9, seed=i, logprobs=0)
-        reqs[f"g{i}"] = (prompt, SamplingParams(max_tokens=96, grammar=specs[i % 3], **sampled))
+        reqs[f"g{i}"] = (prompt, SamplingParams(max_tokens=64, grammar=specs[i % 3], **sampled))
     return reqs
 
 
@@ -122,13 +122,13 @@ def test_speculative_equals_plain_under_a_grammar(drafter_spec):
     spec = run_all(demo_engine(drafter_spec), reqs)
     for rid, (_, p) in reqs.items():
         assert spec[rid]["tokens"] == plain[rid]["tokens"], rid
-        assert [(a.token_id, round(a.logprob, 4)) for a in spec[rid]["logprobs"]] == \
-               [(b.token_id, round(b.logprob, 4)) for b in plain[rid]["logprobs"]], rid
+        for a, b in zip(spec[rid]["logprobs"], plain[rid]["logprobs"], strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4, rid
         if plain[rid]["finish"] == FinishReason.STOP:
             text = plain[rid]["text"].removeprefix(p.grammar.prefix).removesuffix(p.grammar.suffix)
             value = json.loads(text)
             jsonschema.validate(value, p.grammar.schema or {"type": "object"})
-    assert sum(o["finish"] == FinishReason.STOP for o in plain.values()) >= 4
+    assert sum(o["finish"] == FinishReason.STOP for o in plain.values()) >= 3
     assert sum(o["accepted"] for o in spec.values()) > 0, "the drafter never helped: nothing was tested"
 
 
@@ -161,15 +161,16 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
     return {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter_spec", [None, "ngram"])
 def test_fifty_generated_schemas_always_validate(drafter_spec):
     rng = random.Random(2026)
     schemas = [random_schema(rng) for _ in range(50)]
     prompts = demo_prompts(6)
-    reqs = {f"s{i}": (prompts[i % 6], SamplingParams(max_tokens=128, temperature=0 if i % 2 else 0.8, seed=i,
+    reqs = {f"s{i}": (prompts[i % 6], SamplingParams(max_tokens=80, temperature=0 if i % 2 else 0.8, seed=i,
                                                    grammar=GrammarSpec("json_schema", s)))
             for i, s in enumerate(schemas)}
-    out = run_all(demo_engine(drafter_spec, batch=16), reqs, max_steps=20000)
+    out = run_all(demo_engine(drafter_spec, batch=25), reqs, max_steps=20000)
     stopped = 0
     for i, s in enumerate(schemas):
         o = out[f"s{i}"]
@@ -215,13 +216,14 @@ def exact_outcomes(prompt: list[int], temperature: float, floor: float = 1e-5) -
     return out
 
 
+@pytest.mark.slow
 def test_constrained_speculative_sampling_follows_the_constrained_distribution():
     prompt = demo_prompts(4)[3]  # "List three colours."
-    n = 400
+    n = 240
     reqs = {f"c{i}": (prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=1000 + i, grammar=ENUM))
             for i in range(n)}
-    spec = run_all(demo_engine(DRAFTERS[1], batch=16), reqs, max_steps=20000)
-    plain = run_all(demo_engine(None, batch=16), reqs, max_steps=20000)
+    spec = run_all(demo_engine(DRAFTERS[1], batch=40), reqs, max_steps=20000)
+    plain = run_all(demo_engine(None, batch=40), reqs, max_steps=20000)
     assert all(spec[r]["tokens"] == plain[r]["tokens"] for r in reqs)  # seeded: the same samples
 
     exact = exact_outcomes(prompt, 1.0)

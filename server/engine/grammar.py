@@ -42,9 +42,15 @@ log = logging.getLogger(__name__)
 MAX_COMPILED = 64  # distinct grammars kept compiled; a compile costs a few ms, a matcher ~2 ms
 
 
+# One layout for JSON, as json.dumps writes it: llguidance's default allows any whitespace between
+# tokens, which lets a weak or unlucky model spend its whole budget on newlines inside a valid value.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def spec_to_lark(spec: GrammarSpec) -> str:
     """The Lark grammar (llguidance's dialect, with its %json extension) for a spec."""
-    schema = spec.schema if spec.kind == "json_schema" else {"type": "object"}
+    schema = dict(spec.schema) if spec.kind == "json_schema" else {"type": "object"}
+    schema["x-guidance"] = JSON_LAYOUT
     parts = [json.dumps(s) for s in (spec.prefix,) if s] + ["value"] + [json.dumps(s) for s in (spec.suffix,) if s]
     return f"start: {' '.join(parts)}\nvalue: %json {json.dumps(schema)}\n"
 
