@@ -33,7 +33,7 @@ from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.factory import build_drafter
 from server.engine.scheduler import SchedulerConfig
 from server.engine.speculate import Acceptance
-from server.engine.types import SamplingParams
+from server.engine.types import GrammarSpec, SamplingParams
 from server.runtime.loader import load_model, load_tokenizer
 
 Requests = dict[str, tuple[list[int], SamplingParams]]
@@ -139,7 +139,7 @@ def bench_interleaved(engines: dict[str, LLMEngine], prompts: list[list[int]], a
     names, runs, steps = list(engines), {n: [] for n in engines}, dict.fromkeys(engines, 0)
     for i, ids in enumerate(prompts):
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=args.seed + i,
-                                ignore_eos=args.ignore_eos)
+                                ignore_eos=args.ignore_eos, grammar=grammar(args))
         k = i % len(names)
         for name in names[k:] + names[:k]:
             one, _, n_steps = drive(engines[name], {f"p{i}": (ids, params)})
@@ -158,7 +158,7 @@ def bench_concurrency(make: Callable[..., LLMEngine], variants: list[Variant], p
     m = level * args.requests_per_slot
     reqs: Requests = {f"c{j}": (prompts[j % len(prompts)], SamplingParams(
         max_tokens=args.max_tokens, temperature=args.concurrency_temperature, seed=args.seed + j,
-        ignore_eos=args.ignore_eos)) for j in range(m)}
+        ignore_eos=args.ignore_eos, grammar=grammar(args))) for j in range(m)}
     engines = {v.name: make(v, max_batch_size=level) for v in variants}
     for e in engines.values():
         warm_up(e, prompts[0])
@@ -216,6 +216,11 @@ def bench_prefill_itl(make: Callable[..., LLMEngine], variants: list[Variant], p
                           "ratio": max(during, default=0.0) / median, "prefill_steps": len(during),
                           "stream_gaps": len(gaps)}
     return {"prompt_tokens": len(long_prompt), "prefill_chunk": args.prefill_chunk, "variants": result}
+
+
+def grammar(args: argparse.Namespace) -> GrammarSpec | None:
+    """--json-schema: every timed request (batch 1 and concurrency) is constrained to that schema."""
+    return GrammarSpec("json_schema", json.loads(args.json_schema.read_text())) if args.json_schema else None
 
 
 def warm_up(engine: LLMEngine, prompt: list[int]) -> None:
@@ -288,6 +293,7 @@ def markdown(res: dict) -> str:
     m, mem = res["machine"], res["memory"]
     out = [f"Model `{res['model']}`, {m['device']} {m['dtype']}, {m['torch_threads']} torch threads, {m['cpu_count']} "
            f"CPUs, torch {m['torch']}; {res['num_prompts']} {res['source']} prompts, max_tokens {res['max_tokens']}; "
+           + (f"every request constrained to the JSON schema {res['json_schema']}; " if res.get("json_schema") else "") +
            f"scheduler {', '.join(f'{k} {v}' for k, v in res['scheduler'].items() if k != 'max_batch_size')}.",
            "", "**Batch 1** (prefill ms = mean time to first token)", ""]
     rows = [([n, b["temperature"], _fmt(1e3 * v["ttft_mean_s"], 1)], v) for b in res["batch1"]
@@ -360,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=[Acceptance.AUTO.value],
                    help="EngineConfig.acceptance: path, all-nodes or auto (all-nodes on CUDA, path on CPU); several "
                    "(comma-separated): every drafter runs under each, interleaved in one run")
+    p.add_argument("--json-schema", type=Path, default=None,
+                   help="constrain every timed request to this JSON schema (structured outputs)")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -399,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     res: dict = {"command": shlex.join([sys.executable] + sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
                  "started": datetime.now(timezone.utc).isoformat(), "machine": machine(model), "model": args.model,
                  "source": args.source, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+                 "json_schema": str(args.json_schema) if args.json_schema else None,
                  "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "scheduler": asdict(sched)
                  | {"governor": args.governor}, "concurrency_temperature": args.concurrency_temperature}
     engines = {v.name: make(v) for v in variants}

@@ -33,6 +33,8 @@ from server.engine import speculate
 from server.engine.accept import AcceptResult
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.drafter_guard import DrafterGuard, DrafterGuardConfig
+from server.engine.grammar import Grammars
+from server.engine.logits_process import LogitsProcessor, uses_processing
 from server.engine.scheduler import DraftOutcome, Plan, Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
@@ -112,6 +114,8 @@ class LLMEngine:
         self.eos_ids = set(cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, sorted(self.eos_ids))  # structured outputs
+        self.processor = LogitsProcessor(self.grammars)  # logit_bias, penalties, grammar masks
         self._seqs: dict[str, Sequence] = {}
         self._outbox: list[RequestDelta] = []  # deltas produced outside step() (aborts)
         # Wall seconds spent per phase since start (propose / verify / finish): where a step's time goes.
@@ -132,6 +136,7 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(request_id, list(prompt_token_ids), params, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self.grammars.start(seq)  # refuses a grammar that does not compile
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -183,7 +188,7 @@ class LLMEngine:
         failure part-way keeps the final deltas of the requests that finished before it)."""
         t0 = time.perf_counter()
         decode = [(seq, self._clamp_budget(seq, b)) for seq, b in plan.decode]
-        trees = self.guard.propose(decode, plan.tier)
+        trees = self.grammars.prune([seq for seq, _ in decode], self.guard.propose(decode, plan.tier))
         t1 = time.perf_counter()
         retried = False
         try:
@@ -335,7 +340,7 @@ class LLMEngine:
         if not rows:
             return torch.empty(0, dtype=torch.long, device=logits.device)
         try:
-            return speculate.decide(logits, rows)
+            return speculate.decide(self._process(logits, rows), rows)
         except Exception:
             # Isolate the failing request(s): decide sequence by sequence.
             out = torch.full((len(rows),), -1, dtype=torch.long, device=logits.device)
@@ -344,10 +349,17 @@ class LLMEngine:
                 groups.setdefault(id(r.seq), []).append(i)
             for idx in groups.values():
                 try:
-                    out[idx] = speculate.decide(logits[idx], [rows[i] for i in idx])
+                    mine = [rows[i] for i in idx]
+                    out[idx] = speculate.decide(self._process(logits[idx], mine), mine)
                 except Exception:
                     log.exception("request %s failed while sampling", rows[idx[0]].seq.request_id)
             return out
+
+    def _process(self, logits: torch.Tensor, rows: list[speculate.DecideRow]) -> torch.Tensor:
+        """The rows' logits after their requests' logit_bias, penalties and grammars
+        (logits_process.py); each row sees its output and the drafted tokens above its node."""
+        paths = [r.drafted() if uses_processing(r.seq.params) else () for r in rows]
+        return self.processor.process(logits, [r.seq for r in rows], paths)
 
     def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int],
                   logit_rows: list[int] | None = None) -> list[TokenLogprob | None]:
@@ -379,7 +391,7 @@ class LLMEngine:
         for t in tokens:
             kept.append(t)
             seq.output_ids.append(t)
-            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids:
+            if (t in self.eos_ids and not p.ignore_eos) or t in p.stop_token_ids or self.grammars.advance(seq, t):
                 reason = FinishReason.STOP
             elif len(seq.output_ids) >= p.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len:
                 reason = FinishReason.LENGTH
@@ -405,6 +417,7 @@ class LLMEngine:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self._seqs.pop(seq.request_id, None)
         self.guard.release(seq)
+        self.grammars.release(seq)
         try:
             self.scheduler.remove(seq)
             if seq.slot >= 0:

@@ -98,6 +98,12 @@ class DecideRow:
     node: int = 0
     tree: TokenTree | None = None
 
+    def drafted(self) -> list[int]:
+        """The draft tokens on the path below the root down to this row's node ([] at the root)."""
+        if self.tree is None or self.node == 0:
+            return []
+        return [self.tree.tokens[i] for i in self.tree.path_to(self.node)[1:]]
+
 
 def decide(logits: torch.Tensor, rows: list[DecideRow]) -> torch.Tensor:
     """The base model's token at each logits row (M, V) -> (M,) int64, on the logits' device (no
