@@ -71,7 +71,8 @@ def create_app(settings: Settings, engine: EngineCore | AsyncEngine | None = Non
             async_engine = AsyncEngine(core, metrics, settings.max_batch_size, settings.max_queue)
         async_engine.start()
         app.state.engine = async_engine
-        app.state.serving = OpenAIServing(async_engine, settings.served_model_name, settings.default_max_tokens)
+        app.state.serving = OpenAIServing(async_engine, settings.served_model_name, settings.default_max_tokens,
+                                          spec_metrics=settings.per_request_spec_decode_metrics)
         log.info("serving %s (max_model_len=%d)", settings.served_model_name, async_engine.core.max_model_len)
         try:
             yield
@@ -210,6 +211,8 @@ def _describe_validation_errors(errors: Any) -> tuple[str, str | None]:
             parts.append(f"request body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}")
             continue
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden":
+            msg = "unknown field: this server does not implement it (refused rather than ignored)"
         if str(error.get("type", "")).endswith("_type") and "input" in error:  # strict types: say what came
             msg += f", got {_json_type(error['input'])}"
         field = ".".join(loc)

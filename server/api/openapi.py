@@ -131,3 +131,20 @@ def _add_served_model(app: FastAPI, schemas: dict[str, Any]) -> None:
         properties = schemas[request]["properties"]
         properties["model"]["anyOf"][0]["enum"] = [serving.model_name]
         properties["stop_token_ids"]["anyOf"][0]["items"]["maximum"] = serving.vocab_size - 1
+        properties["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"] = decimal_below(serving.vocab_size)
+
+
+def decimal_below(n: int) -> str:
+    """A regular expression for the decimal integers 0 to n - 1 (no leading zeros), n >= 1."""
+    digits = str(n - 1)
+    options = ["0"] if len(digits) > 1 else []
+    if len(digits) > 2:
+        options.append(f"[1-9][0-9]{{0,{len(digits) - 2}}}")  # every shorter number
+    elif len(digits) == 2:
+        options.append("[1-9]")
+    for i, d in enumerate(digits):  # same length: equal up to digit i, then smaller there
+        low = "1" if i == 0 and len(digits) > 1 else "0"
+        if int(d) > int(low):
+            options.append(f"{digits[:i]}[{low}-{int(d) - 1}][0-9]{{{len(digits) - i - 1}}}")
+    options.append(digits)
+    return "^(" + "|".join(options) + ")$"
