@@ -1,0 +1,261 @@
+"""The request surface of issue 16 in the API layer: each field's mapping, its refusals, n choices,
+tool calls (parser, response and stream shapes) and per-request spec_decode, over the fake engine.
+
+The fake engine echoes the prompt, so a conversation whose system message holds a tool-call block
+makes the "model" answer with that call: the parser and the stream shapes are tested on it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, to_sampling_params
+from server.api.tools import CALL_END, CALL_START, ToolCallParser, forced_call_grammar
+from server.engine.types import GrammarSpec
+from tests.fakes import FakeEngineCore, api_client, chat_body, sse_payloads
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "now"}}]
+CALL = CALL_START + '{"name": "get_weather", "arguments": {"city": "Paris"}}' + CALL_END
+
+
+def params(**fields: Any):
+    return to_sampling_params(ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields}), 16)
+
+
+def refused(model: type, body: dict) -> str:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- mapping
+
+
+def test_sampling_fields_map_to_sampling_params() -> None:
+    p = params(n=3, logit_bias={"5": -100, "17": 2.5}, presence_penalty=0.5, frequency_penalty=-1,
+               repetition_penalty=1.2)
+    assert p.n == 3 and p.logit_bias == {5: -100.0, 17: 2.5}
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert params().logit_bias == {} and params().n == 1 and params().grammar is None
+    completion = to_sampling_params(CompletionRequest.model_validate(
+        {"prompt": "x", "n": 2, "best_of": 1, "logit_bias": {"0": 1}, "presence_penalty": 1}), 8)
+    assert completion.n == 2 and completion.logit_bias == {0: 1.0} and completion.presence_penalty == 1.0
+
+
+def test_response_format_maps_to_a_grammar() -> None:
+    assert params(response_format={"type": "text"}).grammar is None
+    assert params(response_format={"type": "json_object"}).grammar == GrammarSpec(kind="json_object")
+    spec = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER, "strict": True}}
+    assert params(response_format=spec).grammar == GrammarSpec(kind="json_schema", schema=WEATHER)
+
+
+def test_forced_tool_choices_map_to_a_call_grammar_and_auto_and_none_to_none() -> None:
+    required = params(tools=TOOLS, tool_choice="required").grammar
+    assert required.prefix == CALL_START and required.suffix == CALL_END and required.kind == "json_schema"
+    weather, now = required.schema["anyOf"]
+    assert weather["properties"] == {"name": {"const": "get_weather"}, "arguments": WEATHER}
+    assert now["properties"]["arguments"] == {"type": "object"}  # no parameters: any object
+    assert weather["required"] == ["name", "arguments"] and weather["additionalProperties"] is False
+    named = params(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}).grammar
+    assert named == forced_call_grammar([("get_weather", WEATHER)]) and named.schema == weather
+    for choice in ("auto", "none", None):
+        request = ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": TOOLS, "tool_choice": choice})
+        assert request.grammar is None
+        assert [t.function.name for t in request.offered_tools] == ([] if choice == "none" else ["get_weather", "now"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"logit_bias": {"abc": 1}}, "should match pattern"),
+        ({"logit_bias": {"1": 101}}, "less than or equal to 100"),
+        ({"presence_penalty": -2.5}, "greater than or equal to -2"),
+        ({"repetition_penalty": 0}, "greater than 0"),
+        ({"n": 0}, "greater than or equal to 1"),
+        ({"response_format": {"type": "xml"}}, "does not match any of the expected tags"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "pattern"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "schema"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot both apply"),
+        ({"tools": [{"type": "retrieval"}]}, "function"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"\ud800": 1}}}]}, "invalid Unicode"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "only assistant messages"),
+        ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "only tool messages"),
+        ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "not supported"),
+        ({"prediction": {"type": "content", "content": "x"}}, "not supported"),
+        ({"functions": [{"name": "f"}]}, "not supported"),
+        ({"store": True}, "Input should be False"),
+        ({"service_tier": "flex"}, "'auto' or 'default'"),
+        ({"modalities": ["audio"]}, "'text'"),
+        ({"seed_of_doubt": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_refusals_name_the_field(fields: dict, message: str) -> None:
+    assert message in refused(ChatCompletionRequest, {"messages": MESSAGES, **fields})
+
+
+def test_accepted_no_ops_and_history_with_tool_calls() -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    request = ChatCompletionRequest.model_validate({
+        "messages": history, "tools": TOOLS, "parallel_tool_calls": False, "metadata": {"a": "b"}, "store": False,
+        "service_tier": "auto", "modalities": ["text"], "prompt_cache_key": "k", "safety_identifier": "s",
+        "audio": None})
+    assert request.messages[1].tool_calls[0].function.name == "get_weather"
+    assert "best_of=2" in refused(CompletionRequest, {"prompt": "x", "best_of": 2})
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def test_parser_finds_calls_and_leaves_everything_else_as_text() -> None:
+    parser = ToolCallParser(["get_weather"])
+    text = "Let me check. " + CALL + "\n" + CALL_START + "{not json}" + CALL_END + \
+        CALL_START + '{"name": "unknown", "arguments": {}}' + CALL_END + " <tool_c"
+    content, calls = parser.parse(text)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert calls[0].id.startswith("call_")
+    assert content == "Let me check. \n" + CALL_START + "{not json}" + CALL_END + CALL_START + \
+        '{"name": "unknown", "arguments": {}}' + CALL_END + " <tool_c"
+
+
+def test_parser_on_a_stream_holds_back_only_what_may_be_a_block() -> None:
+    text = "a<b " + CALL + " tail " + CALL
+    whole_content, whole_calls = ToolCallParser(["get_weather"]).parse(text)
+    parser = ToolCallParser(["get_weather"])
+    pieces = [p for ch in text for p in parser.push(ch)] + parser.flush()
+    assert "".join(p.content for p in pieces) == whole_content == "a<b  tail "
+    assert [c.arguments for c in (p.call for p in pieces) if c] == [c.arguments for c in whole_calls]
+    assert len(whole_calls) == 2
+    held = ToolCallParser(["get_weather"])
+    assert [p.content for p in held.push("x <tool")] == ["x "]  # "<tool" may start a block
+    assert [p.content for p in held.flush()] == ["<tool"]
+
+
+def test_parser_without_parallel_calls_keeps_only_the_first() -> None:
+    content, calls = ToolCallParser(["get_weather"], parallel=False).parse(CALL + CALL)
+    assert len(calls) == 1 and content == CALL
+
+
+# ---------------------------------------------------------------- over HTTP (fake engine)
+
+
+async def post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    return await client.post(path, json=body)
+
+
+async def events(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[dict]:
+    response = await client.post(path, json={**body, "stream": True})
+    assert response.status_code == 200, response.text
+    payloads = sse_payloads(response.text)
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+async def test_n_choices_full_and_streamed_with_usage_counting_the_prompt_once() -> None:
+    core = FakeEngineCore()
+    async with api_client(core) as (client, _):
+        one = (await post(client, "/v1/chat/completions", chat_body("Tell me a story."))).json()
+        three = (await post(client, "/v1/chat/completions", chat_body("Tell me a story.", n=3))).json()
+        chunks = await events(client, "/v1/chat/completions",
+                              chat_body("Tell me a story.", n=3, stream_options={"include_usage": True}))
+        completions = await events(client, "/v1/completions", {"prompt": "one two three", "n": 2, "max_tokens": 3})
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    assert all(c["message"] == one["choices"][0]["message"] for c in three["choices"])
+    assert three["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]
+    assert three["usage"]["completion_tokens"] == 3 * one["usage"]["completion_tokens"]
+    for i in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == one["choices"][0]["message"]["content"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == three["usage"]
+    for i in range(2):
+        assert "".join(c["choices"][0]["text"] for c in completions if c["choices"] and c["choices"][0]["index"] == i) \
+            == "one two three"
+
+
+async def test_vocabulary_and_tool_rules_the_schema_cannot_state() -> None:
+    async with api_client(FakeEngineCore()) as (client, _):
+        bias = await post(client, "/v1/completions", {"prompt": "x", "logit_bias": {"4096": 1}})
+        twice = await post(client, "/v1/chat/completions", chat_body("x", tools=[TOOLS[0], TOOLS[0]]))
+        missing = await post(client, "/v1/chat/completions", chat_body(
+            "x", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}))
+        unknown = await post(client, "/v1/chat/completions", chat_body("x", frobnicate=True))
+    assert bias.status_code == 400 and bias.json()["error"]["param"] == "logit_bias"
+    assert "4096 is not a token id" in bias.json()["error"]["message"]
+    assert twice.json()["error"]["code"] == "duplicate_tool_name"
+    assert missing.json()["error"]["code"] == "tool_not_found" and missing.json()["error"]["param"] == "tool_choice"
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "frobnicate"
+    assert "unknown field" in unknown.json()["error"]["message"]
+
+
+def calling_conversation(**extra: Any) -> dict[str, Any]:
+    """The fake echoes the first turn: the system message, i.e. the call, then the template's tool list."""
+    return {"model": "demo-llama", "messages": [{"role": "system", "content": "Sure. " + CALL},
+                                                {"role": "user", "content": "Weather in Paris?"}], **extra}
+
+
+async def test_auto_tool_calls_in_the_response_and_the_stream() -> None:
+    async with api_client(FakeEngineCore()) as (client, _):
+        full = (await post(client, "/v1/chat/completions", calling_conversation(tools=TOOLS))).json()
+        chunks = await events(client, "/v1/chat/completions", calling_conversation(tools=TOOLS))
+        off = (await post(client, "/v1/chat/completions", calling_conversation(tools=TOOLS, tool_choice="none"))).json()
+    [choice] = full["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    content = choice["message"]["content"]
+    assert content.startswith("system\nSure. \n\n# Tools") and '"name": "now"' in content  # the echoed tool list
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert calls[0]["index"] == 0 and calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert "".join(c["function"].get("arguments", "") for c in calls) == '{"city": "Paris"}'
+    assert "".join(d.get("content", "") for d in deltas) == content
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] \
+        == ["tool_calls"]
+    # none: the template shows no tools and nothing is parsed
+    assert off["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in off["choices"][0]["message"]
+    assert off["choices"][0]["message"]["content"] == "system\nSure. " + CALL
+    assert off["usage"]["prompt_tokens"] < full["usage"]["prompt_tokens"]
+
+
+def counters(text: str) -> dict[str, float]:
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_spec_decode_stats_are_the_sums_of_the_requests_deltas() -> None:
+    core = FakeEngineCore(tokens_per_step=3)
+    async with api_client(core, per_request_spec_decode_metrics=True) as (client, _):
+        before = counters((await client.get("/metrics")).text)
+        full = (await post(client, "/v1/chat/completions", chat_body("Tell me a story, a long one.", n=2))).json()
+        after = counters((await client.get("/metrics")).text)
+        chunks = await events(client, "/v1/completions", {"prompt": "one two three four five six seven", "max_tokens": 7})
+        plain = (await post(client, "/v1/completions", {"prompt": "one two", "speculative": False})).json()
+    spec = full["spec_decode"]
+    for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert spec[field] == after[f"ctc_spec_decode_{field}_total"] - before[f"ctc_spec_decode_{field}_total"] > 0
+    assert spec["acceptance_length"] == pytest.approx(1 + spec["num_accepted_tokens"] / spec["num_drafts"])
+    assert [("spec_decode" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]  # on the last chunk only
+    assert chunks[-1]["spec_decode"]["num_drafts"] == 3  # 7 tokens, 3 per step
+    assert plain["spec_decode"] == {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0,
+                                    "acceptance_length": None}
+    async with api_client(FakeEngineCore()) as (client, _):
+        assert "spec_decode" not in (await post(client, "/v1/completions", {"prompt": "x"})).json()  # off by default
