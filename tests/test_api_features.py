@@ -8,6 +8,7 @@ makes the "model" answer with that call: the parser and the stream shapes are te
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -259,3 +260,15 @@ async def test_spec_decode_stats_are_the_sums_of_the_requests_deltas() -> None:
                                     "acceptance_length": None}
     async with api_client(FakeEngineCore()) as (client, _):
         assert "spec_decode" not in (await post(client, "/v1/completions", {"prompt": "x"})).json()  # off by default
+
+
+async def test_the_openapi_document_states_the_served_limits() -> None:
+    async with api_client(FakeEngineCore(max_batch_size=4)) as (client, _):
+        document = (await client.get("/openapi.json")).json()
+        too_many = await post(client, "/v1/chat/completions", chat_body("x", n=5))
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        properties = document["components"]["schemas"][request]["properties"]
+        assert properties["n"]["maximum"] == 4
+        pattern = properties["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"]
+        assert re.match(pattern, "4095") and not re.match(pattern, "4096") and not re.match(pattern, "01")
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"

@@ -72,7 +72,8 @@ def create_app(settings: Settings, engine: EngineCore | AsyncEngine | None = Non
         async_engine.start()
         app.state.engine = async_engine
         app.state.serving = OpenAIServing(async_engine, settings.served_model_name, settings.default_max_tokens,
-                                          spec_metrics=settings.per_request_spec_decode_metrics)
+                                          spec_metrics=settings.per_request_spec_decode_metrics,
+                                          max_batch_size=settings.max_batch_size)
         log.info("serving %s (max_model_len=%d)", settings.served_model_name, async_engine.core.max_model_len)
         try:
             yield

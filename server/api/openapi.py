@@ -8,8 +8,9 @@ adds what it cannot know and removes what is not true:
   OpenAPI 3.1 the schema of an event stream describes one event (as parsed by the SSE spec: the
   `data` field holds the payload); its `data` is the literal `[DONE]` or a JSON text whose schema,
   `contentSchema` (JSON Schema 2020-12), is the endpoint's chunk or an error object;
-- facts of the served model, known once the engine is loaded: the one model id accepted and the
-  vocabulary that `stop_token_ids` must come from;
+- facts of the served model, known once the engine is loaded: the one model id accepted, the
+  vocabulary that `stop_token_ids` and `logit_bias` must come from, and the most choices (`n`)
+  its batch holds;
 - with an API key: the bearer scheme, on every operation that needs it.
 """
 
@@ -132,6 +133,7 @@ def _add_served_model(app: FastAPI, schemas: dict[str, Any]) -> None:
         properties["model"]["anyOf"][0]["enum"] = [serving.model_name]
         properties["stop_token_ids"]["anyOf"][0]["items"]["maximum"] = serving.vocab_size - 1
         properties["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"] = decimal_below(serving.vocab_size)
+        properties["n"]["maximum"] = serving.max_choices
 
 
 def decimal_below(n: int) -> str:

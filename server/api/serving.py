@@ -37,7 +37,7 @@ from server.api.protocol import (
     Usage,
     to_sampling_params,
 )
-from server.engine.types import EngineError, FinishReason, RequestDelta, SamplingParams, TokenLogprob
+from server.engine.types import MAX_CHOICES, EngineError, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.loader import chat_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,10 @@ class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine deltas into OpenAI responses."""
 
     def __init__(self, engine: AsyncEngine, served_model_name: str, default_max_tokens: int,
-                 spec_metrics: bool = False) -> None:
+                 spec_metrics: bool = False, max_batch_size: int = MAX_CHOICES) -> None:
         self.engine = engine
         self.spec_metrics = spec_metrics
+        self.max_choices = min(MAX_CHOICES, max_batch_size)  # the n sequences of a request run in one batch
         self.tokenizer = engine.core.tokenizer
         self.vocab_size = len(self.tokenizer)  # every id the tokenizer knows, added tokens included
         self.max_model_len = engine.core.max_model_len
@@ -177,6 +178,9 @@ class OpenAIServing:
         if request.model is not None and request.model != self.model_name:
             raise ApiError(404, f"The model `{request.model}` does not exist; this server serves "
                            f"`{self.model_name}`.", param="model", code="model_not_found")
+        if request.n > self.max_choices:
+            raise ApiError(400, f"n: at most {self.max_choices} choices per request on this server (its batch holds "
+                           f"{self.max_choices} sequences)", param="n")
         self._check_token_ids(request.stop_token_ids or [], "stop_token_ids")
         self._check_token_ids([int(t) for t in request.logit_bias or {}], "logit_bias")
         max_tokens = self._max_tokens(request.requested_max_tokens, len(prompt_ids), prompt_param)
