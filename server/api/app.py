@@ -40,15 +40,8 @@ from server.api.async_engine import AsyncEngine
 from server.api.limits import RequestLimits
 from server.api.metrics import CONTENT_TYPE, ServerMetrics
 from server.api.openapi import OPEN_PATHS, install_openapi
-from server.api.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    Health,
-    ModelList,
-)
+from server.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from server.api.responses import ChatCompletionResponse, CompletionResponse, Health, ModelList
 from server.api.serving import OpenAIServing
 from server.engine.types import EngineCore
 from server.settings import Settings

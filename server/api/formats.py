@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel
 
-from server.api.protocol import (
+from server.api.protocol import ErrorInfo, ErrorResponse
+from server.api.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -29,8 +30,6 @@ from server.api.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
-    ErrorInfo,
-    ErrorResponse,
     FunctionCallDelta,
     FunctionCallOut,
     SpecDecodeStats,

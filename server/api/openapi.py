@@ -23,7 +23,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.api.protocol import ChatCompletionChunk, CompletionResponse, ErrorResponse
+from server.api.protocol import ErrorResponse
+from server.api.responses import ChatCompletionChunk, CompletionResponse
 
 SCHEMAS = "#/components/schemas/"
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and Prometheus scrape without credentials

@@ -29,14 +29,11 @@ from server.api.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    ModelCard,
-    ModelList,
     NamedToolChoice,
     SamplingRequest,
-    SpecDecodeStats,
-    Usage,
     to_sampling_params,
 )
+from server.api.responses import ModelCard, ModelList, SpecDecodeStats, Usage
 from server.engine.types import MAX_CHOICES, EngineError, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.loader import chat_prompt_ids
 
