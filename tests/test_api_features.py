@@ -272,3 +272,31 @@ async def test_the_openapi_document_states_the_served_limits() -> None:
         pattern = properties["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"]
         assert re.match(pattern, "4095") and not re.match(pattern, "4096") and not re.match(pattern, "01")
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+
+
+def test_the_demo_chat_template_renders_tool_free_conversations_as_the_model_was_trained(monkeypatch) -> None:
+    """The tool format is an addition: without tools, the prompt is the builder's template's, token
+    for token (what the model and its drafter were trained on)."""
+    import importlib.util
+    import sys
+
+    from tests.fakes import DEMO_MODEL, demo_tokenizer
+
+    spec = importlib.util.spec_from_file_location("build_demo_model", DEMO_MODEL.parent / "build_demo_model.py")
+    build = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "build_demo_model", build)  # its dataclasses look their module up
+    spec.loader.exec_module(build)
+    tokenizer = demo_tokenizer()
+    conversations = [MESSAGES, [{"role": "system", "content": "Be brief."}, *MESSAGES,
+                                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": ""}]]
+    for conversation in conversations:
+        for generation in (True, False):
+            assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation) == \
+                tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation,
+                                              chat_template=build.CHAT_TEMPLATE)
+    history = [{"role": "system", "content": "Be brief."}, *MESSAGES, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}]
+    text = tokenizer.apply_chat_template(history, tools=TOOLS, tokenize=False)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert '\n{"type": "function", "function": {"name": "now"}}\n</tools><|im_end|>\n' in text
+    assert text.endswith("<|im_start|>assistant\n" + CALL + "<|im_end|>\n")
