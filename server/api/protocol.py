@@ -383,7 +383,8 @@ class ChatCompletionRequest(SamplingRequest):
     metadata: dict[str, Text] | None = Field(None, description="Accepted; no effect (nothing is stored).")
     prompt_cache_key: Text | None = Field(None, description="Accepted; no effect.")
     safety_identifier: Text | None = Field(None, description="Accepted; no effect.")
-    store: Literal[False] | None = Field(None, description="Completions are never stored: false or null only.")
+    store: bool | None = Field(None, description="Completions are never stored: false or null only.",
+                               json_schema_extra={"anyOf": [{"const": False}, {"type": "null"}]})
     service_tier: Literal["auto", "default"] | None = Field(None, description="One tier: auto or default only.")
     modalities: list[Literal["text"]] | None = Field(None, description="Text only.")
     # OpenAI fields this server does not implement: refused unless null.
@@ -394,6 +395,13 @@ class ChatCompletionRequest(SamplingRequest):
     verbosity: Unsupported = None
     functions: Unsupported = Field(None, description="Deprecated by OpenAI; use tools.")
     function_call: Unsupported = Field(None, description="Deprecated by OpenAI; use tool_choice.")
+
+    @field_validator("store")
+    @classmethod
+    def _never_stored(cls, store: bool | None) -> bool | None:
+        if store:
+            raise ValueError("this server stores no completions: leave store out, or send false")
+        return store
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
