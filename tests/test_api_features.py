@@ -8,6 +8,7 @@ makes the "model" answer with that call: the parser and the stream shapes are te
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import Any
 
@@ -149,6 +150,40 @@ def test_parser_on_a_stream_holds_back_only_what_may_be_a_block() -> None:
     assert [p.content for p in held.flush()] == ["<tool"]
 
 
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_stream_in_any_pieces_parses_as_the_whole_output(forced: bool) -> None:
+    outputs = [
+        "hi " + CALL_START + '{"name": "get_weather", "arguments": {"city": "Paris", "x": {"a": 1} } }' + CALL_END + " bye",
+        CALL_START + ' {"name": "now" , "arguments" : {"q": "}"}  }\n' + CALL_END + CALL_START +
+        '{"name":"now","arguments":{}}' + CALL_END,
+        CALL_START + '{"arguments": {"a": 1}, "name": "now"}' + CALL_END + "\n" + CALL_START + '{"name": "now", "ar',
+        "x <tool_c",
+    ]
+    rng = random.Random(0)
+    for text in outputs:
+        content, calls = ToolCallParser(["get_weather", "now"], forced=forced).parse(text)
+        for _ in range(20):
+            parser, pieces, i = ToolCallParser(["get_weather", "now"], forced=forced), [], 0
+            while i < len(text):
+                step = rng.randint(1, 6)
+                pieces += parser.push(text[i : i + step])
+                i += step
+            pieces += parser.flush()
+            streamed: list[list[str]] = []
+            for piece in pieces:
+                if piece.call:
+                    streamed.append([piece.call.name, piece.call.arguments])
+                elif piece.arguments:
+                    streamed[-1][1] += piece.arguments
+            assert "".join(p.content for p in pieces) == content
+            assert streamed == [[c.name, c.arguments] for c in calls]
+    # the arguments are the text the model wrote; a forced call streams them as they come
+    assert [c.arguments for c in ToolCallParser(["now"]).parse(outputs[1])[1]] == ['{"q": "}"}', "{}"]
+    parser = ToolCallParser(["get_weather"], forced=True)
+    head = parser.push(CALL_START + '{"name": "get_weather", "arguments": {"ci')
+    assert head[0].call.name == "get_weather" and head[0].call.arguments == "" and head[1].arguments == '{"ci'
+
+
 def test_parser_without_parallel_calls_keeps_only_the_first() -> None:
     content, calls = ToolCallParser(["get_weather"], parallel=False).parse(CALL + CALL)
     assert len(calls) == 1 and content == CALL
@@ -237,6 +272,20 @@ async def test_auto_tool_calls_in_the_response_and_the_stream() -> None:
     assert off["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in off["choices"][0]["message"]
     assert off["choices"][0]["message"]["content"] == "system\nSure. " + CALL
     assert off["usage"]["prompt_tokens"] < full["usage"]["prompt_tokens"]
+
+
+async def test_a_forced_call_streams_its_arguments_as_they_are_generated() -> None:
+    body = calling_conversation(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    async with api_client(FakeEngineCore(tokens_per_step=1)) as (client, _):
+        full = (await post(client, "/v1/chat/completions", body)).json()
+        chunks = await events(client, "/v1/chat/completions", body)
+    [call] = full["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks if c["choices"] and "tool_calls" in c["choices"][0]["delta"]]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""} and calls[0]["id"].startswith("call_")
+    fragments = [c["function"]["arguments"] for c in calls[1:]]
+    assert len(fragments) > 2 and "".join(fragments) == call["function"]["arguments"]  # token by token
+    assert all(set(c) == {"index", "function"} and c["index"] == 0 for c in calls[1:])
 
 
 def counters(text: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ delta, then a chunk with an empty delta and the finish_reason, then, if asked
 serving). With n > 1 the choices' chunks interleave, each with its `index`. Requests that ask for
 log-probabilities get them on each chunk, one entry per token of the chunk. With tools offered,
 the chat text goes through a `ToolCallParser`: a call is sent as a chunk with its index, id and
-name, then a chunk with its arguments, and its choice finishes with "tool_calls".
+name, then chunks with its arguments, and its choice finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class ChatFormat(_Format):
         if job.tool_names is None:
             return None
         if index not in self._parsers:
-            self._parsers[index] = ToolCallParser(job.tool_names, job.parallel_tool_calls)
+            self._parsers[index] = ToolCallParser(job.tool_names, job.parallel_tool_calls, job.forced_tool_call)
         return self._parsers[index]
 
     def _chunk(self, job: Job, choices: list[ChatChunkChoice], usage: Usage | None = None,
@@ -135,15 +135,23 @@ class ChatFormat(_Format):
         return chunks
 
     def _piece(self, job: Job, index: int, piece: Piece, logprobs: ChatLogprobs | None = None) -> list[str]:
-        if piece.call is None:
+        """A content chunk; or a call's head (index, id, name) and its arguments so far; or more of
+        the arguments of the choice's last call."""
+        if piece.call is None and not piece.arguments:
             return [self._chunk(job, [ChatChunkChoice(index=index, delta=DeltaMessage(content=piece.content),
                                                       logprobs=logprobs)])]
-        call, k = piece.call, self._calls.get(index, 0)
-        self._calls[index] = k + 1
-        head = ToolCallDelta(index=k, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments=""))
-        args = ToolCallDelta(index=k, function=FunctionCallDelta(arguments=call.arguments))
-        return [self._chunk(job, [ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[head]), logprobs=logprobs)]),
-                self._chunk(job, [ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[args]))])]
+        deltas = []
+        if piece.call is not None:
+            call = piece.call
+            self._calls[index] = self._calls.get(index, 0) + 1
+            deltas.append(ToolCallDelta(index=self._calls[index] - 1, id=call.id, type="function",
+                                        function=FunctionCallDelta(name=call.name, arguments="")))
+        arguments = piece.call.arguments if piece.call is not None else piece.arguments
+        if arguments:
+            deltas.append(ToolCallDelta(index=self._calls[index] - 1, function=FunctionCallDelta(arguments=arguments)))
+        return [self._chunk(job, [ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[d]),
+                                                  logprobs=logprobs if k == 0 else None)])
+                for k, d in enumerate(deltas)]
 
     def stream_finish(self, job: Job, index: int, reason: FinishReason, spec: SpecDecodeStats | None) -> list[str]:
         parser = self._parser(job, index)
@@ -160,7 +168,7 @@ class ChatFormat(_Format):
         for i, choice in enumerate(choices):
             text, calls = "".join(choice.text), []
             if job.tool_names is not None:
-                text, calls = ToolCallParser(job.tool_names, job.parallel_tool_calls).parse(text)
+                text, calls = ToolCallParser(job.tool_names, job.parallel_tool_calls, job.forced_tool_call).parse(text)
             message = AssistantMessage(content=None if calls and not text.strip() else text,
                                        tool_calls=[_call_out(c) for c in calls] or None)
             out.append(ChatChoice(index=i, message=message, finish_reason=_finish_reason(choice.finish_reason, len(calls)),

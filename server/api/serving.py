@@ -56,6 +56,7 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     tool_names: list[str] | None = None  # the tools offered (chat): the output is parsed for calls
     parallel_tool_calls: bool = True
+    forced_tool_call: bool = False  # a grammar forces one call: it is streamed as it is generated
     spec_metrics: bool = False  # report `spec_decode` (per_request_spec_decode_metrics)
 
     @property
@@ -190,6 +191,7 @@ class OpenAIServing:
         if isinstance(request, ChatCompletionRequest) and request.offered_tools:
             job.tool_names = [t.function.name for t in request.offered_tools]
             job.parallel_tool_calls = request.parallel_tool_calls is not False
+            job.forced_tool_call = request.forces_tool_call
         deltas = await self._open(job)
         if request.stream:
             return self._events(job, deltas, fmt)

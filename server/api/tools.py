@@ -11,12 +11,14 @@ text. A chat template that supports tools must use these markers.
 - `tool_choice: auto`: nothing is forced; `ToolCallParser` finds every complete block whose JSON
   names an offered function and has an object of arguments; everything else (including a block
   that does not parse) stays text. It works on a stream: text that may be the start of a block is
-  held back until it is known, and a call is sent once its block is complete.
+  held back until it is known, and a call is sent once its block is complete. A forced call is
+  streamed as it is generated: its name once its head is in, then its arguments piece by piece.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,70 +46,138 @@ def forced_call_grammar(functions: Iterable[tuple[str, dict | None]], named: str
 class ParsedCall:
     id: str
     name: str
-    arguments: str  # a JSON text, as OpenAI sends arguments
+    arguments: str  # a JSON text, as OpenAI sends arguments (so far, for a call still streaming)
 
 
 @dataclass
 class Piece:
-    """What the parser found in the text so far: text to show as content, or a call."""
+    """What the parser found in the text so far: text to show as content, a call (with its
+    arguments so far), or more of the arguments of the call before it (`arguments`)."""
 
     content: str = ""
     call: ParsedCall | None = None
+    arguments: str = ""
+
+
+# The head of a call as the template writes it, up to where its arguments start. Names are
+# [a-zA-Z0-9_-] (protocol.NAME_PATTERN), so the name needs no JSON unescaping.
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
 
 
 class ToolCallParser:
-    """Splits a model's output, as it streams in, into content and tool calls."""
+    """Splits a model's output, as it streams in, into content and tool calls.
 
-    def __init__(self, names: Iterable[str], parallel: bool = True) -> None:
+    Two ways to read a call. Checked (the default, for `auto`): a block is a call only once it is
+    complete and parses, so a malformed block stays text. Streamed (`forced=True`: a grammar made
+    the output one well-formed call): the call is announced as soon as its head (`{"name": ...,
+    "arguments": `) is in, and its arguments follow as they are generated. Either way a call's
+    `arguments` are the text the model wrote for them, and a whole output parses into the same
+    content and calls as its stream does.
+    """
+
+    def __init__(self, names: Iterable[str], parallel: bool = True, forced: bool = False) -> None:
         self.names = frozenset(names)
         self.parallel = parallel
+        self.forced = forced
         self.calls = 0
         self._held = ""  # text not yet known to be content: a block, or what may start one
+        self._streaming = False  # inside the arguments of a streamed call
 
     def push(self, text: str) -> list[Piece]:
         self._held += text
         pieces = []
         while True:
+            if self._streaming:
+                if not self._stream_arguments(pieces):
+                    break
+                continue
             start = self._held.find(CALL_START)
             if start < 0:
-                keep = _partial_marker(self._held)
+                keep = _partial(self._held, CALL_START)
                 pieces.append(Piece(self._held[: len(self._held) - keep]))
                 self._held = self._held[len(self._held) - keep :]
                 break
             pieces.append(Piece(self._held[:start]))
-            end = self._held.find(CALL_END, start)
+            self._held = self._held[start:]
+            head = CALL_HEAD.match(self._held, len(CALL_START))
+            # (a head at the very end of the text so far may not have all its whitespace yet)
+            if self.forced and head and head.end() < len(self._held) and self._may_call(head.group(1)):
+                self.calls += 1
+                pieces.append(Piece(call=ParsedCall(_call_id(), head.group(1), "")))
+                self._held, self._streaming = self._held[head.end() :], True
+                continue
+            end = self._held.find(CALL_END)
             if end < 0:
-                self._held = self._held[start:]
                 break
-            block, self._held = self._held[start : end + len(CALL_END)], self._held[end + len(CALL_END) :]
-            call = self._call(block[len(CALL_START) : -len(CALL_END)])
+            block, self._held = self._held[: end + len(CALL_END)], self._held[end + len(CALL_END) :]
+            call = self._checked_call(block[len(CALL_START) : -len(CALL_END)])
             pieces.append(Piece(call=call) if call else Piece(block))
-        return [p for p in pieces if p.content or p.call]
+        return [p for p in pieces if p.content or p.call or p.arguments]
 
     def flush(self) -> list[Piece]:
-        """The end of the output: what is held back is content (an unfinished block included)."""
+        """The end of the output: what is held back is content (an unfinished block included), or
+        the rest of the arguments of a streamed call that was cut short."""
         held, self._held = self._held, ""
+        if self._streaming:
+            self._streaming = False
+            return [Piece(arguments=held)] if held else []
         return [Piece(held)] if held else []
 
     def parse(self, text: str) -> tuple[str, list[ParsedCall]]:
         """A whole output: its content and its calls."""
-        pieces = self.push(text) + self.flush()
-        return "".join(p.content for p in pieces), [p.call for p in pieces if p.call]
+        content, calls = [], []
+        for piece in self.push(text) + self.flush():
+            content.append(piece.content)
+            if piece.call:
+                calls.append(piece.call)
+            elif piece.arguments:
+                calls[-1].arguments += piece.arguments
+        return "".join(content), calls
 
-    def _call(self, body: str) -> ParsedCall | None:
-        if self.calls and not self.parallel:
-            return None
+    def _stream_arguments(self, pieces: list[Piece]) -> bool:
+        """Pass on the arguments of the streamed call, holding back what may be the end of its
+        block (the object's closing brace, then the end marker). True once the block has ended."""
+        end = self._held.find(CALL_END)
+        if end < 0:
+            keep = len(self._held) - _arguments_end(self._held[: len(self._held) - _partial(self._held, CALL_END)])
+            pieces.append(Piece(arguments=self._held[: len(self._held) - keep]))
+            self._held = self._held[len(self._held) - keep :]
+            return False
+        pieces.append(Piece(arguments=self._held[: _arguments_end(self._held[:end])]))
+        self._held, self._streaming = self._held[end + len(CALL_END) :], False
+        return True
+
+    def _may_call(self, name: str) -> bool:
+        return name in self.names and (self.parallel or not self.calls)
+
+    def _checked_call(self, body: str) -> ParsedCall | None:
         try:
             value = json.loads(body)
         except ValueError:
             return None
-        if not (isinstance(value, dict) and value.get("name") in self.names and isinstance(value.get("arguments"), dict)):
+        if not (isinstance(value, dict) and isinstance(value.get("arguments"), dict) and self._may_call(value.get("name"))):
             return None
         self.calls += 1
-        return ParsedCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], json.dumps(value["arguments"], ensure_ascii=False))
+        head = CALL_HEAD.match(body)
+        arguments = (body[head.end() : _arguments_end(body)] if head and head.group(1) == value["name"]
+                     else json.dumps(value["arguments"], ensure_ascii=False))  # written in another key order
+        return ParsedCall(_call_id(), value["name"], arguments)
 
 
-def _partial_marker(text: str) -> int:
-    """Length of the longest end of `text` that is a proper prefix of CALL_START (held back: it
-    may be the start of a block)."""
-    return max((n for n in range(len(CALL_START) - 1, 0, -1) if text.endswith(CALL_START[:n])), default=0)
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _partial(text: str, marker: str) -> int:
+    """Length of the longest end of `text` that is a proper prefix of `marker` (held back: it may
+    be the start of one)."""
+    return max((n for n in range(len(marker) - 1, 0, -1) if text.endswith(marker[:n])), default=0)
+
+
+def _arguments_end(text: str) -> int:
+    """Where the arguments end in `text`, the rest of a call's object after its head: before the
+    object's closing brace and the whitespace around it."""
+    end = len(text.rstrip())
+    if end and text[end - 1] == "}":
+        end = len(text[: end - 1].rstrip())
+    return end
