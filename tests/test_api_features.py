@@ -179,6 +179,8 @@ def test_a_stream_in_any_pieces_parses_as_the_whole_output(forced: bool) -> None
             assert streamed == [[c.name, c.arguments] for c in calls]
     # the arguments are the text the model wrote; a forced call streams them as they come
     assert [c.arguments for c in ToolCallParser(["now"]).parse(outputs[1])[1]] == ['{"q": "}"}', "{}"]
+    extra = CALL_START + '{"name": "now", "arguments": {"a": 1}, "why": 2}' + CALL_END
+    assert ToolCallParser(["now"]).parse(extra)[1][0].arguments == '{"a": 1}'
     parser = ToolCallParser(["get_weather"], forced=True)
     head = parser.push(CALL_START + '{"name": "get_weather", "arguments": {"ci')
     assert head[0].call.name == "get_weather" and head[0].call.arguments == "" and head[1].arguments == '{"ci'

@@ -158,10 +158,21 @@ class ToolCallParser:
         if not (isinstance(value, dict) and isinstance(value.get("arguments"), dict) and self._may_call(value.get("name"))):
             return None
         self.calls += 1
-        head = CALL_HEAD.match(body)
-        arguments = (body[head.end() : _arguments_end(body)] if head and head.group(1) == value["name"]
-                     else json.dumps(value["arguments"], ensure_ascii=False))  # written in another key order
-        return ParsedCall(_call_id(), value["name"], arguments)
+        return ParsedCall(_call_id(), value["name"], _written_arguments(body, value["arguments"]))
+
+
+def _written_arguments(body: str, arguments: dict) -> str:
+    """The text of a call's arguments as the model wrote them in `body`, or (written otherwise:
+    another key order, more keys) as JSON."""
+    head = CALL_HEAD.match(body)
+    if head:
+        text = body[head.end() : _arguments_end(body)]
+        try:
+            if json.loads(text) == arguments:
+                return text
+        except ValueError:
+            pass
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _call_id() -> str:
