@@ -1,4 +1,4 @@
-"""OpenAI-compatible request and response schemas (pydantic), and the request -> SamplingParams map.
+"""OpenAI-compatible request schemas (pydantic), the error body, and the request -> SamplingParams map.
 
 The chat and completion requests share one base class, so every sampling field is defined once
 with its bounds and description. Nothing is silently dropped: an unknown field is refused (400,
@@ -6,84 +6,42 @@ naming it), and so is an OpenAI field this server does not implement (audio, pre
 `best_of`, `echo`, ...) unless it is left out or at its no-op value. Identifiers that change no
 output (`user`, `metadata`, `prompt_cache_key`, `safety_identifier`) are accepted.
 
-Types are strict, as OpenAI's are: no numeric strings ("10" is not a max_tokens), no booleans as
-numbers (`seed: false` is not seed 0), no NaN or infinity; every integer
-has a range, so nothing reaches torch as an int64 overflow; text must be valid Unicode (JSON's
-`\ud800` escape decodes to a lone surrogate, which no tokenizer can encode). Each field's JSON
-schema states exactly what is accepted (the OpenAPI document is built from these models), including
-the two rules that tie fields together (`top_logprobs` needs `logprobs`, `stream_options` needs
-`stream`). Shapes follow the OpenAI API reference
+Types are strict, as OpenAI's are (fields.py). Each field's JSON schema states exactly what is
+accepted (the OpenAPI document is built from these models), including the rules that tie fields
+together (`top_logprobs` needs `logprobs`, `stream_options` needs `stream`, a forced tool call
+needs tools and no JSON response format). Shapes follow the OpenAI API reference
 (https://platform.openai.com/docs/api-reference/chat, .../completions); `speculative`,
 `ignore_eos`, `stop_token_ids` and `repetition_penalty` are our extensions (the last three as in
-vLLM). Tools, `tool_choice` and `response_format` become a `GrammarSpec` (tools.py).
+vLLM). `tool_choice` and `response_format` become a `GrammarSpec` (tools.py has the tool schemas).
+Responses are in responses.py.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from server.api.tools import forced_call_grammar
-from server.engine.types import MAX_CHOICES, MAX_TOP_LOGPROBS, GrammarSpec, SamplingParams
-
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-# Bound of token counts, ids and top_k: above any context length or vocabulary in use (the largest
-# vocabularies have ~262k tokens), far below where an int64 tensor would overflow.
-MAX_TOKEN_COUNT = 1 << 20
-# seed: an integer that every JSON parser reads exactly. Beyond 2**53 - 1, parsers and schema
-# validators that read numbers as doubles (JavaScript's, many others: RFC 7493) round them, so a
-# bound there is not one that clients can check.
-MAX_SAFE_INTEGER = (1 << 53) - 1
-REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-MAX_TOOLS = 128  # OpenAI's limit
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 forces it
-NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # function and schema names, as OpenAI allows them
-TOKEN_ID_KEY = r"^(0|[1-9][0-9]{0,6})$"  # a token id as a JSON object key (the served vocabulary narrows it)
-
-
-def valid_unicode(text: str) -> str:
-    """`text`, if it is valid Unicode; else a ValueError naming the first lone surrogate."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"invalid Unicode: lone surrogate \\u{ord(text[exc.start]):04x} at character {exc.start} "
-                         "(a JSON \\uXXXX escape of half a surrogate pair)") from None
-    return text
-
-
-def _integral(value: Any) -> Any:
-    """10.0 is the integer 10, as in JSON Schema (the OpenAPI document's language); 10.5 stays a number."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def valid_json_text(value: Any) -> Any:
-    """`value` (a JSON value, e.g. a JSON schema), if every string in it is valid Unicode."""
-    if isinstance(value, str):
-        valid_unicode(value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            valid_unicode(key)
-            valid_json_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            valid_json_text(item)
-    return value
-
-
-def _not_supported(value: Any) -> Any:
-    if value is not None:
-        raise ValueError("not supported by this server; leave it out (or send null)")
-    return value
-
-
-Text = Annotated[str, AfterValidator(valid_unicode)]
-JsonObject = Annotated[dict[str, Any], AfterValidator(valid_json_text)]
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-# An OpenAI field this server does not implement: only null (or leaving it out) is accepted.
-Unsupported = Annotated[Any, WithJsonSchema({"type": "null"}), AfterValidator(_not_supported)]
-IntegralFloat = BeforeValidator(_integral)  # strict otherwise: no strings, no booleans as integers
-
+from server.api.fields import (
+    MAX_STOP_SEQUENCES,
+    REQUEST_CONFIG,
+    Choices,
+    IntegralFloat,
+    JsonObject,
+    LogitBias,
+    Name,
+    Seed,
+    Text,
+    TokenCount,
+    TokenId,
+    TopK,
+    TopLogprobs,
+    Unsupported,
+    valid_unicode,
+    with_rules,
+)
+from server.api.tools import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, forced_call_grammar
+from server.engine.types import MAX_CHOICES, GrammarSpec, SamplingParams
 
 class ApiError(Exception):
     """An error with an HTTP status, rendered as OpenAI's {"error": {...}} body by the app."""
@@ -130,27 +88,6 @@ NON_EMPTY_TEXT = {"type": "string", "minLength": 1}
 STOP_SCHEMA = {"anyOf": [NON_EMPTY_TEXT, {"type": "array", "items": NON_EMPTY_TEXT, "maxItems": MAX_STOP_SEQUENCES},
                          {"type": "null"}]}
 PROMPT_SCHEMA = {"anyOf": [NON_EMPTY_TEXT, {"type": "array", "items": NON_EMPTY_TEXT, "minItems": 1, "maxItems": 1}]}
-# Integer fields: the bounds go before the validator, so that the JSON schema states them.
-TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_COUNT), IntegralFloat]
-TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_COUNT), IntegralFloat]
-TopK = Annotated[int, Field(ge=-1, le=MAX_TOKEN_COUNT), IntegralFloat]
-Seed = Annotated[int, Field(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER), IntegralFloat]
-TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), IntegralFloat]
-Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), IntegralFloat]
-LOGIT_BIAS_SCHEMA = {"type": "object", "propertyNames": {"pattern": TOKEN_ID_KEY},
-                     "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS}}
-LogitBias = Annotated[dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)],
-                           Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
-                      WithJsonSchema(LOGIT_BIAS_SCHEMA)]
-
-
-def _with_rules(schema: dict[str, Any], cls: type) -> None:
-    """JSON schema hook: a request class's `schema_rules` become its schema's `allOf`."""
-    rules = getattr(cls, "schema_rules", ())
-    if rules:
-        schema["allOf"] = list(rules)
-
-
 class StreamOptions(BaseModel):
     model_config = REQUEST_CONFIG
     include_usage: bool = Field(False, description="Send a last chunk with usage and no choices.")
@@ -159,7 +96,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
-    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra=_with_rules)
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra=with_rules)
     schema_rules: ClassVar[tuple[dict[str, Any], ...]] = (STREAM_OPTIONS_RULE,)
 
     model: Text | None = Field(None, description="Served model name; defaults to the only model served.")
@@ -237,21 +174,6 @@ class TextPart(BaseModel):
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = REQUEST_CONFIG
-    name: Text
-    arguments: Text = Field(description="The arguments as a JSON text (rendered into the prompt as sent).")
-
-
-class ToolCall(BaseModel):
-    """A call an assistant message of the history made."""
-
-    model_config = REQUEST_CONFIG
-    id: Text
-    type: Literal["function"]
-    function: FunctionCall
-
-
 # Tool calls belong to assistant messages, tool_call_id to tool messages.
 TOOL_CALLS_RULE = {
     "if": {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array"}}},
@@ -264,7 +186,7 @@ TOOL_CALL_ID_RULE = {
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra=_with_rules)
+    model_config = ConfigDict(**REQUEST_CONFIG, json_schema_extra=with_rules)
     schema_rules: ClassVar[tuple[dict[str, Any], ...]] = (TOOL_CALLS_RULE, TOOL_CALL_ID_RULE)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -299,31 +221,6 @@ class ChatMessage(BaseModel):
         """Content parts joined to one text."""
         text = content if isinstance(content, str) else "".join(part.text for part in content or ())
         return valid_unicode(text)
-
-
-class FunctionDefinition(BaseModel):
-    model_config = REQUEST_CONFIG
-    name: Name
-    description: Text | None = None
-    parameters: JsonObject | None = Field(None, description="JSON schema of the arguments (an object); none: any object.")
-    strict: bool | None = Field(None, description="Accepted either way: a forced call's arguments always follow the schema.")
-
-
-class Tool(BaseModel):
-    model_config = REQUEST_CONFIG
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class FunctionName(BaseModel):
-    model_config = REQUEST_CONFIG
-    name: Name
-
-
-class NamedToolChoice(BaseModel):
-    model_config = REQUEST_CONFIG
-    type: Literal["function"]
-    function: FunctionName
 
 
 class TextFormat(BaseModel):

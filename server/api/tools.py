@@ -22,12 +22,62 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
+
+from server.api.fields import REQUEST_CONFIG, JsonObject, Name, Text
 from server.engine.types import GrammarSpec
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+MAX_TOOLS = 128  # OpenAI's limit
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # the arguments of a function without parameters
+
+
+# ---------------------------------------------------------------- request schemas
+
+class FunctionDefinition(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Name
+    description: Text | None = None
+    parameters: JsonObject | None = Field(None, description="JSON schema of the arguments (an object); none: any object.")
+    strict: bool | None = Field(None, description="Accepted either way: a forced call's arguments always follow the schema.")
+
+
+class Tool(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Name
+
+
+class NamedToolChoice(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Text
+    arguments: Text = Field(description="The arguments as a JSON text (rendered into the prompt as sent).")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message of the history made."""
+
+    model_config = REQUEST_CONFIG
+    id: Text
+    type: Literal["function"]
+    function: FunctionCall
+
+
+
+# ---------------------------------------------------------------- grammar and parser
 
 
 def forced_call_grammar(functions: Iterable[tuple[str, dict | None]], named: str | None = None) -> GrammarSpec:
