@@ -1,4 +1,4 @@
-"""Tool calls: the grammar that forces one, and the parser that finds them in a model's output.
+"""Tool calls: their request schemas, the grammar that forces one, and the parser that finds them.
 
 The format is the one the demo model's chat template teaches (models/demo-llama/README.md): the
 template lists the offered tools in the system turn, and a call is
@@ -35,6 +35,7 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}  # the arguments of a function w
 
 
 # ---------------------------------------------------------------- request schemas
+
 
 class FunctionDefinition(BaseModel):
     model_config = REQUEST_CONFIG
