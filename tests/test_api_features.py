@@ -91,6 +91,7 @@ def test_forced_tool_choices_map_to_a_call_grammar_and_auto_and_none_to_none() -
         ({"tool_choice": "required"}, "needs tools"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot both apply"),
         ({"tools": [{"type": "retrieval"}]}, "function"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "JSON object"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"\ud800": 1}}}]}, "invalid Unicode"),
         ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "only assistant messages"),
         ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "only tool messages"),

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from server.api.fields import REQUEST_CONFIG, JsonObject, Name, Text
 from server.engine.types import GrammarSpec
@@ -41,8 +41,18 @@ class FunctionDefinition(BaseModel):
     model_config = REQUEST_CONFIG
     name: Name
     description: Text | None = None
-    parameters: JsonObject | None = Field(None, description="JSON schema of the arguments (an object); none: any object.")
+    parameters: JsonObject | None = Field(
+        None, description="JSON schema of the arguments, an object (its `type`, if given, is \"object\"); none: any object.",
+        json_schema_extra={"properties": {"type": {"const": "object"}}})
     strict: bool | None = Field(None, description="Accepted either way: a forced call's arguments always follow the schema.")
+
+
+    @field_validator("parameters")
+    @classmethod
+    def _arguments_are_an_object(cls, parameters: dict | None) -> dict | None:
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError("the arguments of a function are a JSON object: parameters' type must be \"object\"")
+        return parameters
 
 
 class Tool(BaseModel):
