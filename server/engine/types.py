@@ -56,8 +56,8 @@ class SamplingParams:
     `top_k=None` and `top_p=1.0` switch those filters off. `speculative=False` decodes this
     request one token per step even when the server runs a drafter. `logprobs=k` (0 <= k <= 20)
     returns each emitted token's log-probability and the k likeliest tokens at its position;
-    None returns none. `n` sequences are decoded from one prefill of the prompt; sequence i samples
-    with seed `seed + i`, so choice i is what a request with n=1 and that seed would give.
+    None returns none. `n` sequences are decoded from one prefill of the prompt; with a seed,
+    sequence i samples with `seed + i`, so choice i is what a request with n=1 and that seed gives.
     """
 
     max_tokens: int = 256
