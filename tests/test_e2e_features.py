@@ -89,14 +89,19 @@ def test_n_seeded_choices_differ_each_is_seed_plus_i_and_speculation_changes_not
 def test_logit_bias_and_penalties_apply_and_speculation_changes_nothing(server: Server) -> None:
     client = server.client()
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    greedy = create(client, temperature=0).choices[0].message.content
-    first = tokenizer.encode(greedy, add_special_tokens=False)[0]
-    banned = dict(temperature=0, logit_bias={str(first): -100})
+
+    def tokens(response) -> list[str]:
+        return [e.token for e in response.choices[0].logprobs.content]
+
+    greedy = tokens(create(client, temperature=0, logprobs=True))
+    [first] = tokenizer.encode(greedy[0], add_special_tokens=False)  # the greedy answer's first token
+    assert tokenizer.decode([first]) == greedy[0]
+    banned = dict(temperature=0, logprobs=True, logit_bias={str(first): -100})
     biased = create(client, **banned)
-    assert texts(biased) == texts(create(client, **banned, extra_body=PLAIN))
-    assert tokenizer.encode(biased.choices[0].message.content, add_special_tokens=False)[0] != first
-    forced = create(client, temperature=0, max_tokens=4, logit_bias={str(first): 100})
-    assert tokenizer.encode(forced.choices[0].message.content, add_special_tokens=False) == [first] * 4
+    assert tokens(biased) == tokens(create(client, **banned, extra_body=PLAIN))
+    assert tokens(biased)[0] != greedy[0]
+    forced = create(client, temperature=0, max_tokens=4, logprobs=True, logit_bias={str(first): 100})
+    assert tokens(forced) == [greedy[0]] * 4
     penalised = dict(temperature=0.8, seed=3, presence_penalty=1.5, frequency_penalty=0.5,
                      extra_body={"repetition_penalty": 1.3})
     assert texts(create(client, **penalised)) == \
