@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     shutdown_timeout: int = Field(
         10, ge=0, description="Seconds to let requests in flight finish after SIGTERM before aborting them."
     )
+    per_request_spec_decode_metrics: bool = Field(
+        False, description="Each response (the last chunk of a stream) carries `spec_decode`: the request's "
+        "drafts, draft tokens, accepted tokens and acceptance length, as vLLM's flag of the same name.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
 
     @field_validator("model")

@@ -44,8 +44,13 @@ class _Seq:
     prompt_ids: list[int]
     params: SamplingParams
     prompt_text: str
+    index: int = 0  # choice of a request with n > 1 (each echoes the same)
     output: list[int] = field(default_factory=list)
     sent_text: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.request_id if self.index == 0 else f"{self.request_id}#{self.index}"
 
 
 class FakeEngineCore:
@@ -75,11 +80,11 @@ class FakeEngineCore:
         if self.refuse_marker and self.refuse_marker in text:
             raise EngineError("fake engine refuses this prompt")
         self.added.append(request_id)
-        self.waiting.append(_Seq(request_id, list(prompt_token_ids), params, text))
+        self.waiting.extend(_Seq(request_id, list(prompt_token_ids), params, text, i) for i in range(params.n))
 
     def abort_request(self, request_id: str) -> None:
         self.aborted.append(request_id)
-        self.running.pop(request_id, None)
+        self.running = {k: s for k, s in self.running.items() if s.request_id != request_id}
         self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
 
     def has_work(self) -> bool:
@@ -88,16 +93,17 @@ class FakeEngineCore:
     def step(self) -> list[RequestDelta]:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting.popleft()
-            self.running[seq.request_id] = seq
+            self.running[seq.key] = seq
         if self.paused.is_set():
             time.sleep(PAUSED_STEP_S)
             return []
         if self.crash_marker and any(self.crash_marker in s.prompt_text for s in self.running.values()):
             raise RuntimeError("fake engine crashed")
-        deltas = [self._advance(seq) for seq in list(self.running.values())]
-        for delta in deltas:
-            if delta.finished:
-                del self.running[delta.request_id]
+        deltas = []
+        for seq in list(self.running.values()):
+            deltas.append(self._advance(seq))
+            if deltas[-1].finished:
+                del self.running[seq.key]
         if self.pause_after is not None and any(len(s.output) >= self.pause_after for s in self.running.values()):
             self.paused.set()
         return deltas
@@ -142,7 +148,7 @@ class FakeEngineCore:
     def _delta(self, seq: _Seq, new: list[int], text: str, finish: FinishReason | None, *, error: str | None = None,
                speculated: bool = False, drafts: int = 0, accepted: int = 0) -> RequestDelta:
         return RequestDelta(
-            request_id=seq.request_id, token_ids=new, text=text, finish_reason=finish,
+            request_id=seq.request_id, index=seq.index, token_ids=new, text=text, finish_reason=finish,
             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output), speculated=speculated,
             num_draft_tokens=drafts, num_accepted_tokens=accepted, error=error,
             logprobs=None if seq.params.logprobs is None else [fake_logprob(t, seq.params.logprobs) for t in new],

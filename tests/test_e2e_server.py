@@ -195,8 +195,8 @@ def test_logprobs_stream_equals_full_and_speculation_does_not_change_them(server
 
 def test_errors(server: Server) -> None:
     client = server.client()
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        chat(client, "hi", n=2)
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 16"):
+        chat(client, "hi", n=17)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 1024"):
         chat(client, "hi", max_tokens=5000)
     with pytest.raises(openai.NotFoundError):

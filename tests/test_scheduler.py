@@ -17,7 +17,7 @@ def seq(i: int, prompt_len: int = 10, speculative: bool = True) -> Sequence:
 
 def admitted(sched: Scheduler, slots: int) -> list[Sequence]:
     free = list(range(slots))
-    return sched.admit(lambda: bool(free), free.pop)
+    return sched.admit(lambda k=1: len(free) >= k, free.pop)
 
 
 def test_admission_is_fifo_and_bounded_by_slots_and_batch():

@@ -40,15 +40,8 @@ from server.api.async_engine import AsyncEngine
 from server.api.limits import RequestLimits
 from server.api.metrics import CONTENT_TYPE, ServerMetrics
 from server.api.openapi import OPEN_PATHS, install_openapi
-from server.api.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    Health,
-    ModelList,
-)
+from server.api.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from server.api.responses import ChatCompletionResponse, CompletionResponse, Health, ModelList
 from server.api.serving import OpenAIServing
 from server.engine.types import EngineCore
 from server.settings import Settings
@@ -71,7 +64,9 @@ def create_app(settings: Settings, engine: EngineCore | AsyncEngine | None = Non
             async_engine = AsyncEngine(core, metrics, settings.max_batch_size, settings.max_queue)
         async_engine.start()
         app.state.engine = async_engine
-        app.state.serving = OpenAIServing(async_engine, settings.served_model_name, settings.default_max_tokens)
+        app.state.serving = OpenAIServing(async_engine, settings.served_model_name, settings.default_max_tokens,
+                                          spec_metrics=settings.per_request_spec_decode_metrics,
+                                          max_batch_size=settings.max_batch_size)
         log.info("serving %s (max_model_len=%d)", settings.served_model_name, async_engine.core.max_model_len)
         try:
             yield
@@ -210,6 +205,8 @@ def _describe_validation_errors(errors: Any) -> tuple[str, str | None]:
             parts.append(f"request body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}")
             continue
         msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden":
+            msg = "unknown field: this server does not implement it (refused rather than ignored)"
         if str(error.get("type", "")).endswith("_type") and "input" in error:  # strict types: say what came
             msg += f", got {_json_type(error['input'])}"
         field = ".".join(loc)

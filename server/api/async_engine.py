@@ -15,8 +15,9 @@ thread ever dies, it raises `EngineUnavailable` (HTTP 503). An exception escapin
 the requests it owned with `FinishReason.ERROR` and the worker carries on (the engine isolates
 per-request failures itself where it can; this is the last line of defence). Either way every
 submitted request gets exactly one final item (a finished delta, or the EngineError refusing it):
-a delta taken off the tracked set is posted even if the metrics code after it fails. The worker
-also feeds `ServerMetrics`.
+a delta taken off the tracked set is posted even if the metrics code after it fails. A request
+with n > 1 choices gets one final item per choice (each delta carries its `index`) and is finished
+once all n are. The worker also feeds `ServerMetrics` (per request, not per choice).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class _Tracked:
 
     arrival: float
     prompt_tokens: int
+    unfinished: set[int]  # choices (0 to n - 1) without their final delta yet
     completion_tokens: int = 0
     last_token_at: float | None = None
 
@@ -119,19 +121,21 @@ class AsyncEngine:
         """Submit a request and yield its deltas until one is finished.
 
         Raises QueueFull, EngineUnavailable, or an EngineError the engine raised on admission.
+        With n > 1 the deltas of all choices come interleaved, until each has finished.
         """
         self._admit(request_id)
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[request_id] = stream
         self._send(_Submit(request_id, prompt_ids, params, time.monotonic()))
-        done = False
+        done, left = False, params.n
         try:
             while not done:
                 item = await stream.get()
                 if isinstance(item, Exception):
                     done = True
                     raise item
-                done = item.finished
+                left -= item.finished
+                done = left == 0
                 yield item
         finally:
             del self._streams[request_id]
@@ -221,7 +225,8 @@ class AsyncEngine:
 
     def _add(self, cmd: _Submit) -> None:
         if self._stopping:
-            self._post([(cmd.request_id, self._final_delta(cmd.request_id, FinishReason.ABORT))])
+            self._post([(cmd.request_id, d) for d in self._final_deltas(cmd.request_id, FinishReason.ABORT,
+                                                                         indices=range(cmd.params.n))])
             return
         try:
             self.core.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
@@ -231,10 +236,11 @@ class AsyncEngine:
         except Exception:
             log.exception("add_request(%s) failed", cmd.request_id)
             self.metrics.observe_finish(FinishReason.ERROR, None)
-            failed = self._final_delta(cmd.request_id, FinishReason.ERROR, "internal engine error")
-            self._post([(cmd.request_id, failed)])
+            failed = self._final_deltas(cmd.request_id, FinishReason.ERROR, "internal engine error", range(cmd.params.n))
+            self._post([(cmd.request_id, d) for d in failed])
             return
-        self._tracked[cmd.request_id] = _Tracked(arrival=cmd.arrival, prompt_tokens=len(cmd.prompt_ids))
+        self._tracked[cmd.request_id] = _Tracked(arrival=cmd.arrival, prompt_tokens=len(cmd.prompt_ids),
+                                                 unfinished=set(range(cmd.params.n)))
         self.metrics.observe_admitted(len(cmd.prompt_ids))
 
     def _abort(self, request_id: str) -> None:
@@ -260,18 +266,22 @@ class AsyncEngine:
                 tracked = self._tracked.get(delta.request_id)
                 if tracked is None:
                     continue  # aborted while the step ran
+                done = False
                 if delta.finished:  # untracked before anything else can fail: its final delta goes out below
-                    del self._tracked[delta.request_id]
+                    tracked.unfinished.discard(delta.index)
+                    done = not tracked.unfinished
+                    if done:
+                        del self._tracked[delta.request_id]
                 out.append((delta.request_id, delta))
                 self.metrics.observe_delta(delta)
                 if delta.token_ids:
                     if tracked.last_token_at is None:
                         self.metrics.observe_first_token(now - tracked.arrival, step_start - tracked.arrival)
-                    else:
+                    elif tracked.last_token_at < now:  # once per step: n choices advance together
                         self.metrics.observe_token_gap(now - tracked.last_token_at, len(delta.token_ids))
                     tracked.last_token_at = now
                 tracked.completion_tokens = delta.completion_tokens
-                if delta.finished:
+                if done:
                     self.metrics.observe_finish(delta.finish_reason, now - tracked.arrival)
             self._publish_stats()  # before the deltas go out: a client that finished sees gauges that agree
         finally:  # a delta taken off `_tracked` must reach its client even if metrics failed
@@ -279,7 +289,8 @@ class AsyncEngine:
 
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
         """End every tracked request with `reason`, releasing it in the engine (best effort)."""
-        out: list[tuple[str, _Item]] = [(r, self._final_delta(r, reason, error)) for r in self._tracked]
+        out: list[tuple[str, _Item]] = [(r, d) for r, t in self._tracked.items()
+                                        for d in self._final_deltas(r, reason, error, sorted(t.unfinished))]
         try:
             for request_id in list(self._tracked):
                 self._release(request_id)
@@ -292,17 +303,19 @@ class AsyncEngine:
         except Exception:
             log.exception("engine stats failed")
 
-    def _final_delta(self, request_id: str, reason: FinishReason, error: str | None = None) -> RequestDelta:
+    def _final_deltas(self, request_id: str, reason: FinishReason, error: str | None, indices) -> list[RequestDelta]:
+        """A final delta for each of the request's choices in `indices`."""
         tracked = self._tracked.get(request_id)
-        return RequestDelta(
+        return [RequestDelta(
             request_id=request_id,
+            index=i,
             token_ids=[],
             text="",
             finish_reason=reason,
             prompt_tokens=tracked.prompt_tokens if tracked else 0,
             completion_tokens=tracked.completion_tokens if tracked else 0,
             error=error,
-        )
+        ) for i in indices]
 
     def _publish_stats(self) -> None:
         self.stats = self.core.stats()

@@ -8,8 +8,9 @@ adds what it cannot know and removes what is not true:
   OpenAPI 3.1 the schema of an event stream describes one event (as parsed by the SSE spec: the
   `data` field holds the payload); its `data` is the literal `[DONE]` or a JSON text whose schema,
   `contentSchema` (JSON Schema 2020-12), is the endpoint's chunk or an error object;
-- facts of the served model, known once the engine is loaded: the one model id accepted and the
-  vocabulary that `stop_token_ids` must come from;
+- facts of the served model, known once the engine is loaded: the one model id accepted, the
+  vocabulary that `stop_token_ids` and `logit_bias` must come from, and the most choices (`n`)
+  its batch holds;
 - with an API key: the bearer scheme, on every operation that needs it.
 """
 
@@ -22,7 +23,8 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.api.protocol import ChatCompletionChunk, CompletionResponse, ErrorResponse
+from server.api.protocol import ErrorResponse
+from server.api.responses import ChatCompletionChunk, CompletionResponse
 
 SCHEMAS = "#/components/schemas/"
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # probes and Prometheus scrape without credentials
@@ -131,3 +133,21 @@ def _add_served_model(app: FastAPI, schemas: dict[str, Any]) -> None:
         properties = schemas[request]["properties"]
         properties["model"]["anyOf"][0]["enum"] = [serving.model_name]
         properties["stop_token_ids"]["anyOf"][0]["items"]["maximum"] = serving.vocab_size - 1
+        properties["logit_bias"]["anyOf"][0]["propertyNames"]["pattern"] = decimal_below(serving.vocab_size)
+        properties["n"]["maximum"] = serving.max_choices
+
+
+def decimal_below(n: int) -> str:
+    """A regular expression for the decimal integers 0 to n - 1 (no leading zeros), n >= 1."""
+    digits = str(n - 1)
+    options = ["0"] if len(digits) > 1 else []
+    if len(digits) > 2:
+        options.append(f"[1-9][0-9]{{0,{len(digits) - 2}}}")  # every shorter number
+    elif len(digits) == 2:
+        options.append("[1-9]")
+    for i, d in enumerate(digits):  # same length: equal up to digit i, then smaller there
+        low = "1" if i == 0 and len(digits) > 1 else "0"
+        if int(d) > int(low):
+            options.append(f"{digits[:i]}[{low}-{int(d) - 1}][0-9]{{{len(digits) - i - 1}}}")
+    options.append(digits)
+    return "^(" + "|".join(options) + ")$"

@@ -116,7 +116,7 @@ class LLMEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.grammars = Grammars(tokenizer, cfg.vocab_size, sorted(self.eos_ids))  # structured outputs
         self.processor = LogitsProcessor(self.grammars)  # logit_bias, penalties, grammar masks
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, Sequence] = {}  # by Sequence.request_id (a request with n > 1 has n)
         self._outbox: list[RequestDelta] = []  # deltas produced outside step() (aborts)
         # Wall seconds spent per phase since start (propose / verify / finish): where a step's time goes.
         self.phase_seconds: Counter[str] = Counter()
@@ -135,16 +135,28 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise EngineError(f"prompt token ids must be in [0, {vocab})")
-        seq = Sequence(request_id, list(prompt_token_ids), params, IncrementalDetokenizer(self.tokenizer, params.stop))
-        self.grammars.start(seq)  # refuses a grammar that does not compile
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        slots = min(self.config.scheduler.max_batch_size, self.cache.max_slots)
+        if params.n > slots:
+            raise EngineError(f"n={params.n} sequences do not fit in this server's batch of {slots}")
+        seqs = [Sequence(request_id if i == 0 else f"{request_id}#{i}", list(prompt_token_ids), params,
+                         IncrementalDetokenizer(self.tokenizer, params.stop), index=i, group_id=request_id)
+                for i in range(params.n)]
+        try:
+            for seq in seqs:
+                self.grammars.start(seq)  # refuses a grammar that does not compile
+        except Exception:
+            for seq in seqs:
+                self.grammars.release(seq)
+            raise
+        seqs[0].forks = seqs[1:]
+        self._seqs.update((s.request_id, s) for s in seqs)
+        self.scheduler.add(seqs[0])
 
     def abort_request(self, request_id: str) -> None:
-        seq = self._seqs.get(request_id)
-        if seq is not None:
-            self._finish(seq, FinishReason.ABORT)
-            self._outbox.append(self._delta(seq, [], ""))
+        for seq in [s for s in self._seqs.values() if s.group_id == request_id]:
+            if not seq.finished:
+                self._finish(seq, FinishReason.ABORT)
+                self._outbox.append(self._delta(seq, [], ""))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._outbox)
@@ -169,6 +181,7 @@ class LLMEngine:
         deltas, self._outbox = self._outbox, []
         for seq in self.scheduler.admit(self.cache.can_allocate, self.cache.allocate):
             self.guard.start(seq)
+        self._fork_ready(deltas)
         plan = self.scheduler.plan(speculation_enabled=self.guard.enabled)
         if plan.empty:
             return deltas
@@ -215,6 +228,8 @@ class LLMEngine:
                 self.cache.advance(p.seq.slot, len(p.chunk))
                 p.seq.num_prefilled += len(p.chunk)
                 self.guard.observe(p.seq, p.chunk, p.hidden)
+                if p.seq.forks and p.hidden is not None:  # the forks' drafter sees the same prefix
+                    p.seq.shared_hidden.append(p.hidden)
                 if p.token is not None:
                     p.seq.status = Status.DECODE
                     deltas.append(self._emit(p.seq, [p.token], [p.logprob]))
@@ -245,6 +260,25 @@ class LLMEngine:
                                                plan.tier)
             except Exception:  # it only tunes speed: never worth a request
                 log.exception("speculation governor failed to record a step")
+
+    def _fork_ready(self, deltas: list[RequestDelta]) -> None:
+        """Fork every sequence whose shared prefix is in: its FORKED siblings get a copy of the
+        prefix's K/V and drafter context, and all of them go on to prefill the last prompt token."""
+        for seq in [s for s in self.scheduler.running if s.forks and s.num_prefilled == s.shared_prefix]:
+            forks, hidden = seq.forks, seq.shared_hidden
+            seq.forks, seq.shared_hidden = [], []
+            prefix = seq.prompt_ids[: seq.shared_prefix]
+            for fork in forks:
+                try:
+                    self.cache.copy_prefix(seq.slot, fork.slot, len(prefix))
+                    fork.num_prefilled, fork.status = len(prefix), Status.PREFILL
+                    fork.drafting = seq.drafting and self.guard.wants(seq)
+                    self.guard.start(fork)
+                    if prefix:
+                        self.guard.observe(fork, prefix, torch.cat(hidden) if self.guard.wants_hidden(fork) else None)
+                except Exception as exc:
+                    log.exception("request %s: forking failed", fork.request_id)
+                    deltas.append(self._fail(fork, exc))
 
     def _forward(self, prefill: list[tuple[Sequence, int]], decode: list[tuple[Sequence, int]],
                  trees: list[TokenTree]) -> _Forwarded:
@@ -415,9 +449,13 @@ class LLMEngine:
         if seq.finished:
             return
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self._seqs.pop(seq.request_id, None)
         self.guard.release(seq)
         self.grammars.release(seq)
+        forks, seq.forks, seq.shared_hidden = seq.forks, [], []
+        for fork in forks:  # they waited for this one's prefill, which will not come: they end as it did
+            self._finish(fork, reason)
+            self._outbox.append(self._delta(fork, [], "", error="internal error" if reason is FinishReason.ERROR else None))
+        self._seqs.pop(seq.request_id, None)
         try:
             self.scheduler.remove(seq)
             if seq.slot >= 0:
@@ -435,7 +473,8 @@ class LLMEngine:
 
     def _delta(self, seq: Sequence, tokens: list[int], text: str, error: str | None = None) -> RequestDelta:
         return RequestDelta(
-            request_id=seq.request_id,
+            request_id=seq.group_id,
+            index=seq.index,
             token_ids=tokens,
             text=text,
             finish_reason=seq.finish_reason,

@@ -311,11 +311,17 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def admit(self, can_allocate, allocate) -> list[Sequence]:
+        """Admit waiting sequences in order while they fit; a sequence with forks (n > 1) comes in
+        with them, all or none (`can_allocate(k)`: are k cache slots free)."""
         admitted = []
-        while self.waiting and len(self.running) < self.config.max_batch_size and can_allocate():
+        while self.waiting:
+            need = self.waiting[0].group_size
+            if len(self.running) + need > self.config.max_batch_size or not can_allocate(need):
+                break
             seq = self.waiting.popleft()
-            seq.slot, seq.status = allocate(), Status.PREFILL
-            self.running.append(seq)
+            for s in (seq, *seq.forks):
+                s.slot, s.status = allocate(), Status.FORKED if s is not seq else Status.PREFILL
+                self.running.append(s)
             admitted.append(seq)
         return admitted
 

@@ -25,6 +25,7 @@ class EngineError(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's chat limit)
+MAX_CHOICES = 16  # n: sequences one request may ask for (each holds a batch slot and a KV-cache slot)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class SamplingParams:
     `top_k=None` and `top_p=1.0` switch those filters off. `speculative=False` decodes this
     request one token per step even when the server runs a drafter. `logprobs=k` (0 <= k <= 20)
     returns each emitted token's log-probability and the k likeliest tokens at its position;
-    None returns none.
+    None returns none. `n` sequences are decoded from one prefill of the prompt; with a seed,
+    sequence i samples with `seed + i`, so choice i is what a request with n=1 and that seed gives.
     """
 
     max_tokens: int = 256
@@ -68,6 +70,7 @@ class SamplingParams:
     seed: int | None = None
     speculative: bool = True
     logprobs: int | None = None
+    n: int = 1
     # Logits processing, applied identically with and without speculation (along a draft tree path
     # the penalties count the path's drafted tokens before each node, as plain decoding would):
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
@@ -87,6 +90,8 @@ class SamplingParams:
             raise EngineError(f"top_k must be >= 1 (or unset), got {self.top_k}")
         if any(not s for s in self.stop):
             raise EngineError("stop strings must be non-empty")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise EngineError(f"n must be in [1, {MAX_CHOICES}], got {self.n}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise EngineError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
@@ -123,7 +128,8 @@ class RequestDelta:
     `text` is the newly decoded text (never splits a multi-byte character, never contains a stop
     string or anything after it). `num_draft_tokens`/`num_accepted_tokens` describe this step's
     speculation for the request (both 0 when it did not speculate); accepted excludes the bonus.
-    `logprobs`, when the request asked for them, has one entry per token id.
+    `logprobs`, when the request asked for them, has one entry per token id. `index` is the choice
+    (0 to n - 1) of a request with n > 1; each choice ends with its own finished delta.
     """
 
     request_id: str
@@ -137,6 +143,7 @@ class RequestDelta:
     num_accepted_tokens: int = 0
     error: str | None = None  # set with FinishReason.ERROR
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0
 
     @property
     def finished(self) -> bool:

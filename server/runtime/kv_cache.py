@@ -56,8 +56,8 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
     # -- slots ---------------------------------------------------------------------------------
-    def can_allocate(self) -> bool:
-        return bool(self._free)
+    def can_allocate(self, n: int = 1) -> bool:
+        return len(self._free) >= n
 
     def allocate(self) -> int:
         if not self._free:
@@ -92,6 +92,14 @@ class KVCache:
         if self.lengths[slot] + n > self.max_len:
             raise CacheFullError(f"slot {slot}: {self.lengths[slot]} + {n} > {self.max_len}")
         self.lengths[slot] += n
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make slot `dst` hold slot `src`'s first n positions (a forked sequence's shared prompt)."""
+        if n > self.lengths[src]:
+            raise ValueError(f"slot {src} holds {self.lengths[src]} positions, not {n}")
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]  # (L, Hkv, n, hd)
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
 
     def commit_paths(self, slots: list[int], paths: list[list[int]]) -> None:
         """For each sequence keep the tree nodes `path` (node indices of the last forward, root

@@ -181,8 +181,9 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` in the model's chat template, ready for the assistant's turn.
-    The template holds every special token it needs, so the encoding adds none."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` in the model's chat template, ready for the assistant's turn, with
+    `tools` (OpenAI function tools) offered to the template if given. The template holds every
+    special token it needs, so the encoding adds none."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
