@@ -221,7 +221,10 @@ def bench_prefill_itl(make: Callable[..., LLMEngine], variants: list[Variant], p
         worst = max(during, default=0.0)
         result[v.name] = {"median_itl_ms": 1e3 * median, "max_itl_during_prefill_ms": 1e3 * worst,
                           "ratio": worst / median, "median_decode_itl_ms": 1e3 * decode_median,
-                          "ratio_to_decode": worst / decode_median, "prefill_steps": len(during),
+                          "ratio_to_decode": worst / decode_median,
+                          "median_ratio_to_decode": sorted(during)[len(during) // 2] / decode_median if during else 0.0,
+                          # the machine's noise: how far the pure decode steps' own maximum is from their median
+                          "decode_max_ratio": max(quiet) / decode_median, "prefill_steps": len(during),
                           "stream_gaps": len(gaps), "chunks": chunks, "long_ttft_ms": 1e3 * long_ttft}
     return {"prompt_tokens": len(long_prompt), "prefill_chunk": args.prefill_chunk,
             "prefill_step_ratio": args.prefill_step_ratio, "variants": result}
@@ -318,12 +321,14 @@ def markdown(res: dict) -> str:
         itl = res["prefill_itl"]
         out += ["", f"**Inter-token latency while a {itl['prompt_tokens']}-token prompt is prefilled alongside** "
                 f"(prefill chunk {itl['prefill_chunk']}, prefill step ratio {itl.get('prefill_step_ratio') or 'off'}; "
-                "ratio: max ITL over the prefill steps / median ITL of the stream, and of its pure decode steps)", "",
-                "| drafter | median ITL ms | median decode-step ITL ms | max ITL during prefill ms | ratio | "
-                "ratio to decode steps | prefill steps | chunks | long TTFT ms |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "ratio: max ITL over the prefill steps / median ITL of the stream; the same over the median of "
+                "its pure decode steps; their median / decode median; noise: max / median of the decode steps)", "",
+                "| drafter | median ITL ms | decode-step median ms | max during prefill ms | ratio | "
+                "max / decode median | median / decode median | noise | prefill steps | chunks | long TTFT ms |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         out += [f"| {n} | {v['median_itl_ms']:.1f} | {v['median_decode_itl_ms']:.1f} | "
                 f"{v['max_itl_during_prefill_ms']:.1f} | {v['ratio']:.2f}x | {v['ratio_to_decode']:.2f}x | "
+                f"{v['median_ratio_to_decode']:.2f}x | {v['decode_max_ratio']:.2f}x | "
                 f"{v['prefill_steps']} | {_span(v['chunks'])} | {v['long_ttft_ms']:.0f} |"
                 for n, v in itl["variants"].items()]
     out += ["", f"Peak RSS {mem['peak_rss_mib']:.0f} MiB (after loading the model: "
