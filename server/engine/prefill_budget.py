@@ -9,67 +9,90 @@ reading the weights). So the budget here is in time, from what the steps measura
 
     decode + p * chunk <= ratio * decode   =>   chunk = (ratio - 1) * decode / p
 
-with `decode` the seconds of a recent pure decode step and `p` the seconds one more prompt token
-adds to a step (the marginal cost: measured on mixed steps as (seconds - decode) / chunk). The
-chunk is clamped to [min_chunk, chunk]: the largest keeps the step's activations within what the
-cache plan reserved; the smallest keeps a long prompt advancing where prompt tokens are dear.
+with `decode` the seconds of a recent pure decode step of the same kind and `p` the seconds one
+more prompt token adds to a step (the marginal cost, measured on mixed steps as their extra
+seconds over the decode step per prompt token: a ratio of recent sums, so that large chunks,
+whose extra time stands out of the noise, weigh more than small ones). The chunk is clamped to
+[min_chunk, chunk]: the largest keeps the step's activations within what the cache plan
+reserved; the smallest keeps a long prompt advancing where prompt tokens are dear.
 With nothing decoding there is no one to wait, and a prompt gets the full chunk (the time to first
 token of a lone request is unchanged).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
+DecodeKind = Hashable  # what a step decodes, (sequences, tree budget, drafter tier): Scheduler.plan
+
 
 class PrefillBudget:
     """Measures step costs and sizes the prefill chunk of steps that also decode.
 
-    Both costs are moving averages (the mean of the first 1 / `weight` samples, then exponential),
-    each sample clipped to `clip` times the current mean so that a pause of the process does not
-    shrink the chunks for many steps. Until a mixed step has been measured, `p` is seeded by steps
-    that only prefill: seconds / tokens, an upper bound (it includes the step's fixed cost), so the
-    first chunks err on the small side."""
+    A decode step's cost is kept per kind of decode step (how many sequences, which tree budget and
+    drafter tier: a step with 16-node trees costs more than a plain one, and a chunk is weighed
+    against the step it joins); one not measured yet takes the latest measured kind's. Each is a
+    moving average (the mean of the first 1 / `weight` samples, then exponential). A prompt token's
+    cost is the ratio of two sums, extra seconds over the decode part and prompt tokens of the
+    mixed steps, each decaying by (1 - `weight`) a step. A sample is clipped to `clip` times the
+    current estimate so that a pause of the process does not shrink the chunks for many steps.
+    Until a mixed step has been measured, `p` is seeded by steps that only prefill: seconds /
+    tokens, an upper bound (it includes the step's fixed cost), so the first chunks err small."""
 
     def __init__(self, chunk: int, min_chunk: int, ratio: float | None, weight: float = 0.25, clip: float = 3.0):
         self.chunk, self.min_chunk, self.ratio = chunk, min(min_chunk, chunk), ratio
         self.weight, self.clip = weight, clip
-        self.decode_s: float | None = None  # seconds of a pure decode step
+        self.decode_s: dict[DecodeKind, float] = {}  # seconds of a pure decode step, per kind
+        self.decode_samples: dict[DecodeKind, int] = {}
+        self.latest_decode_s: float | None = None  # the last kind measured: for a kind not seen yet
         self.token_s: float | None = None  # seconds a prompt token adds to a step
-        self.samples = {"decode": 0, "token": 0}  # samples in each average (0 for a seeded `token_s`)
+        self.extra_s = self.extra_tokens = 0.0  # decaying sums over mixed steps: token_s = extra_s / extra_tokens
 
-    def size(self, decoding: bool) -> int:
-        """Prompt tokens the next step may prefill (all prefilling sequences together); `decoding`:
-        the step also decodes some sequences."""
-        if not decoding or self.ratio is None:
+    def decode_cost(self, kind: DecodeKind) -> float | None:
+        return self.decode_s.get(kind, self.latest_decode_s)
+
+    def size(self, decode: DecodeKind | None) -> int:
+        """Prompt tokens the next step may prefill (all prefilling sequences together); `decode`:
+        what the step also decodes (None: nothing)."""
+        if decode is None or self.ratio is None:
             return self.chunk
-        if self.decode_s is None or self.token_s is None:
+        decode_s = self.decode_cost(decode)
+        if decode_s is None or self.token_s is None:
             return self.min_chunk  # an unmeasured machine: small chunks until the costs are known
         if self.token_s <= 0:
             return self.chunk
-        return max(self.min_chunk, min(self.chunk, int((self.ratio - 1) * self.decode_s / self.token_s)))
+        return max(self.min_chunk, min(self.chunk, int((self.ratio - 1) * decode_s / self.token_s)))
 
-    def record(self, prefill_tokens: int, decoding: bool, seconds: float) -> None:
-        """A step ran `prefill_tokens` prompt tokens (and decoded some sequences if `decoding`) in
-        `seconds`."""
-        if seconds <= 0 or (not prefill_tokens and not decoding):
+    def record(self, prefill_tokens: int, decode: DecodeKind | None, seconds: float) -> None:
+        """A step ran `prefill_tokens` prompt tokens and decoded `decode` (None: nothing) in `seconds`."""
+        if seconds <= 0 or (not prefill_tokens and decode is None):
             return
+        decode_s = None if decode is None else self.decode_cost(decode)
         if not prefill_tokens:
-            self.decode_s = self._update("decode", self.decode_s, seconds)
-        elif not decoding:
-            if not self.samples["token"]:  # only a seed: mixed steps measure the marginal cost itself
+            self._record_decode(decode, seconds)
+        elif decode is None:
+            if not self.extra_tokens:  # only a seed: mixed steps measure the marginal cost itself
                 seed = seconds / prefill_tokens
                 self.token_s = seed if self.token_s is None else min(self.token_s, seed)
-        elif self.decode_s is None:
+        elif decode_s is None:
             # A mixed step before any pure decode step (prompts arrived together): its decode part
             # is what its prompt tokens did not cost, by the (upper-bound) seed.
             if self.token_s is not None:
-                self.decode_s = self._update("decode", None, max(0.0, seconds - self.token_s * prefill_tokens))
+                self._record_decode(decode, max(0.0, seconds - self.token_s * prefill_tokens))
         else:
-            self.token_s = self._update("token", self.token_s, max(0.0, seconds - self.decode_s) / prefill_tokens)
+            extra = max(0.0, seconds - decode_s)
+            if self.token_s:
+                extra = min(extra, self.clip * self.token_s * prefill_tokens)
+            self.extra_s = (1 - self.weight) * self.extra_s + extra
+            self.extra_tokens = (1 - self.weight) * self.extra_tokens + prefill_tokens
+            self.token_s = self.extra_s / self.extra_tokens
 
-    def _update(self, name: str, mean: float | None, value: float) -> float:
-        n = self.samples[name] = self.samples[name] + 1
-        if mean is None or n == 1:
-            return value
-        if mean > 0:
-            value = min(value, self.clip * mean)
-        return mean + max(self.weight, 1.0 / n) * (value - mean)
+    def _record_decode(self, kind: DecodeKind, seconds: float) -> None:
+        n = self.decode_samples[kind] = self.decode_samples.get(kind, 0) + 1
+        mean = self.decode_s.get(kind)
+        if mean is None:
+            mean = seconds
+        else:
+            seconds = min(seconds, self.clip * mean) if mean > 0 else seconds
+            mean += max(self.weight, 1.0 / n) * (seconds - mean)
+        self.decode_s[kind] = self.latest_decode_s = mean

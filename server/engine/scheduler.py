@@ -302,6 +302,11 @@ class Plan:
     def empty(self) -> bool:
         return not self.prefill and not self.decode
 
+    @property
+    def decode_kind(self) -> tuple[int, int, int] | None:
+        """What the step decodes, as PrefillBudget tells decode steps apart (None: nothing)."""
+        return (len(self.decode), self.budget, self.tier) if self.decode else None
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, tiers: int = 1):
@@ -346,18 +351,19 @@ class Scheduler:
         decode = []
         for seq in decoding:
             decode.append((seq, share if seq in drafting else 0))
-        prefill, left = [], self.prefill_budget.size(decoding=bool(decoding))
-        for seq in self.running:
-            if seq.status is Status.PREFILL and left > 0:
-                n = min(seq.remaining_prompt, left)
-                prefill.append((seq, n))
-                left -= n
         # Measured as what the step actually runs: if every decoding request opted out of
         # speculation it is a plain step (no drafter forward), whatever the governor offered.
         budget = max((b for _, b in decode), default=0)
-        return Plan(prefill=prefill, decode=decode, budget=budget, tier=tier if budget else 0, cap=cap, sampled=sampled)
+        plan = Plan(prefill=[], decode=decode, budget=budget, tier=tier if budget else 0, cap=cap, sampled=sampled)
+        left = self.prefill_budget.size(plan.decode_kind)
+        for seq in self.running:
+            if seq.status is Status.PREFILL and left > 0:
+                n = min(seq.remaining_prompt, left)
+                plan.prefill.append((seq, n))
+                left -= n
+        return plan
 
     def record(self, plan: Plan, seconds: float) -> None:
         """The engine ran `plan` in `seconds` (wall time of the whole step): the cost that sizes
         later steps' prefill chunks."""
-        self.prefill_budget.record(sum(n for _, n in plan.prefill), bool(plan.decode), seconds)
+        self.prefill_budget.record(sum(n for _, n in plan.prefill), plan.decode_kind, seconds)
