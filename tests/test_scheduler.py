@@ -111,6 +111,17 @@ def test_a_pause_moves_the_token_cost_by_at_most_the_clip_and_passes():
     assert b.size(K) >= 34
 
 
+def test_a_long_prefill_pauses_for_a_decode_step_that_refreshes_its_cost():
+    b = measured(0.010, 0.010 / 36)
+    for _ in range(6):
+        b.record(36, K, 0.010 + 36 * 0.010 / 36)
+    assert b.size(K) == 36  # 7 mixed steps in a row (measured() ran one)
+    b.record(36, K, 0.020)
+    assert b.size(K) == 0 and b.size(None) == 256  # a pure decode step next; a lone prompt need not wait
+    b.record(0, K, 0.020)  # the machine got slower meanwhile: the fresh sample counts half
+    assert b.decode_cost(K) == pytest.approx(0.015) and b.size(K) > 0
+
+
 def test_plan_sizes_the_prefill_from_what_the_engine_recorded():
     s = Scheduler(SchedulerConfig(prefill_chunk=256, governor=False))
     decoding(s, 1)

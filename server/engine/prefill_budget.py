@@ -17,6 +17,11 @@ whose extra time stands out of the noise, weigh more than small ones). The chunk
 reserved; the smallest keeps a long prompt advancing where prompt tokens are dear.
 With nothing decoding there is no one to wait, and a prompt gets the full chunk (the time to first
 token of a lone request is unchanged).
+
+A long prompt's steps are all mixed, so `decode` would stay what it was before the prompt came
+while the machine's speed drifts (other processes; on a shared machine by a factor of two within
+a minute), and a stale `decode` skews `p` too. So after `refresh_every` mixed steps in a row one
+step prefills nothing: a pure decode step, measured, that counts half in its average.
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ class PrefillBudget:
     Until a mixed step has been measured, `p` is seeded by steps that only prefill: seconds /
     tokens, an upper bound (it includes the step's fixed cost), so the first chunks err small."""
 
-    def __init__(self, chunk: int, min_chunk: int, ratio: float | None, weight: float = 0.25, clip: float = 3.0):
+    def __init__(self, chunk: int, min_chunk: int, ratio: float | None, weight: float = 0.25, clip: float = 3.0,
+                 refresh_every: int = 8):
         self.chunk, self.min_chunk, self.ratio = chunk, min(min_chunk, chunk), ratio
-        self.weight, self.clip = weight, clip
+        self.weight, self.clip, self.refresh_every = weight, clip, refresh_every
+        self.mixed_run = 0  # mixed steps since the last pure decode step
         self.decode_s: dict[DecodeKind, float] = {}  # seconds of a pure decode step, per kind
         self.decode_samples: dict[DecodeKind, int] = {}
         self.latest_decode_s: float | None = None  # the last kind measured: for a kind not seen yet
@@ -59,6 +66,8 @@ class PrefillBudget:
         decode_s = self.decode_cost(decode)
         if decode_s is None or self.token_s is None:
             return self.min_chunk  # an unmeasured machine: small chunks until the costs are known
+        if self.mixed_run >= self.refresh_every:
+            return 0  # measure a decode step afresh (docstring)
         if self.token_s <= 0:
             return self.chunk
         return max(self.min_chunk, min(self.chunk, int((self.ratio - 1) * decode_s / self.token_s)))
@@ -68,8 +77,9 @@ class PrefillBudget:
         if seconds <= 0 or (not prefill_tokens and decode is None):
             return
         decode_s = None if decode is None else self.decode_cost(decode)
+        refresh, self.mixed_run = self.mixed_run >= self.refresh_every, self.mixed_run + 1 if prefill_tokens else 0
         if not prefill_tokens:
-            self._record_decode(decode, seconds)
+            self._record_decode(decode, seconds, 0.5 if refresh else self.weight)
         elif decode is None:
             if not self.extra_tokens:  # only a seed: mixed steps measure the marginal cost itself
                 seed = seconds / prefill_tokens
@@ -78,7 +88,7 @@ class PrefillBudget:
             # A mixed step before any pure decode step (prompts arrived together): its decode part
             # is what its prompt tokens did not cost, by the (upper-bound) seed.
             if self.token_s is not None:
-                self._record_decode(decode, max(0.0, seconds - self.token_s * prefill_tokens))
+                self._record_decode(decode, max(0.0, seconds - self.token_s * prefill_tokens), self.weight)
         else:
             extra = max(0.0, seconds - decode_s)
             if self.token_s:
@@ -87,12 +97,12 @@ class PrefillBudget:
             self.extra_tokens = (1 - self.weight) * self.extra_tokens + prefill_tokens
             self.token_s = self.extra_s / self.extra_tokens
 
-    def _record_decode(self, kind: DecodeKind, seconds: float) -> None:
+    def _record_decode(self, kind: DecodeKind, seconds: float, weight: float) -> None:
         n = self.decode_samples[kind] = self.decode_samples.get(kind, 0) + 1
         mean = self.decode_s.get(kind)
         if mean is None:
             mean = seconds
         else:
             seconds = min(seconds, self.clip * mean) if mean > 0 else seconds
-            mean += max(self.weight, 1.0 / n) * (seconds - mean)
+            mean += max(weight, 1.0 / n) * (seconds - mean)
         self.decode_s[kind] = self.latest_decode_s = mean
