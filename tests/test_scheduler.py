@@ -137,6 +137,20 @@ def test_plan_sizes_the_prefill_from_what_the_engine_recorded():
     assert s.plan(True).prefill == [(long, 256)]
 
 
+def test_a_burst_of_prompts_gets_full_chunks_until_the_streams_are_as_many():
+    s = Scheduler(SchedulerConfig(prefill_chunk=256, max_batch_size=8, governor=False))
+    stream = decoding(s, 1)[0]
+    prompts = [seq(10 + i, prompt_len=500) for i in range(2)]
+    for x in prompts:
+        s.add(x)
+    admitted(s, slots=3)
+    s.record(Plan(prefill=[(prompts[0], 256)], decode=[]), 0.080)
+    s.record(Plan(prefill=[], decode=[(stream, 0)]), 0.010)
+    assert sum(n for _, n in s.plan(True).prefill) == 256  # 2 prompts wait, 1 streams
+    s.remove(prompts[1])
+    assert sum(n for _, n in s.plan(True).prefill) == 32  # 1 and 1: the stream's latency is bounded
+
+
 def test_scheduler_config_refuses_a_ratio_that_cannot_be_met():
     with pytest.raises(ValueError, match="prefill_step_ratio"):
         SchedulerConfig(prefill_step_ratio=1.0)

@@ -6,7 +6,7 @@ Every step the scheduler
    policy below;
 3. fills the step's prefill budget with prompt chunks, oldest request first, so a long prompt is
    split over several steps and never stalls the decoding sequences: the full `prefill_chunk`
-   while nothing decodes, and while sequences decode a chunk sized from measured step costs so
+   while fewer sequences decode than prefill, else a chunk sized from measured step costs so
    that the step costs at most `prefill_step_ratio` times a decode step (prefill_budget.py).
 
 Adaptive speculation, two layers:
@@ -355,9 +355,13 @@ class Scheduler:
         # speculation it is a plain step (no drafter forward), whatever the governor offered.
         budget = max((b for _, b in decode), default=0)
         plan = Plan(prefill=[], decode=decode, budget=budget, tier=tier if budget else 0, cap=cap, sampled=sampled)
-        left = self.prefill_budget.size(plan.decode_kind)
-        for seq in self.running:
-            if seq.status is Status.PREFILL and left > 0:
+        prefilling = [s for s in self.running if s.status is Status.PREFILL]
+        # A chunk trades the prompts' time to first token against the streams' inter-token latency:
+        # bounded for the streams while they are at least as many as the prompts; when more prompts
+        # wait than streams run (a burst arrived), the full chunk serves more requests sooner.
+        left = self.prefill_budget.size(plan.decode_kind if len(prefilling) <= len(decode) else None)
+        for seq in prefilling:
+            if left > 0:
                 n = min(seq.remaining_prompt, left)
                 plan.prefill.append((seq, n))
                 left -= n
