@@ -102,3 +102,26 @@ gpu-check: install
 FUZZ_EXAMPLES ?= 300
 fuzz: install
 	CTC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CTC_FUZZ_SEED= CTC_FUZZ_TIMEOUT_S=7200 $(PY) -m pytest -s -q -p no:cacheprovider tests/test_api_fuzz.py
+
+# Offline checks of the Kubernetes manifests (docker/k8s/), with tools pinned in their own .venv-tools/
+# (checkov pulls in far more than the project needs): kubernetes-validate checks every resource
+# against the bundled schemas of the oldest and newest Kubernetes we target, strictly (unknown
+# fields fail), and fails on any warning too (a misspelt kind is only a warning to it). The
+# ServiceMonitor is left out: a CRD, not in those schemas (tests/test_k8s_manifests.py checks its
+# fields against the Service). Then checkov's Kubernetes policies; the few skipped are annotated
+# with their reasons in the manifests.
+.PHONY: k8s-check
+TOOLS := .venv-tools
+K8S_VERSIONS ?= 1.30.0 1.37.0
+K8S_SCHEMA_FILES := $(filter-out docker/k8s/kustomization.yaml docker/k8s/servicemonitor.yaml,$(wildcard docker/k8s/*.yaml))
+$(TOOLS)/.installed: Makefile
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q kubernetes-validate==1.37.0 checkov==3.3.30
+	touch $@
+
+k8s-check: $(TOOLS)/.installed
+	for v in $(K8S_VERSIONS); do \
+	  out=$$($(TOOLS)/bin/kubernetes-validate --strict --quiet -k $$v $(K8S_SCHEMA_FILES) 2>&1); rc=$$?; \
+	  echo "kubernetes-validate $$v: $${out:-all valid}"; [ $$rc -eq 0 ] && [ -z "$$out" ] || exit 1; \
+	done
+	$(TOOLS)/bin/checkov --directory docker/k8s --framework kubernetes --skip-download --compact --quiet

@@ -181,9 +181,13 @@ def bench_prefill_itl(make: Callable[..., LLMEngine], variants: list[Variant], p
                       args: argparse.Namespace) -> dict:
     """What a decoding stream feels while a long prompt arrives: one request streams (greedy,
     --max-tokens); after its 8th token an --itl-prefill-token prompt is submitted next to it and
-    prefilled in --prefill-chunk chunks, sharing the stream's steps. Inter-token latency (ITL) is
-    the time between two deltas of the stream, as a client sees it; reported: its median over
-    the whole stream and its maximum over the steps in which the long prompt was prefilling."""
+    prefilled in chunks of at most --prefill-chunk tokens, sized by --prefill-step-ratio, sharing
+    the stream's steps. Inter-token latency (ITL) is the time between two deltas of the stream, as
+    a client sees it; reported: its median over the whole stream and over the steps without the
+    long prompt (pure decode steps: with small chunks, most of the stream's steps may share the
+    prefill, and the median over all of them is a mixed step), its maximum over the steps in which
+    the long prompt was prefilling, the chunks the scheduler gave the long prompt and the long
+    prompt's time to first token (what smaller chunks cost it)."""
     long_prompt = [t for p in prompts for t in p] * (1 + args.itl_prefill // sum(map(len, prompts)))
     long_prompt = long_prompt[: args.itl_prefill]
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -192,30 +196,47 @@ def bench_prefill_itl(make: Callable[..., LLMEngine], variants: list[Variant], p
         engine = make(v, max_batch_size=2)
         warm_up(engine, prompts[0])
         engine.add_request("stream", prompts[0], greedy)
-        gaps, during, last, state = [], [], None, "before"  # state of the long prompt: before, prefilling, done
+        gaps, during, quiet, last, state = [], [], [], None, "before"  # long prompt: before, prefilling, done
+        chunks, long_seq, submitted, long_ttft = [], None, 0.0, 0.0
         while engine.has_work():
             prefilling = state == "prefilling"
+            done = long_seq.num_prefilled if long_seq else 0
             deltas = engine.step()
+            if long_seq is None:
+                long_seq = next((x for x in engine.scheduler.running if x.request_id == "long"), None)
+            if long_seq is not None and long_seq.num_prefilled > done:
+                chunks.append(long_seq.num_prefilled - done)
             now = time.perf_counter()
             for d in deltas:
                 if d.error:
                     raise RuntimeError(f"request {d.request_id} failed: {d.error}")
                 if d.request_id == "long" and d.token_ids:
-                    state = "done"
+                    state, long_ttft = "done", now - submitted
                 elif d.request_id == "stream" and d.token_ids:
                     if last is not None:
                         gaps.append(now - last)
-                        if prefilling:
-                            during.append(now - last)
+                        (during if prefilling else quiet).append(now - last)
                     last = now
             if state == "before" and len(gaps) >= 7:  # 8 tokens streamed
                 engine.add_request("long", long_prompt, SamplingParams(max_tokens=1, temperature=0.0))
-                state = "prefilling"
+                state, submitted = "prefilling", time.perf_counter()
         median = sorted(gaps)[len(gaps) // 2]  # (tests/statistics.py shadows the stdlib module under pytest)
-        result[v.name] = {"median_itl_ms": 1e3 * median, "max_itl_during_prefill_ms": 1e3 * max(during, default=0.0),
-                          "ratio": max(during, default=0.0) / median, "prefill_steps": len(during),
-                          "stream_gaps": len(gaps)}
-    return {"prompt_tokens": len(long_prompt), "prefill_chunk": args.prefill_chunk, "variants": result}
+        decode_median = sorted(quiet)[len(quiet) // 2]
+        worst = max(during, default=0.0)
+        result[v.name] = {"median_itl_ms": 1e3 * median, "max_itl_during_prefill_ms": 1e3 * worst,
+                          "ratio": worst / median, "median_decode_itl_ms": 1e3 * decode_median,
+                          "ratio_to_decode": worst / decode_median,
+                          "median_ratio_to_decode": sorted(during)[len(during) // 2] / decode_median if during else 0.0,
+                          # the machine's noise: how far the pure decode steps' own maximum is from their median
+                          "decode_max_ratio": max(quiet) / decode_median, "prefill_steps": len(during),
+                          "stream_gaps": len(gaps), "chunks": chunks, "long_ttft_ms": 1e3 * long_ttft}
+    return {"prompt_tokens": len(long_prompt), "prefill_chunk": args.prefill_chunk,
+            "prefill_step_ratio": args.prefill_step_ratio, "variants": result}
+
+
+def _span(xs: list[int]) -> str:
+    """'16-37' for the sizes of a run of chunks ('' for none)."""
+    return "" if not xs else f"{min(xs)}" if min(xs) == max(xs) else f"{min(xs)}-{max(xs)}"
 
 
 def grammar(args: argparse.Namespace) -> GrammarSpec | None:
@@ -309,11 +330,17 @@ def markdown(res: dict) -> str:
     if res.get("prefill_itl"):
         itl = res["prefill_itl"]
         out += ["", f"**Inter-token latency while a {itl['prompt_tokens']}-token prompt is prefilled alongside** "
-                f"(prefill chunk {itl['prefill_chunk']}; max ITL over the prefill steps / median ITL of the stream)", "",
-                "| drafter | median ITL ms | max ITL during prefill ms | ratio | prefill steps |",
-                "| --- | --- | --- | --- | --- |"]
-        out += [f"| {n} | {v['median_itl_ms']:.1f} | {v['max_itl_during_prefill_ms']:.1f} | {v['ratio']:.2f}x | "
-                f"{v['prefill_steps']} |" for n, v in itl["variants"].items()]
+                f"(prefill chunk {itl['prefill_chunk']}, prefill step ratio {itl.get('prefill_step_ratio') or 'off'}; "
+                "ratio: max ITL over the prefill steps / median ITL of the stream; the same over the median of "
+                "its pure decode steps; their median / decode median; noise: max / median of the decode steps)", "",
+                "| drafter | median ITL ms | decode-step median ms | max during prefill ms | ratio | "
+                "max / decode median | median / decode median | noise | prefill steps | chunks | long TTFT ms |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {n} | {v['median_itl_ms']:.1f} | {v['median_decode_itl_ms']:.1f} | "
+                f"{v['max_itl_during_prefill_ms']:.1f} | {v['ratio']:.2f}x | {v['ratio_to_decode']:.2f}x | "
+                f"{v['median_ratio_to_decode']:.2f}x | {v['decode_max_ratio']:.2f}x | "
+                f"{v['prefill_steps']} | {_span(v['chunks'])} | {v['long_ttft_ms']:.0f} |"
+                for n, v in itl["variants"].items()]
     out += ["", f"Peak RSS {mem['peak_rss_mib']:.0f} MiB (after loading the model: "
             f"{mem['rss_after_load_mib']:.0f} MiB); weights {mem['weights_mib']:.1f} MiB; "
             f"KV cache {mem['kv_cache_mib_per_slot']:.1f} MiB per slot "
@@ -360,6 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="prompt tokens of a long prompt prefilled next to a streaming request (0 = skip that section)")
     p.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
                    help="SchedulerConfig.prefill_chunk: prompt tokens per step, all prefilling sequences together")
+    p.add_argument("--prefill-step-ratio", type=float, default=SchedulerConfig.prefill_step_ratio or 0.0,
+                   help="SchedulerConfig.prefill_step_ratio: while sequences decode, a step that also prefills "
+                        "costs at most this many decode steps (measured); 0 = always --prefill-chunk")
     p.add_argument("--control", action="store_true",
                    help="also run a second plain engine, whose ratio to the first measures the run's noise")
     p.add_argument("--acceptance", type=lambda s: [Acceptance(a).value for a in s.split(",")],
@@ -396,14 +426,14 @@ def main(argv: list[str] | None = None) -> None:
     def make(v: Variant, max_batch_size: int = 1, max_tree_nodes: int = args.max_tree_nodes) -> LLMEngine:
         sched = SchedulerConfig(max_batch_size=max_batch_size, max_tree_nodes=max_tree_nodes,
                                 spec_token_budget=args.spec_token_budget, governor=v.governor,
-                                prefill_chunk=args.prefill_chunk)
+                                prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
         cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched,
                            acceptance=Acceptance(v.acceptance or args.acceptance[0]))
         return LLMEngine(model, tokenizer, cfg, drafter=drafter, model_name=Path(args.model).name)
 
     sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget,
-                            prefill_chunk=args.prefill_chunk)
+                            prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
     res: dict = {"command": shlex.join([sys.executable] + sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
                  "started": datetime.now(timezone.utc).isoformat(), "machine": machine(model), "model": args.model,
                  "source": args.source, "num_prompts": len(prompts), "max_tokens": args.max_tokens,

@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         "graph bucket (up to --max-batch-size sequences x --max-tree-nodes + 1 tokens) replay graphs captured at "
         "start-up, on CUDA with the Triton kernels; the CPU always runs eagerly.",
     )
+    prefill_step_ratio: float = Field(
+        2.0, ge=0, description="While sequences decode, a step that also prefills a prompt is sized to cost at most "
+        "this many decode steps, from measured step costs (it bounds their inter-token latency); 0: full 256-token "
+        "prompt chunks whatever decodes (faster time to first token, longer stalls of running streams)."
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA if available), cpu, cuda or cuda:N."
     )
@@ -112,6 +117,13 @@ class Settings(BaseSettings):
         "drafts, draft tokens, accepted tokens and acceptance length, as vLLM's flag of the same name.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+
+    @field_validator("prefill_step_ratio")
+    @classmethod
+    def _ratio_above_one(cls, ratio: float) -> float:
+        if 0 < ratio <= 1:
+            raise ValueError("must be above 1 (a step with a prompt chunk costs more than one without), or 0 for off")
+        return ratio
 
     @field_validator("model")
     @classmethod

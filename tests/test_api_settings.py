@@ -47,8 +47,9 @@ def test_env_fallback_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.port == 9001 and settings.api_key.get_secret_value() == "sekrit"
     assert "sekrit" not in repr(settings)
+    assert Settings(prefill_step_ratio=0).prefill_step_ratio == 0  # off: full chunks
     for bad in ({"port": 0}, {"max_batch_size": 0}, {"device": "tpu"}, {"dtype": "int8"}, {"model": "/nonexistent"},
-                {"drafter": "/nonexistent"}):
+                {"drafter": "/nonexistent"}, {"prefill_step_ratio": 1.0}, {"prefill_step_ratio": -1}):
         with pytest.raises(ValidationError):
             Settings(**bad)
 

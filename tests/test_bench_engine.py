@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import bench_engine
 
 
@@ -32,6 +34,23 @@ def test_prefill_itl_section_counts_the_steps_the_long_prompt_shares(tmp_path, c
     assert itl["prompt_tokens"] == 64 and itl["prefill_chunk"] == 16
     v = itl["variants"]["none"]
     assert v["prefill_steps"] == 64 // 16  # one stream token per step, each step one 16-token chunk
+    assert v["chunks"] == [16] * 4
     assert v["stream_gaps"] == 24 - 1
     assert v["max_itl_during_prefill_ms"] > 0 and v["ratio"] > 0
     assert "**Inter-token latency while a 64-token prompt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ratio", ["0", "2"])
+def test_prefill_itl_chunks_follow_the_step_ratio_rule(tmp_path, ratio, one_thread):
+    """Ratio 0: every step the full --prefill-chunk. Ratio 2: chunks sized from measured step costs,
+    which this test cannot know (a timing), only that they stay within [min_prefill_chunk, chunk]."""
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--drafters", "none", "--num-prompts", "1", "--max-tokens", "32", "--temperatures", "0",
+                       "--concurrency", "", "--itl-prefill", "96", "--prefill-chunk", "64", "--threads", "1",
+                       "--prefill-step-ratio", ratio, "--out", str(out)])
+    chunks = json.loads(out.read_text())["prefill_itl"]["variants"]["none"]["chunks"]
+    assert sum(chunks) == 96
+    if ratio == "0":
+        assert chunks == [64, 32]
+    else:
+        assert all(16 <= c <= 64 for c in chunks[:-1]) and 1 <= chunks[-1] <= 64

@@ -297,3 +297,26 @@ def test_a_failing_drafter_degrades_to_plain_decoding(models):
     for i, p in enumerate(prompts):
         assert out[f"r{i}"]["tokens"] == hf_greedy(hf, p, 24)
         assert out[f"r{i}"]["finish"] is FinishReason.LENGTH
+
+
+
+def test_prefill_chunks_sized_by_measured_costs_stay_lossless(models):
+    """Chunks that follow measured step times (scheduler.PrefillBudget) vary from run to run; the
+    outputs must not. The engine reports every step's time to the scheduler."""
+    hf, model = models
+    stream = prompts_for(1, seed=5)[0]
+    long = ([t for p in prompts_for(4, seed=6) for t in p] * 4)[:100]
+    refs = {"stream": hf_greedy(hf, stream, 24), "long": hf_greedy(hf, long, 4)}
+    engine = make_engine(model, batch=2, max_len=160, prefill_chunk=64, min_prefill_chunk=2)
+    got: dict[str, list[int]] = {"stream": [], "long": []}
+    engine.add_request("stream", stream, GREEDY)
+    for step in range(200):
+        if step == 3:  # the stream decodes: the long prompt's chunks are sized to share its steps
+            engine.add_request("long", long, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        if not engine.has_work():
+            break
+        for d in engine.step():
+            got[d.request_id] += d.token_ids
+    budget = engine.scheduler.prefill_budget
+    assert budget.decode_s is not None and budget.token_s is not None
+    assert got == refs

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.scheduler import PLAIN, DraftOutcome, Option, Scheduler, SchedulerConfig, SpeculationGovernor
+from server.engine.prefill_budget import PrefillBudget
+from server.engine.scheduler import (PLAIN, DraftOutcome, Option, Plan, Scheduler, SchedulerConfig,
+                                     SpeculationGovernor)
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
 
@@ -37,6 +39,123 @@ def test_prefill_chunks_share_the_step_budget_oldest_first():
     admitted(s, slots=4)
     plan = s.plan(speculation_enabled=True)
     assert [(x.request_id, n) for x, n in plan.prefill] == [("r0", 10), ("r1", 6)]
+
+
+# -- prefill chunks next to decoding sequences (prefill_budget.py) ------------------------------------
+K = (1, 0, 0)  # a kind of decode step: one sequence, plain decoding (Plan.decode_kind)
+
+
+def measured(decode_s: float, token_s: float, ratio: float | None = 2.0, chunk: int = 256,
+             min_chunk: int = 16) -> PrefillBudget:
+    """A budget that has seen a lone 256-token prefill, pure decode steps and one mixed step of a
+    machine where a decode step costs `decode_s` and a prompt token adds `token_s`."""
+    b = PrefillBudget(chunk, min_chunk, ratio)
+    b.record(256, None, decode_s + 256 * token_s)
+    for _ in range(3):
+        b.record(0, K, decode_s)
+    b.record(20, K, decode_s + 20 * token_s)
+    return b
+
+
+def test_mixed_step_chunk_keeps_the_step_within_ratio_times_a_decode_step():
+    b = measured(decode_s=0.010, token_s=0.010 / 36)  # the CPU demo model: 256 tokens ~ 7 decode steps
+    assert b.size(K) == 36  # 0.010 + 36 * p = 2 x 0.010
+    assert measured(0.010, 0.010 / 36, ratio=3.0).size(K) == 72
+    assert b.size(None) == 256  # nobody waits: a lone prompt's time to first token as before
+
+
+def test_chunk_is_weighed_against_the_decode_step_it_joins():
+    b = measured(decode_s=0.010, token_s=0.010 / 36)
+    tree = (1, 16, 0)  # the same sequence verifying 16-node trees: a dearer step
+    for _ in range(3):
+        b.record(0, tree, 0.020)
+    assert b.size(tree) == 72 and b.size(K) == 36
+    assert b.size((2, 0, 0)) == 72  # a kind not measured yet: the latest measured one's cost
+
+
+def test_chunk_is_clamped_to_the_configured_range():
+    assert measured(0.020, 0.020 / 5000).size(K) == 256  # a GPU: prompt tokens nearly free next to a decode
+    assert measured(0.010, 0.010 / 4).size(K) == 16  # tokens this dear: the prompt still advances
+    assert measured(0.010, 0.0).size(K) == 256
+    assert measured(0.010, 0.010 / 36, ratio=None).size(K) == 256  # the rule switched off
+
+
+def test_unmeasured_machine_gets_small_chunks_and_a_lone_prefill_seeds_the_token_cost():
+    b = PrefillBudget(256, 16, 2.0)
+    assert b.size(K) == 16 and b.size(None) == 256
+    b.record(256, None, 0.080)  # a lone prefill: seconds / tokens, an upper bound of a token's cost
+    b.record(0, K, 0.010)
+    assert b.size(K) == 32
+    b.record(32, K, 0.010 + 32 * 0.010 / 64)  # the marginal cost, measured, replaces the seed
+    assert b.size(K) == 64
+    b.record(256, None, 0.080)  # lone prefills only seed: they do not override what mixed steps measured
+    assert b.size(K) == 64
+
+
+def test_mixed_steps_before_any_decode_step_still_learn_the_decode_cost():
+    b = PrefillBudget(256, 16, 2.0)
+    b.record(256, None, 0.256)  # seed: 1 ms a token
+    b.record(16, K, 0.016 + 0.050)  # prompts arrived together: no pure decode step yet
+    assert b.decode_cost(K) == pytest.approx(0.050) and b.size(K) == 50
+
+
+def test_a_pause_moves_the_token_cost_by_at_most_the_clip_and_passes():
+    p = 0.010 / 36
+    b = measured(0.010, p, min_chunk=1)
+    b.record(36, K, 5.0)  # the process was descheduled for seconds
+    # its extra time clipped to 3x the estimate: (0.75 * 20p + 3 * 36p) / (0.75 * 20 + 36) = 2.4p, not 500p
+    assert b.size(K) == 14
+    for _ in range(10):  # the pause decays out of the sums: back near 36 within ten steps
+        n = b.size(K)
+        b.record(n, K, 0.010 + n * p)
+    assert b.size(K) >= 34
+
+
+def test_a_long_prefill_pauses_for_a_decode_step_that_refreshes_its_cost():
+    b = measured(0.010, 0.010 / 36)
+    for _ in range(6):
+        b.record(36, K, 0.010 + 36 * 0.010 / 36)
+    assert b.size(K) == 36  # 7 mixed steps in a row (measured() ran one)
+    b.record(36, K, 0.020)
+    assert b.size(K) == 0 and b.size(None) == 256  # a pure decode step next; a lone prompt need not wait
+    b.record(0, K, 0.020)  # the machine got slower meanwhile: the fresh sample counts half
+    assert b.decode_cost(K) == pytest.approx(0.015) and b.size(K) > 0
+
+
+def test_plan_sizes_the_prefill_from_what_the_engine_recorded():
+    s = Scheduler(SchedulerConfig(prefill_chunk=256, governor=False))
+    decoding(s, 1)
+    long = seq(9, prompt_len=1000)
+    s.add(long)
+    admitted(s, slots=2)
+    assert sum(n for _, n in s.plan(True).prefill) == 16  # nothing measured yet
+    s.record(Plan(prefill=[(long, 256)], decode=[]), 0.080)
+    s.record(Plan(prefill=[], decode=[(s.running[0], 0)]), 0.010)
+    plan = s.plan(True)
+    assert plan.prefill == [(long, 32)] and len(plan.decode) == 1
+    s.remove(s.running[0])  # the stream finished: the prompt gets the full chunk
+    assert s.plan(True).prefill == [(long, 256)]
+
+
+def test_a_burst_of_prompts_gets_full_chunks_until_the_streams_are_as_many():
+    s = Scheduler(SchedulerConfig(prefill_chunk=256, max_batch_size=8, governor=False))
+    stream = decoding(s, 1)[0]
+    prompts = [seq(10 + i, prompt_len=500) for i in range(2)]
+    for x in prompts:
+        s.add(x)
+    admitted(s, slots=3)
+    s.record(Plan(prefill=[(prompts[0], 256)], decode=[]), 0.080)
+    s.record(Plan(prefill=[], decode=[(stream, 0)]), 0.010)
+    assert sum(n for _, n in s.plan(True).prefill) == 256  # 2 prompts wait, 1 streams
+    s.remove(prompts[1])
+    assert sum(n for _, n in s.plan(True).prefill) == 32  # 1 and 1: the stream's latency is bounded
+
+
+def test_scheduler_config_refuses_a_ratio_that_cannot_be_met():
+    with pytest.raises(ValueError, match="prefill_step_ratio"):
+        SchedulerConfig(prefill_step_ratio=1.0)
+    with pytest.raises(ValueError, match="min_prefill_chunk"):
+        SchedulerConfig(min_prefill_chunk=0)
 
 
 def decoding(s: Scheduler, n: int, **kw) -> list[Sequence]:

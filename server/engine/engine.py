@@ -254,6 +254,8 @@ class LLMEngine:
                 deltas.append(self._fail(v.seq, exc))
         t3 = time.perf_counter()
         self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
+        if not retried:  # (a retried step's time is no step's cost)
+            self.scheduler.record(plan, t3 - t0)
         if not plan.prefill and decode and not retried:  # a pure decode step: what the governor compares
             try:
                 self.scheduler.governor.record(len(decode), plan.budget, t3 - t0, outcomes, plan.cap, plan.sampled,

@@ -82,7 +82,8 @@ def build_engine(settings) -> LLMEngine:
     model = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     tokenizer = load_tokenizer(settings.model)
     sched = SchedulerConfig(max_batch_size=settings.max_batch_size, max_tree_nodes=settings.max_tree_nodes,
-                            spec_token_budget=settings.spec_token_budget, governor=settings.governor)
+                            spec_token_budget=settings.spec_token_budget, governor=settings.governor,
+                            prefill_step_ratio=settings.prefill_step_ratio or None)
     plan = plan_cache(settings, model, sched)
     if plan.budget is not None:
         log.info("KV cache: %d positions x %d slots, %.2f GiB of a %.2f GiB budget (--gpu-memory-utilization %.2f)",
