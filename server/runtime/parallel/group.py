@@ -133,8 +133,11 @@ class WorkerGroup:
         try:
             dist.broadcast(x, src=0)
             yield
-        except BaseException as exc:
+        except Exception as exc:
             self.fail(f"a tensor-parallel forward failed half-way ({type(exc).__name__}: {exc})")
+            raise WorkerFailed(self.failure) from exc
+        except BaseException:
+            self.fail("a tensor-parallel forward was interrupted half-way")
             raise
 
     def commit(self, slots: list[int], lengths: list[int], paths: list[list[int]]) -> None:
@@ -184,9 +187,13 @@ class WorkerGroup:
 
     def _watch(self) -> None:
         """The watchdog: wait for any worker to exit; unless we are closing, that fails the group."""
-        wait([p.sentinel for p in self._procs])
-        if not self._closing:
-            self.fail("a tensor-parallel worker exited")
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._procs, start=1)}
+        rank = sentinels[wait(list(sentinels))[0]]
+        if self._closing:
+            return
+        proc = self._procs[rank - 1]
+        proc.join(1.0)  # reaped, so that its exit code is known
+        self.fail(f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
 
     def close(self) -> None:
         """Stop the workers (asking first) and leave the process group. Idempotent."""
