@@ -45,8 +45,8 @@ class TensorShard:
 
 def check_shardable(cfg: ModelConfig, world: int) -> None:
     """Refuse, in one line, a model whose heads or MLP columns do not split evenly into `world`."""
-    for what, n in (("key/value heads (num_key_value_heads)", cfg.num_kv_heads),
-                    ("attention heads (num_attention_heads)", cfg.num_heads),
+    for what, n in (("attention heads (num_attention_heads)", cfg.num_heads),
+                    ("key/value heads (num_key_value_heads)", cfg.num_kv_heads),
                     ("MLP columns (intermediate_size)", cfg.intermediate_size)):
         if n % world:
             raise ModelConfigError(
