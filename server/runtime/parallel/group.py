@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 120.0
 # Spawning a worker, importing torch and loading its shard, on a busy host.
 START_TIMEOUT_S = 600.0
+DEATH_GRACE_S = 1.0  # how long a failed collective waits to see whether a worker died (to name it)
 STOP_TIMEOUT_S = 10.0  # a worker asked to stop gets this long before it is terminated
 
 
@@ -134,7 +135,7 @@ class WorkerGroup:
             dist.broadcast(x, src=0)
             yield
         except Exception as exc:
-            self.fail(f"a tensor-parallel forward failed half-way ({type(exc).__name__}: {exc})")
+            self.fail(self._dead_worker() or f"a tensor-parallel forward failed half-way ({type(exc).__name__}: {exc})")
             raise WorkerFailed(self.failure) from exc
         except BaseException:
             self.fail("a tensor-parallel forward was interrupted half-way")
@@ -151,7 +152,7 @@ class WorkerGroup:
                 for conn in self._conns:
                     conn.send(command)
             except OSError as exc:
-                self.fail(f"a tensor-parallel worker's pipe closed ({exc})")
+                self.fail(self._dead_worker() or f"a tensor-parallel worker's pipe closed ({exc})")
                 raise WorkerFailed(self.failure) from exc
 
     # -- failure and shutdown ---------------------------------------------------------------------
@@ -162,13 +163,11 @@ class WorkerGroup:
             callback()
 
     def fail(self, reason: str) -> None:
-        """Mark the group failed (the first reason is kept; a dead worker is named in preference),
-        end the workers, and run the callbacks."""
-        dead = self._dead_worker()
+        """Mark the group failed (the first reason is kept), end the workers, run the callbacks."""
         with self._fail_lock:
             if self.failure is not None or self._closing:
                 return
-            self.failure = dead or reason
+            self.failure = reason
         log.error("tensor parallelism failed: %s; stopping", self.failure)
         for proc in self._procs:
             if proc.is_alive():
@@ -179,21 +178,24 @@ class WorkerGroup:
             except Exception:
                 log.exception("a tensor-parallel failure callback failed")
 
-    def _dead_worker(self) -> str | None:
-        for rank, proc in enumerate(self._procs, start=1):
-            if not proc.is_alive():
-                return f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
-        return None
+    def _dead_worker(self, timeout: float | None = DEATH_GRACE_S) -> str | None:
+        """Which worker exited, waiting up to `timeout` for one to (None: none did). A collective
+        fails as soon as a peer's socket closes, often before its exit is visible: this names the
+        cause rather than the symptom."""
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._procs, start=1)}
+        ready = wait(list(sentinels), timeout)
+        if not ready:
+            return None
+        rank = sentinels[ready[0]]
+        proc = self._procs[rank - 1]
+        proc.join(DEATH_GRACE_S)  # reaped, so that its exit code is known
+        return f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
 
     def _watch(self) -> None:
         """The watchdog: wait for any worker to exit; unless we are closing, that fails the group."""
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self._procs, start=1)}
-        rank = sentinels[wait(list(sentinels))[0]]
-        if self._closing:
-            return
-        proc = self._procs[rank - 1]
-        proc.join(1.0)  # reaped, so that its exit code is known
-        self.fail(f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+        dead = self._dead_worker(timeout=None)
+        if not self._closing:
+            self.fail(dead)
 
     def close(self) -> None:
         """Stop the workers (asking first) and leave the process group. Idempotent."""
