@@ -91,7 +91,13 @@ class WorkerGroup:
         threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
         try:
             self._expect(JOINING, "starting")
-            join_group(spec, 0)
+            join_group(spec, 0)  # waits for every worker to join (at most timeout_s)
+        except WorkerFailed:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise WorkerFailed(self.failure or f"the tensor-parallel process group did not form: {exc}") from exc
         except BaseException:
             self.close()
             raise
