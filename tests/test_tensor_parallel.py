@@ -119,8 +119,9 @@ def test_tp2_speculative_equals_plain_greedy_and_seeded(tp2):
 
 def test_models_that_do_not_split_are_refused_in_one_line(tmp_path):
     path = checkpoint("qwen2", tmp_path / "qwen2")  # 4 heads, 2 kv heads, intermediate 96
-    with pytest.raises(ModelConfigError, match=r"^--tensor-parallel-size 4 does not divide this model's 2 "
-                                               r"key/value heads \(num_key_value_heads\); choose a size that divides 2$"):
+    one_line = (r"^--tensor-parallel-size 4 does not divide this model's 2 key/value heads "
+                r"\(num_key_value_heads\); choose a size that divides 2$")
+    with pytest.raises(ModelConfigError, match=one_line):
         WorkerGroup(path, "float32", "cpu", 4)  # refused before any worker starts
     cfg = ModelConfig.from_dir(path)
     with pytest.raises(ModelConfigError, match="does not divide this model's 97 MLP columns"):

@@ -4,6 +4,7 @@ The server starts its second rank itself (a spawned process, gloo). It answers t
 client, speculative output equals plain output (`speculative: false`), streaming equals the full
 answer, SIGTERM stops both processes with the usual status; and when the worker is killed mid-answer,
 the client gets an error instead of hanging and the server exits with code 4 (cli.WORKER_FAILED_EXIT).
+A model that cannot be split is refused before any worker starts, in one line, with exit code 3.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import openai
 import pytest
 
-from server.cli import WORKER_FAILED_EXIT
+from server.cli import STARTUP_FAILED_EXIT, WORKER_FAILED_EXIT
 from tests.test_e2e_server import MODEL, NAME, Server, chat, chat_stream, start_server
 
 pytestmark = [
@@ -94,3 +97,15 @@ def test_a_dying_worker_fails_the_request_in_flight_and_ends_the_server(tmp_path
     assert isinstance(outcome[0], openai.APIError), outcome
     assert code == WORKER_FAILED_EXIT, log[-3000:]
     assert f"tensor-parallel worker rank 1 (pid {worker}) exited with code -9" in log
+
+
+def test_a_model_that_does_not_split_is_refused_with_one_line_and_exit_code_3(tmp_path: Path) -> None:
+    from tests.test_tensor_parallel import checkpoint
+
+    path = checkpoint("qwen2", tmp_path / "qwen2")  # 2 key/value heads
+    done = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(path), "--device", "cpu",
+                           "--tensor-parallel-size", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == STARTUP_FAILED_EXIT, done.stderr[-3000:]
+    assert ("cannot start: --tensor-parallel-size 4 does not divide this model's 2 key/value heads "
+            "(num_key_value_heads); choose a size that divides 2\n") in done.stderr
+    assert "Traceback" not in done.stderr and "worker rank" not in done.stderr  # refused before any worker

@@ -242,7 +242,8 @@ def _rank0_device(device: str, world: int) -> torch.device:
     dev = resolve_device(device)
     if dev.type == "cuda":
         if dev.index not in (None, 0):
-            raise ModelConfigError(f"with --tensor-parallel-size, rank r runs on cuda:r; use --device cuda, not {device}")
+            raise ModelConfigError(f"with --tensor-parallel-size, rank r runs on cuda:r; "
+                                   f"use --device cuda, not {device}")
         if torch.cuda.device_count() < world:
             raise ModelConfigError(f"--tensor-parallel-size {world} needs {world} CUDA devices; "
                                    f"this machine has {torch.cuda.device_count()}")
