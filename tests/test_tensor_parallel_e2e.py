@@ -22,6 +22,7 @@ import pytest
 
 from server.cli import STARTUP_FAILED_EXIT, WORKER_FAILED_EXIT
 from tests.test_e2e_server import MODEL, NAME, Server, chat, chat_stream, start_server
+from tests.test_tensor_parallel import checkpoint
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,8 +101,6 @@ def test_a_dying_worker_fails_the_request_in_flight_and_ends_the_server(tmp_path
 
 
 def test_a_model_that_does_not_split_is_refused_with_one_line_and_exit_code_3(tmp_path: Path) -> None:
-    from tests.test_tensor_parallel import checkpoint
-
     path = checkpoint("qwen2", tmp_path / "qwen2")  # 2 key/value heads
     done = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(path), "--device", "cpu",
                            "--tensor-parallel-size", "4"], capture_output=True, text=True, timeout=300)
