@@ -4,7 +4,9 @@ It joins the process group, loads its shard, and then does what rank 0's pipe te
 allocate its KV cache, run a step's forward (the items come down the pipe, the embeddings by
 broadcast, then one all-reduce per o_proj and down_proj as rank 0 does), keep accepted tree paths
 in its cache, stop. It keeps no sequence state of its own: every command carries what it needs
-(cache lengths included), so it cannot drift from rank 0.
+(cache lengths included), so it cannot drift from rank 0. Allocating and freeing slots is rank 0's
+bookkeeping alone: a forward names its slots and cache positions, and a freed slot's stale K/V lie
+past the length of whoever gets the slot next, like a rejected draft's.
 
 It ends on any error, with a non-zero exit and a line on stderr (the server's log): the other ranks
 then see its sockets close and fail too, and rank 0's watchdog takes the server down. It ends as
