@@ -94,9 +94,9 @@ class SourceSlice:
 
 
 class ShardedCausalLM(CausalLM):
-    """A CausalLM holding one rank's part of every decoder layer. Rank 0 also holds the embedding,
-    the LM head and the final norm, and its `forward` drives the other ranks through `peers`
-    (group.WorkerGroup); the other ranks call `forward_layers` from their worker loop."""
+    """A CausalLM holding one rank's part of every decoder layer (and the final norm, a few KiB).
+    Rank 0 also holds the embedding and the LM head, and its `forward` drives the other ranks
+    through `peers` (group.WorkerGroup); the other ranks call `forward_layers` from their worker loop."""
 
     def __init__(self, cfg: ModelConfig, shard: TensorShard):
         super().__init__(cfg)  # on the meta device (the loader's): the full layers cost nothing
