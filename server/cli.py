@@ -11,6 +11,9 @@ answer 503, while requests in flight get up to --shutdown-timeout seconds to fin
 are aborted (their clients get an error saying the server is shutting down, not a cut connection),
 the server stops listening and joins the engine worker. uvicorn then re-raises the signal, so
 supervisors see the usual "terminated by SIGTERM" status (143).
+With --tensor-parallel-size N > 1 it first starts the N - 1 worker processes (runtime/parallel/) and
+watches them: a worker that dies stops the server as a drain does (requests in flight end with an
+error), and the process then exits with code 4; the workers are stopped on every way out.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from server.settings import Settings
 log = logging.getLogger("server.cli")
 
 STARTUP_FAILED_EXIT = 3  # uvicorn's code when the lifespan (engine loading) fails
+WORKER_FAILED_EXIT = 4  # a tensor-parallel worker died (or the group broke) while serving
 SHUTDOWN_BACKSTOP_S = 5  # uvicorn cuts connections still open this long after the drain
 DRAIN_POLL_S = 0.05  # how often the shutdown checks whether the drain is over
 
@@ -71,7 +75,7 @@ def load_settings(argv: list[str] | None = None) -> Settings:
         raise  # unreachable: parser.error exits
 
 
-def _draining_server(config, app, drain_s: float):
+def _draining_server(config, app, drain_s: float, workers=None):
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -82,7 +86,9 @@ def _draining_server(config, app, drain_s: float):
     class DrainingServer(uvicorn.Server):
         """uvicorn's server, whose shutdown first runs the engine's drain, still listening: requests
         in flight get `drain_s` seconds to finish, then the rest are aborted, which completes their
-        responses. Only then does uvicorn stop listening and wait for the connections to close."""
+        responses. Only then does uvicorn stop listening and wait for the connections to close. Last, once
+        the lifespan has joined the engine's thread, the tensor-parallel workers stop: before uvicorn
+        re-raises a SIGTERM, which would end this process before anything after `run()`."""
 
         async def shutdown(self, sockets=None) -> None:
             engine = app.state.engine  # None if it never finished loading
@@ -94,8 +100,27 @@ def _draining_server(config, app, drain_s: float):
                 while not drain.done() and not self.force_exit:
                     await asyncio.sleep(DRAIN_POLL_S)
             await super().shutdown(sockets)  # stops listening, closes idle keep-alive connections
+            if workers is not None:
+                await asyncio.to_thread(workers.close)
 
     return DrainingServer(config)
+
+
+def _build_engine(settings: Settings):
+    """(engine, its tensor-parallel workers or None); workers started here are stopped if it fails."""
+    from server.engine.factory import build_engine
+    from server.runtime.parallel.group import WorkerGroup
+
+    workers = None
+    if settings.tensor_parallel_size > 1:
+        workers = WorkerGroup(settings.model, settings.dtype, settings.device, settings.tensor_parallel_size,
+                              log_level=settings.log_level)
+    try:
+        return build_engine(settings, workers), workers
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model %s, drafter %s, device %s, dtype %s", settings.model, settings.drafter, settings.device,
              settings.dtype)
     from drafter.loading import DrafterLoadError
-    from server.engine.factory import build_engine
     from server.engine.types import EngineError
     from server.runtime.cache_plan import CacheSizingError
     from server.runtime.config import ModelConfigError
+    from server.runtime.parallel.group import WorkerFailed
 
     try:
-        engine = build_engine(settings)
-    except (CacheSizingError, ModelConfigError, DrafterLoadError, EngineError) as exc:  # they explain themselves
+        engine, workers = _build_engine(settings)
+    except (CacheSizingError, ModelConfigError, DrafterLoadError, EngineError, WorkerFailed) as exc:  # self-explaining
         log.error("cannot start: %s", exc)
         return STARTUP_FAILED_EXIT
     app = create_app(settings, engine)
@@ -130,8 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # serving logs one line per finished request instead
         timeout_graceful_shutdown=SHUTDOWN_BACKSTOP_S,  # after the drain: only final messages are left to send
     )
-    server = _draining_server(config, app, settings.shutdown_timeout)
-    server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, run the lifespan shutdown
+    server = _draining_server(config, app, settings.shutdown_timeout, workers)
+    if workers is None:
+        server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, run the lifespan shutdown
+        return 0 if server.started else STARTUP_FAILED_EXIT
+    workers.on_failure(lambda: setattr(server, "should_exit", True))  # uvicorn polls it: the same drain
+    try:
+        server.run()
+    finally:
+        workers.close()  # done already, unless the server failed before its shutdown
+    if workers.failure is not None:
+        log.error("stopped: %s", workers.failure)
+        return WORKER_FAILED_EXIT
     return 0 if server.started else STARTUP_FAILED_EXIT
 
 

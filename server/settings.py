@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces, as in Docker).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64,
+        description="Split the base model across this many processes (Megatron-style: attention heads and MLP "
+        "columns per rank, all-reduced). ctc-serve starts the extra ranks itself: on CUDA rank r uses cuda:r (NCCL), "
+        "on the CPU the ranks talk over gloo. The model's KV heads, attention heads and intermediate size must "
+        "divide by it.",
+    )
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences decoded together in one step.")
     max_model_len: int | None = Field(
         None, ge=16, le=1 << 20,

@@ -78,13 +78,13 @@ def write_checkpoint(out: Path, hidden: int, inter: int, layers: int, vocab: int
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 LLAMA3_8B_SHAPED_OVER = (
     "measured 1.245x (317 MiB for 255 MiB): the embedding's shard stays mapped while it is converted, and with a "
     "128k vocabulary and hidden 256 that one bf16 shard is 25% of the float32 weights (in a real 8B, 6%)"
 )
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 @pytest.mark.parametrize("shape", ["deep", pytest.param("llama3-8b-shaped", marks=pytest.mark.xfail(
     strict=True, reason=LLAMA3_8B_SHAPED_OVER))])
 def test_loading_peaks_within_1_1x_the_weights(tmp_path, shape):

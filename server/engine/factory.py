@@ -14,6 +14,7 @@ from drafter.base import Drafter
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.scheduler import SchedulerConfig
 from server.engine.speculate import Acceptance
+from server.engine.types import EngineError
 from server.engine.warmup import warm_up
 from server.runtime.cache_plan import (
     CachePlan,
@@ -24,6 +25,7 @@ from server.runtime.cache_plan import (
 )
 from server.runtime.loader import load_model, load_tokenizer
 from server.runtime.model import CausalLM
+from server.runtime.parallel.group import WorkerGroup
 from server.settings import HYBRID_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ def plan_cache(settings, model: CausalLM, sched: SchedulerConfig) -> CachePlan:
     """Size the KV cache for `settings` now that `model` is loaded (see cache_plan.py); raises
     CacheSizingError with a one-line explanation when the request cannot fit."""
     cfg, weight = model.config, model.lm_head.weight
-    per_position = kv_bytes_per_position(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, weight.dtype)
+    kv_heads = cfg.num_kv_heads // getattr(settings, "tensor_parallel_size", 1)  # rank 0 caches its heads only
+    per_position = kv_bytes_per_position(cfg.num_layers, kv_heads, cfg.head_dim, weight.dtype)
     drafter_weights = 0
     path = getattr(settings, "drafter_path", None)
     if path is not None:
@@ -78,8 +81,15 @@ def plan_cache(settings, model: CausalLM, sched: SchedulerConfig) -> CachePlan:
     )
 
 
-def build_engine(settings) -> LLMEngine:
-    model = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+def build_engine(settings, workers: WorkerGroup | None = None) -> LLMEngine:
+    """The engine for `settings`; with --tensor-parallel-size N > 1, `workers` are its N - 1 other
+    ranks, already started (the CLI starts them, watches them and stops them)."""
+    if getattr(settings, "tensor_parallel_size", 1) > 1:
+        if workers is None:
+            raise EngineError("--tensor-parallel-size > 1 needs its worker processes: serve it with ctc-serve")
+        model = workers.load_model()
+    else:
+        model = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     tokenizer = load_tokenizer(settings.model)
     sched = SchedulerConfig(max_batch_size=settings.max_batch_size, max_tree_nodes=settings.max_tree_nodes,
                             spec_token_budget=settings.spec_token_budget, governor=settings.governor,

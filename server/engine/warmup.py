@@ -25,6 +25,7 @@ import time
 from server.engine.engine import LLMEngine
 from server.engine.types import EngineError, SamplingParams
 from server.runtime.graphs import GraphRunner, can_capture, default_buckets
+from server.runtime.parallel.shard import ShardedCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ PATTERN = 8  # the prompt repeats this many distinct token ids, so drafters have
 def capture_graphs(engine: LLMEngine) -> GraphRunner | None:
     """Capture CUDA graphs for the engine's decode and verify steps and attach them to its model:
     buckets up to max_batch_size sequences of up to max_tree_nodes + 1 tokens. None (nothing
-    attached) where graphs cannot run: the CPU, or the torch attention reference on CUDA."""
-    if not can_capture(engine.cache):
+    attached) where graphs cannot run: the CPU, the torch attention reference on CUDA, or a
+    tensor-parallel model (its forward drives other processes' collectives: it runs eagerly)."""
+    if not can_capture(engine.cache) or isinstance(engine.model, ShardedCausalLM):
         return None
     sched = engine.config.scheduler
     runner = GraphRunner(engine.model, engine.cache, default_buckets(sched.max_batch_size, sched.max_tree_nodes + 1))

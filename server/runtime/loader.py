@@ -11,6 +11,10 @@ dtype on the target device; then the shards are streamed one tensor at a time, e
 matrix. Keeping a state dict of unfused tensors alive while fusing, as a naive loader does, holds
 the attention and MLP weights twice at the peak (~25 GB instead of 16 for a Llama-3-8B), so a
 24 GB card that fits weights and cache could not start.
+
+With tensor parallelism (`shard=`, parallel/shard.py) a rank builds only its part of the model and
+reads only its slice of each sharded tensor (safetensors' get_slice), so its peak is its own
+weights, about 1/N of the layers, plus one slice in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from server.runtime.config import ModelConfig, ModelConfigError
 from server.runtime.model import MLP, Attention, CausalLM
+from server.runtime.parallel.shard import SourceSlice, TensorShard, shard_model
 from server.runtime.rope import inverse_frequencies
 
 log = logging.getLogger(__name__)
@@ -65,11 +70,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where a checkpoint tensor goes: rows [start, start + rows) of `param` (all rows if unfused)."""
+    """Where a checkpoint tensor goes: rows [start, start + rows) of `param` (all rows if unfused);
+    `source`: the slice of the checkpoint tensor to read (a tensor-parallel rank's), None = whole."""
 
     param: nn.Parameter
     start: int
     rows: int
+    source: SourceSlice | None = None
 
 
 def fused_destinations(model: nn.Module) -> dict[str, tuple[str, int, int]]:
@@ -130,7 +137,7 @@ def stream_weights(files: list[Path], destinations: dict[str, Destination]) -> N
                 dest = destinations.get(name)
                 if dest is None:
                     continue
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(name) if dest.source is None else dest.source.read(f, name)
                 target = dest.param.narrow(0, dest.start, dest.rows)
                 if tensor.shape != target.shape:
                     raise ModelConfigError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
@@ -139,7 +146,9 @@ def stream_weights(files: list[Path], destinations: dict[str, Destination]) -> N
                 del tensor
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto") -> CausalLM:
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto",
+               shard: TensorShard | None = None) -> CausalLM:
+    """The model in `model_dir`; with `shard`, only that tensor-parallel rank's part of it."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     dev = resolve_device(device)
@@ -159,19 +168,23 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto")
             f"{model_dir}: checkpoint does not match a {cfg.architecture} of this config "
             f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})"
         )
+    sources: dict[str, SourceSlice | None] = dict.fromkeys(expected)
+    if shard is not None:
+        model, sources = shard_model(cfg, shard)
     parts = fused_destinations(model.eval())
     materialize(model, dt, dev)
     params = dict(model.named_parameters())
     destinations = {}
-    for name in expected:
+    for name, source in sources.items():
         fused, start, rows = parts.get(name, (name, 0, None))
         param = params[fused]
-        destinations[name] = Destination(param, start, param.shape[0] if rows is None else rows)
+        destinations[name] = Destination(param, start, param.shape[0] if rows is None else rows, source)
     stream_weights(files, destinations)
     # Buffers built under the meta device hold no data: derive the rope frequencies for real.
     model.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
     n = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s (%s, %.1fM parameters) on %s in %s", model_dir, cfg.architecture, n / 1e6, dev, dt)
+    part = "" if shard is None else f", tensor-parallel rank {shard.rank} of {shard.world}"
+    log.info("loaded %s (%s, %.1fM parameters%s) on %s in %s", model_dir, cfg.architecture, n / 1e6, part, dev, dt)
     return model
 
 
