@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def cmd_distill(args) -> None:
     logging.info("distilled %s", meta)
 
 
+def rank_device(device: str) -> str:
+    """Under torchrun on GPUs, this rank's own GPU, cuda:LOCAL_RANK (made the current device, which
+    NCCL uses): on "cuda" alone every rank would load onto GPU 0, and NCCL refuses two ranks on one."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    torch.cuda.set_device(int(local_rank))
+    return f"cuda:{local_rank}"
+
+
 def cmd_train(args) -> None:
     from drafter.ctc import CTCDraftModel, CTCDrafterConfig
     from drafter.data import load_distilled
@@ -76,7 +87,7 @@ def cmd_train(args) -> None:
     from drafter.train import HiddenStates, TrainConfig, train
     from server.runtime.loader import load_model
 
-    base = load_model(args.model, dtype=args.dtype, device=args.device)
+    base = load_model(args.model, dtype=args.dtype, device=rank_device(args.device))
     base.requires_grad_(False)
     if args.kind == "ctc":
         cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.host import to_host
 from server.runtime.loader import chat_prompt_ids
 from server.runtime.model import CausalLM
 
@@ -277,15 +278,16 @@ def with_base_outputs(model: CausalLM, convs: list[dict], logit_rows: int = 1024
     One cache-free forward over the batch's conversations packed (each a causal chain, seeing only
     itself), so no KV cache is allocated. Labels are the argmax of the base logits, taken
     `logit_rows` rows at a time: a batch's full logits (tokens x vocabulary, fp32) would be 8 GB
-    for 16k tokens of a 128k-vocabulary model. Returned as ordinary tensors (not inference
-    tensors), so autograd may save them in the drafter's graph."""
+    for 16k tokens of a 128k-vocabulary model. The labels come to the host in one copy (anchor
+    selection is host code, as with stored labels); hidden states stay on the device, as ordinary
+    tensors (not inference tensors), so autograd may save them in the drafter's graph."""
     device = model.lm_head.weight.device
     items = [ForwardItem(0, 0, c["tokens"].tolist()) for c in convs]
     batch = build_batch(items, max_model_len=1 << 30, device=device)
     with torch.inference_mode():
         hidden = model(batch, cache=None)  # (T, H) packed
         labels = torch.cat([model.compute_logits(h).argmax(-1) for h in hidden.split(logit_rows)])  # (T,)
-    hidden, labels = hidden.clone(), labels.clone()
+    hidden, labels = hidden.clone(), to_host(labels)
     off = batch.offsets
     return [{**c, "hidden": hidden[off[b] : off[b + 1]], "labels": labels[off[b] : off[b + 1]]}
             for b, c in enumerate(convs)]

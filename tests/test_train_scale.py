@@ -217,3 +217,12 @@ def test_ddp_two_processes_online_bf16_packed_stay_in_sync(demo, tmp_path):
     training = json.loads((out / "config.json").read_text())["training"]
     assert (training["hidden_states"], training["autocast_bf16"], training["max_tokens_per_batch"]) == ("online", True, 160)
     load_drafter(out, demo[0], max_slots=1, max_len=64)  # it serves next to the base model
+
+
+def test_a_torchrun_rank_keeps_a_cpu_device(monkeypatch):
+    from drafter.cli import rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert rank_device("auto") == "auto"  # resolved to the CPU by the loader, as without torchrun
