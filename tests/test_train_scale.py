@@ -160,6 +160,20 @@ def test_bf16_autocast_online_packed_training_lowers_the_loss_on_a_bf16_base(dem
     assert all(s["exp_avg"].dtype == torch.float32 for s in opt["state"].values())
 
 
+def test_the_autocast_option_changes_the_training_step(demo, tmp_path, one_thread):
+    """A negative control for the test above: one step with and without autocast, from the same
+    weights on the same batch, must differ (bf16 matmuls), or the option never reached the step."""
+    model, encoded = demo
+    weights = []
+    for on in (False, True):
+        draft = draft_for(model, "ctc")
+        cfg = TrainConfig(steps=1, anchors_per_conversation=8, warmup=1, max_tokens_per_batch=200,
+                          hidden_states=HiddenStates.ONLINE, autocast_bf16=on)
+        train(draft, token_set(encoded), tmp_path / str(on), cfg, base=model)
+        weights.append(draft.state_dict())
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 DDP_SCRIPT = r"""
 import os, sys, torch
 sys.path.insert(0, {repo!r})
