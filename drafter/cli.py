@@ -5,6 +5,8 @@
     ctc-drafter eval    --model models/demo-llama --drafter models/demo-llama-ctc --drafter ngram
 
 Many GPUs or processes: `torchrun --nproc-per-node 8 -m drafter.cli train ...` (DDP).
+A 7-8B base model: `distill --hidden-states online` (token ids only), then `train --hidden-states
+online --dtype bfloat16 --autocast bf16 --max-tokens-per-batch 16384` (README, "Large base models").
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +28,12 @@ DEMO_MODEL = REPO / "models" / "demo-llama"
 def cmd_distill(args) -> None:
     import random
 
-    from drafter.data import build_distilled, encode_conversation, load_corpus, perturb_numbers, regenerate
+    from drafter.data import build_distilled, encode_conversation, load_corpus, perturb_numbers, regenerate, token_set
     from server.runtime.loader import load_model, load_tokenizer
 
-    model = load_model(args.model, dtype="float32", device=args.device)
+    stored = args.hidden_states == "stored"
+    # Online data needs the base model only to regenerate answers.
+    model = load_model(args.model, dtype="float32", device=args.device) if stored or args.regenerate else None
     tok = load_tokenizer(args.model)
     rows = load_corpus(args.corpus)[args.skip_conversations :]
     rows = rows[: args.max_conversations]
@@ -53,8 +58,11 @@ def cmd_distill(args) -> None:
     encoded = [encode_conversation(tok, c, args.max_len) for c in convs]
     args.out.mkdir(parents=True, exist_ok=True)
     for k in range(0, len(encoded), args.shard_size):
-        build_distilled(model, encoded[k : k + args.shard_size]).save(args.out / f"shard-{k // args.shard_size:04d}.safetensors")
-    meta = {"model": str(args.model), "conversations": len(encoded), "regenerated": args.regenerate,
+        part = encoded[k : k + args.shard_size]
+        shard = build_distilled(model, part) if stored else token_set(part)
+        shard.save(args.out / f"shard-{k // args.shard_size:04d}.safetensors")
+    meta = {"model": str(args.model), "conversations": len(encoded), "hidden_states": args.hidden_states,
+            "regenerated": args.regenerate,
             "perturbed_numbers": args.perturb_numbers, "skipped_conversations": args.skip_conversations,
             "regenerate_temperature": args.regenerate_temperature,
             "tokens": sum(len(e[0]) for e in encoded), "max_len": args.max_len}
@@ -62,14 +70,24 @@ def cmd_distill(args) -> None:
     logging.info("distilled %s", meta)
 
 
+def rank_device(device: str) -> str:
+    """Under torchrun on GPUs, this rank's own GPU, cuda:LOCAL_RANK (made the current device, which
+    NCCL uses): on "cuda" alone every rank would load onto GPU 0, and NCCL refuses two ranks on one."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    torch.cuda.set_device(int(local_rank))
+    return f"cuda:{local_rank}"
+
+
 def cmd_train(args) -> None:
     from drafter.ctc import CTCDraftModel, CTCDrafterConfig
     from drafter.data import load_distilled
     from drafter.medusa import MedusaConfig, MedusaHeads
-    from drafter.train import TrainConfig, train
+    from drafter.train import HiddenStates, TrainConfig, train
     from server.runtime.loader import load_model
 
-    base = load_model(args.model, dtype="float32", device=args.device)
+    base = load_model(args.model, dtype=args.dtype, device=rank_device(args.device))
     base.requires_grad_(False)
     if args.kind == "ctc":
         cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,
@@ -80,8 +98,11 @@ def cmd_train(args) -> None:
     draft = draft.to(base.lm_head.weight.device).attach_base(base)
     tc = TrainConfig(steps=args.steps, conversations_per_step=args.conversations_per_step,
                      anchors_per_conversation=args.anchors, lr=args.lr, weight_decay=args.weight_decay,
-                     aux_weight=args.aux_weight, seed=args.seed)
-    metrics = train(draft, load_distilled(args.data), args.out, tc)
+                     aux_weight=args.aux_weight, seed=args.seed, max_tokens_per_batch=args.max_tokens_per_batch,
+                     hidden_states=HiddenStates(args.hidden_states), autocast_bf16=args.autocast == "bf16")
+    online = tc.hidden_states == HiddenStates.ONLINE
+    data = load_distilled(args.data, with_hidden=not online)
+    metrics = train(draft, data, args.out, tc, base=base if online else None)
     logging.info("trained %s: %s", args.out, metrics)
 
 
@@ -140,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=320, help="longest regenerated turn")
     d.add_argument("--batch-size", type=int, default=32, help="sequences decoded at once while regenerating")
     d.add_argument("--shard-size", type=int, default=1000, help="conversations per shard file")
+    d.add_argument("--hidden-states", choices=["stored", "online"], default="stored",
+                   help="stored: run the base model now and store hidden states and labels; online: store token ids "
+                        "and assistant masks only, for `train --hidden-states online` (large base models)")
     d.set_defaults(fn=cmd_distill)
 
     t = sub.add_parser("train", parents=[common], help="train a CTC drafter or the Medusa baseline on distilled data")
@@ -159,6 +183,16 @@ def parser() -> argparse.ArgumentParser:
                    help="AdamW weight decay (decoupled); 0.3 drafted best on the demo model (BENCHMARKS.md)")
     t.add_argument("--aux-weight", type=float, default=0.0, help="CTC: weight of the frame-aligned cross-entropy")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the frozen base model's dtype (bfloat16 for a 7-8B model: half the memory)")
+    t.add_argument("--hidden-states", choices=["stored", "online"], default="stored",
+                   help="stored: read them from --data; online: run the frozen base model over each batch "
+                        "(data from `distill --hidden-states online` suffices)")
+    t.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                   help="bf16: the drafter's forward under bfloat16 autocast, its weights and optimizer state float32")
+    t.add_argument("--max-tokens-per-batch", type=int, default=None,
+                   help="pack conversations into batches of at most this many tokens per rank (instead of "
+                        "--conversations-per-step); every conversation once per epoch")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", parents=[common], help="acceptance length on held-out prompts (greedy)")

@@ -10,6 +10,12 @@ Two sources of text: the corpus as written (`teacher` answers of other models), 
 the labels along the text are exactly what the base model emits at inference.
 
 Shards are safetensors files of concatenated arrays plus an offsets vector, read back whole.
+
+Stored or online hidden states. Storing (T, H) hidden states suits a small base model (the demo
+model's 256 wide); for a 7-8B model (4096 wide) they come to hundreds of GB for a chat corpus. With
+`--hidden-states online`, shards hold only token ids and assistant masks, and training runs the
+frozen base model over each batch instead (`with_base_outputs`), which yields the hidden states and
+the greedy labels of the same forward.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.host import to_host
 from server.runtime.loader import chat_prompt_ids
 from server.runtime.model import CausalLM
 
@@ -137,9 +145,11 @@ def regenerate(engine, tokenizer, conversations: list[list[dict]], max_tokens: i
 
 
 @torch.inference_mode()
-def base_outputs(model: CausalLM, seqs: list[list[int]], max_tokens_per_batch: int = 8192):
-    """Final-norm hidden states (T, H) fp16 and greedy labels (T,) for each sequence, batched by
-    length through the runtime's forward (one chain per sequence)."""
+def base_outputs(model: CausalLM, seqs: list[list[int]], max_tokens_per_batch: int = 8192,
+                 hidden_dtype: torch.dtype = torch.float16):
+    """Final-norm hidden states (T, H) in `hidden_dtype` (fp16 halves what is stored) and greedy
+    labels (T,) for each sequence, batched by length through the runtime's forward (one chain per
+    sequence)."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list = [None] * len(seqs)
     max_len = max(len(s) for s in seqs)
@@ -157,7 +167,7 @@ def base_outputs(model: CausalLM, seqs: list[list[int]], max_tokens_per_batch: i
         labels = model.compute_logits(hidden).argmax(-1)
         for b, j in enumerate(chunk):
             rows = slice(batch.offsets[b], batch.offsets[b + 1])
-            out[j] = (hidden[rows].to(torch.float16).cpu(), labels[rows].cpu())
+            out[j] = (hidden[rows].to(hidden_dtype).cpu(), labels[rows].cpu())
         i += n
         bar.update(len(chunk))
     bar.close()
@@ -166,30 +176,48 @@ def base_outputs(model: CausalLM, seqs: list[list[int]], max_tokens_per_batch: i
 
 @dataclass
 class DistilledSet:
-    """Concatenated arrays of many conversations; conversation i spans offsets[i]:offsets[i+1]."""
+    """Concatenated arrays of many conversations; conversation i spans offsets[i]:offsets[i+1].
+    `hidden` and `labels` are None in a set for online training (token ids and masks only)."""
 
     tokens: torch.Tensor  # (total,) int64
     assistant: torch.Tensor  # (total,) bool
-    hidden: torch.Tensor  # (total, H) float16
-    labels: torch.Tensor  # (total,) int64 base greedy next token at each position
+    hidden: torch.Tensor | None  # (total, H) float16
+    labels: torch.Tensor | None  # (total,) int64 base greedy next token at each position
     offsets: torch.Tensor  # (n + 1,) int64
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def lengths(self) -> list[int]:
+        """Tokens in each conversation."""
+        return self.offsets.diff().tolist()
+
+    def with_assistant_text(self) -> list[int]:
+        """Conversations with something to draft: an assistant token after the first position (a
+        prompt longer than distill's --max-len leaves none)."""
+        return [i for i in range(len(self)) if self.assistant[int(self.offsets[i]) + 1 : int(self.offsets[i + 1])].any()]
+
     def conversation(self, i: int) -> dict[str, torch.Tensor]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"tokens": self.tokens[a:b], "assistant": self.assistant[a:b],
-                "hidden": self.hidden[a:b], "labels": self.labels[a:b]}
+        arrays = {"tokens": self.tokens, "assistant": self.assistant, "hidden": self.hidden, "labels": self.labels}
+        return {k: v[a:b] for k, v in arrays.items() if v is not None}
 
     def save(self, path: Path) -> None:
-        save_file({"tokens": self.tokens, "assistant": self.assistant.to(torch.uint8), "hidden": self.hidden,
-                   "labels": self.labels, "offsets": self.offsets}, str(path))
+        arrays = {"tokens": self.tokens, "assistant": self.assistant.to(torch.uint8), "hidden": self.hidden,
+                  "labels": self.labels, "offsets": self.offsets}
+        save_file({k: v for k, v in arrays.items() if v is not None}, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> DistilledSet:
-        d = load_file(str(path))
-        return cls(d["tokens"], d["assistant"].bool(), d["hidden"], d["labels"], d["offsets"])
+    def load(cls, path: Path, with_hidden: bool = True) -> DistilledSet:
+        """`with_hidden=False` leaves stored hidden states on disk (online training recomputes them)."""
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+
+            def get(name: str) -> torch.Tensor | None:
+                return f.get_tensor(name) if name in keys else None
+
+            hidden = get("hidden") if with_hidden else None
+            return cls(get("tokens"), get("assistant").bool(), hidden, get("labels"), get("offsets"))
 
     @classmethod
     def concat(cls, parts: list[DistilledSet]) -> DistilledSet:
@@ -197,23 +225,42 @@ class DistilledSet:
         for p in parts:
             offsets.append(p.offsets[1:] + base)
             base += int(p.offsets[-1])
-        return cls(torch.cat([p.tokens for p in parts]), torch.cat([p.assistant for p in parts]),
-                   torch.cat([p.hidden for p in parts]), torch.cat([p.labels for p in parts]), torch.cat(offsets))
+
+        def cat(name: str) -> torch.Tensor | None:
+            """An optional array survives only if every part has it."""
+            arrays = [getattr(p, name) for p in parts]
+            return None if any(a is None for a in arrays) else torch.cat(arrays)
+
+        return cls(cat("tokens"), cat("assistant"), cat("hidden"), cat("labels"), torch.cat(offsets))
 
 
-def build_distilled(model: CausalLM, encoded: list[tuple[list[int], list[int]]]) -> DistilledSet:
-    outs = base_outputs(model, [ids for ids, _ in encoded])
-    lengths = torch.tensor([len(ids) for ids, _ in encoded])
+def build_distilled(model: CausalLM, encoded: list[tuple[list[int], list[int]]],
+                    hidden_dtype: torch.dtype = torch.float16) -> DistilledSet:
+    outs = base_outputs(model, [ids for ids, _ in encoded], hidden_dtype=hidden_dtype)
     return DistilledSet(
         tokens=torch.tensor([t for ids, _ in encoded for t in ids], dtype=torch.long),
         assistant=torch.tensor([m for _, mask in encoded for m in mask], dtype=torch.bool),
         hidden=torch.cat([h for h, _ in outs]),
         labels=torch.cat([lab for _, lab in outs]).long(),
-        offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        offsets=_offsets(encoded),
     )
 
 
-def load_distilled(data_dirs: Path | list[Path]) -> DistilledSet:
+def token_set(encoded: list[tuple[list[int], list[int]]]) -> DistilledSet:
+    """Token ids and assistant masks only, for online training: no base forward here."""
+    return DistilledSet(
+        tokens=torch.tensor([t for ids, _ in encoded for t in ids], dtype=torch.long),
+        assistant=torch.tensor([m for _, mask in encoded for m in mask], dtype=torch.bool),
+        hidden=None, labels=None, offsets=_offsets(encoded),
+    )
+
+
+def _offsets(encoded: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    lengths = torch.tensor([len(ids) for ids, _ in encoded], dtype=torch.long)
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])  # (n + 1,)
+
+
+def load_distilled(data_dirs: Path | list[Path], with_hidden: bool = True) -> DistilledSet:
     """Every shard of one or several `distill` output directories, as one set."""
     shards = []
     for data_dir in [data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs:
@@ -221,4 +268,26 @@ def load_distilled(data_dirs: Path | list[Path]) -> DistilledSet:
         if not found:
             raise FileNotFoundError(f"no shard-*.safetensors in {data_dir}: run `ctc-drafter distill` first")
         shards += found
-    return DistilledSet.concat([DistilledSet.load(s) for s in shards])
+    return DistilledSet.concat([DistilledSet.load(s, with_hidden) for s in shards])
+
+
+def with_base_outputs(model: CausalLM, convs: list[dict], logit_rows: int = 1024) -> list[dict]:
+    """`convs` with "hidden" (T, H) and "labels" (T,) computed now by the frozen base model, on its
+    device and in its dtype: what `distill` stores, for online training.
+
+    One cache-free forward over the batch's conversations packed (each a causal chain, seeing only
+    itself), so no KV cache is allocated. Labels are the argmax of the base logits, taken
+    `logit_rows` rows at a time: a batch's full logits (tokens x vocabulary, fp32) would be 8 GB
+    for 16k tokens of a 128k-vocabulary model. The labels come to the host in one copy (anchor
+    selection is host code, as with stored labels); hidden states stay on the device, as ordinary
+    tensors (not inference tensors), so autograd may save them in the drafter's graph."""
+    device = model.lm_head.weight.device
+    items = [ForwardItem(0, 0, c["tokens"].tolist()) for c in convs]
+    batch = build_batch(items, max_model_len=1 << 30, device=device)
+    with torch.inference_mode():
+        hidden = model(batch, cache=None)  # (T, H) packed
+        labels = torch.cat([model.compute_logits(h).argmax(-1) for h in hidden.split(logit_rows)])  # (T,)
+    hidden, labels = hidden.clone(), to_host(labels)
+    off = batch.offsets
+    return [{**c, "hidden": hidden[off[b] : off[b + 1]], "labels": labels[off[b] : off[b + 1]]}
+            for b, c in enumerate(convs)]

@@ -15,7 +15,18 @@ Medusa objective: head k's cross-entropy against labels[t+k], at every anchor.
 
 Distributed: launched by torchrun (WORLD_SIZE > 1), the objective is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on CUDA); ranks draw disjoint conversations from the
-same shuffled order and rank 0 writes checkpoints.
+same shuffled order (batches.py) and rank 0 writes checkpoints.
+
+Large base models (7-8B). Three options keep the drafter's training within one GPU per rank:
+- hidden states online (`HiddenStates.ONLINE`): each step runs the frozen base model over its
+  batch (data.with_base_outputs) instead of reading stored (T, H) arrays;
+- bf16 autocast (`autocast_bf16`): the drafter's forward runs its matmuls in bfloat16 while its
+  weights, gradients and AdamW state stay float32 (master weights); no loss scaling is needed, as
+  bf16 has float32's exponent range;
+- token-budget batches (`max_tokens_per_batch`, batches.py).
+The base model is the caller's: load it in bf16 and frozen (requires_grad False). It stays outside
+the DDP module and the optimizer, so it has no gradients, no optimizer state and no all-reduce;
+each rank holds a full bf16 copy (16 GB for 8B), which its own forward needs anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -33,14 +46,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from drafter.batches import FixedCountBatches, TokenBudgetBatches
 from drafter.collapse import collapse_sequence
 from drafter.ctc import CTCDraftModel
-from drafter.data import DistilledSet
+from drafter.data import DistilledSet, with_base_outputs
 from drafter.loading import save_drafter
 from drafter.medusa import MedusaHeads
 from server.runtime.batch import ForwardItem, build_batch
+from server.runtime.model import CausalLM
 
 log = logging.getLogger(__name__)
+
+
+class HiddenStates(str, Enum):
+    """Where the base model's hidden states and greedy labels come from."""
+
+    STORED = "stored"  # the distilled shards (`distill` stored them)
+    ONLINE = "online"  # the frozen base model, run over each batch during training
 
 
 @dataclass
@@ -54,6 +76,9 @@ class TrainConfig:
     aux_weight: float = 0.0
     checkpoint_every: int = 100
     seed: int = 0
+    max_tokens_per_batch: int | None = None  # per rank; None: conversations_per_step conversations
+    hidden_states: HiddenStates = HiddenStates.STORED
+    autocast_bf16: bool = False  # the drafter's forward under bf16 autocast (fp32 master weights)
 
 
 def anchor_targets(conv: dict, K: int) -> list[tuple[int, list[int]]]:
@@ -155,9 +180,37 @@ def _dist():
     return rank, world
 
 
-def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig) -> dict:
+def batch_conversations(data: DistilledSet, ids: list[int], base: CausalLM | None) -> list[dict]:
+    """Conversations `ids` of `data`, with hidden states and labels: stored ones, or with `base`
+    given, computed now by it (online)."""
+    convs = [data.conversation(i) for i in ids]
+    return with_base_outputs(base, convs) if base is not None else convs
+
+
+def _check_sources(data: DistilledSet, cfg: TrainConfig, base: CausalLM | None) -> None:
+    if cfg.hidden_states == HiddenStates.ONLINE and base is None:
+        raise ValueError("online hidden states need the base model: train(..., base=model)")
+    if cfg.hidden_states == HiddenStates.STORED and (data.hidden is None or data.labels is None):
+        raise ValueError("the data holds no hidden states (distilled with --hidden-states online): "
+                         "train with --hidden-states online")
+
+
+def _batches(data: DistilledSet, cfg: TrainConfig, world: int) -> FixedCountBatches | TokenBudgetBatches:
+    if not cfg.max_tokens_per_batch:
+        return FixedCountBatches(len(data), cfg.conversations_per_step, world, cfg.seed)
+    # Only conversations with anchors: a batch of none would leave its rank without a loss, and
+    # under DDP the other ranks would wait for its gradients forever.
+    ids = data.with_assistant_text()
+    lengths = data.lengths()
+    return TokenBudgetBatches([lengths[i] for i in ids], cfg.max_tokens_per_batch, world, cfg.seed, ids)
+
+
+def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig,
+          base: CausalLM | None = None) -> dict:
     """Train `draft` (attached to its base) on `data`; checkpoints in out_dir/.train, resumable;
-    the final drafter is written to out_dir. Returns the last metrics."""
+    the final drafter is written to out_dir. Returns the last metrics. `base`: the frozen base
+    model, needed with online hidden states (cfg.hidden_states)."""
+    _check_sources(data, cfg, base)
     rank, world = _dist()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     K = draft.config.num_labels
@@ -178,18 +231,14 @@ def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(objective)
 
-    rng = random.Random(cfg.seed)
-    order = list(range(len(data)))
-    rng.shuffle(order)
-    per_step = cfg.conversations_per_step
+    batches = _batches(data, cfg, world)
+    online = base if cfg.hidden_states == HiddenStates.ONLINE else None
+    device_type = params[0].device.type
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {draft.config.kind}", disable=rank != 0, dynamic_ncols=True)
     metrics: dict = {}
     t0 = time.time()
     while step < cfg.steps:
-        # Step s takes a fixed window of the shuffled order, so a resumed run sees the same data.
-        start = (step * per_step * world + rank * per_step) % len(order)
-        ids = [order[(start + j) % len(order)] for j in range(per_step)]
-        convs = [data.conversation(i) for i in ids]
+        convs = batch_conversations(data, batches.ids(step, rank), online)
         anchors = [anchor_targets(c, K) for c in convs]
         pick = random.Random(cfg.seed * 1_000_003 + step * world + rank)
         if is_ctc:
@@ -198,7 +247,8 @@ def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig)
         convs, anchors = [convs[i] for i in keep], [anchors[i] for i in keep]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, metrics = model(convs, anchors)
+        with torch.autocast(device_type, dtype=torch.bfloat16) if cfg.autocast_bf16 else nullcontext():
+            loss, metrics = model(convs, anchors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
