@@ -65,6 +65,8 @@ def cmd_distill(args) -> None:
 def cmd_train(args) -> None:
     from drafter.ctc import CTCDraftModel, CTCDrafterConfig
     from drafter.data import load_distilled
+    from drafter.eagle import EagleConfig, EagleDraftModel
+    from drafter.hydra import HydraConfig, HydraHeads
     from drafter.medusa import MedusaConfig, MedusaHeads
     from drafter.train import TrainConfig, train
     from server.runtime.loader import load_model
@@ -75,12 +77,17 @@ def cmd_train(args) -> None:
         cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,
                                         num_layers=args.layers, candidates=args.candidates)
         draft = CTCDraftModel(cfg)
+    elif args.kind == "eagle":
+        draft = EagleDraftModel(EagleConfig.for_base(base.config, num_labels=args.labels, num_layers=args.layers,
+                                                     tree=args.tree))
+    elif args.kind == "hydra":
+        draft = HydraHeads(HydraConfig.for_base(base.config, num_heads=args.labels, num_layers=args.layers))
     else:
         draft = MedusaHeads(MedusaConfig.for_base(base.config, num_heads=args.labels, num_layers=args.layers))
     draft = draft.to(base.lm_head.weight.device).attach_base(base)
     tc = TrainConfig(steps=args.steps, conversations_per_step=args.conversations_per_step,
                      anchors_per_conversation=args.anchors, lr=args.lr, weight_decay=args.weight_decay,
-                     aux_weight=args.aux_weight, seed=args.seed)
+                     aux_weight=args.aux_weight, ctc_weight=args.ctc_weight, seed=args.seed)
     metrics = train(draft, load_distilled(args.data), args.out, tc)
     logging.info("trained %s: %s", args.out, metrics)
 
@@ -146,10 +153,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, action="append",
                    help="directory written by `distill`; repeat to train on several")
     t.add_argument("--out", type=Path, required=True, help="drafter directory to write (config.json + model.safetensors); resumes from out/.train")
-    t.add_argument("--kind", choices=["ctc", "medusa"], default="ctc")
+    t.add_argument("--kind", choices=["ctc", "medusa", "hydra", "eagle"], default="ctc")
     t.add_argument("--frames", type=int, default=6, help="CTC: N frames per draft")
     t.add_argument("--labels", type=int, default=4, help="K next base tokens to learn (Medusa: number of heads)")
-    t.add_argument("--layers", type=int, default=1, help="CTC: decoder layers; Medusa: residual blocks per head")
+    t.add_argument("--layers", type=int, default=1,
+                   help="CTC, EAGLE: decoder layers; Medusa, Hydra: residual blocks per head")
+    t.add_argument("--tree", choices=["dynamic", "static"], default="dynamic",
+                   help="EAGLE: draft tree at inference (EAGLE-2's dynamic top-k or EAGLE-1's static shape)")
+    t.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="EAGLE: weight of the auxiliary CTC loss over drafted positions (the CTC-drafter authors': 0.01)")
     t.add_argument("--candidates", choices=["beam", "static"], default="beam", help="CTC: candidate search at inference")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--conversations-per-step", type=int, default=8)
