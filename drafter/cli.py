@@ -93,7 +93,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from drafter.evaluate import acceptance, load_prompts
+    from drafter.evaluate import acceptance, conversation_acceptance, load_prompts, load_questions
     from server.engine.factory import build_drafter
     from server.runtime.loader import load_model, load_tokenizer
 
@@ -110,6 +110,17 @@ def cmd_eval(args) -> None:
             cfg.candidates = args.ctc_candidates or cfg.candidates
             cfg.beam_width = args.beam_width or cfg.beam_width
             cfg.prune_topk = args.prune_topk or cfg.prune_topk
+        if args.turns == "all":  # every user turn, the model's own earlier answers in the prompt
+            questions = load_questions(args.prompts, args.source, args.num_prompts)
+            r = conversation_acceptance(model, tok, drafter, questions, args.max_tokens, args.tree_nodes,
+                                        args.max_model_len, args.batch_size)
+            outputs = r.pop("outputs")
+            plain = plain or (outputs if spec == "none" else None)
+            if plain is not None and spec != "none":
+                r["equals_plain"] = outputs == plain
+            results[spec] = r
+            print(f"{spec:40s} " + "  ".join(f"{cat} tau {c['tau']:.2f}" for cat, c in r["categories"].items()))
+            continue
         r = acceptance(model, tok, drafter, prompts, args.max_tokens, args.tree_nodes, args.max_model_len, args.batch_size)
         outputs = r.pop("outputs")
         plain = plain or (outputs if spec == "none" else None)
@@ -178,6 +189,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", type=Path, default=REPO.parent / "shared" / "data" / "eval_prompts.jsonl")
     e.add_argument("--source", default="gsm8k", help="gsm8k, mt_bench or all")
     e.add_argument("--num-prompts", type=int, default=40)
+    e.add_argument("--turns", choices=["first", "all"], default="first",
+                   help="all: every user turn (MT-bench has two), the model's own answers in the later prompts; "
+                        "figures per category")
     e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--tree-nodes", type=int, default=16, help="draft nodes per step")
     e.add_argument("--max-model-len", type=int, default=1024)
