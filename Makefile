@@ -95,7 +95,7 @@ demo-drafters: install
 # table script (e.g. --gsm8k 20 --max-tokens 128; --smoke for a seconds-long plumbing check).
 PAPER_WORK ?= models/.build/paper
 PAPER_CONVERSATIONS ?= 600
-PAPER_STEPS ?= 150
+PAPER_STEPS ?= 80
 PAPER_BATCH ?= 4
 PAPER_ARGS ?=
 PAPER_TRAIN = $(BIN)/ctc-drafter train --data $(PAPER_WORK)/regen --steps $(PAPER_STEPS) --conversations-per-step $(PAPER_BATCH)
