@@ -96,6 +96,39 @@ GPU_CHECK_ARGS ?=
 gpu-check: install
 	$(PY) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
+# The CTC-drafter paper's comparison on the demo model (issue 17, bench/paper_table.py): every drafter
+# kind alone and with prompt lookup, acceptance length and batch-1 speedup on MT-bench (both turns,
+# per category) and GSM8K. Drafters already under models/ are loaded; a missing one is trained
+# (PAPER_STEPS steps of PAPER_BATCH conversations on PAPER_CONVERSATIONS self-distilled ones, the
+# recipe of the shipped Hydra and EAGLE-style drafters, see BENCHMARKS.md). PAPER_ARGS go to the
+# table script (e.g. --gsm8k 20 --max-tokens 128; --smoke for a seconds-long plumbing check).
+PAPER_WORK ?= models/.build/paper
+PAPER_CONVERSATIONS ?= 600
+PAPER_STEPS ?= 80
+PAPER_BATCH ?= 4
+PAPER_ARGS ?=
+PAPER_TRAIN = $(BIN)/ctc-drafter train --data $(PAPER_WORK)/regen --steps $(PAPER_STEPS) --conversations-per-step $(PAPER_BATCH)
+PAPER_DRAFTERS = models/demo-llama-medusa models/demo-llama-hydra models/demo-llama-eagle models/demo-llama-eagle-ctc \
+	models/demo-llama-ctc
+.PHONY: paper-table
+paper-table: install $(addsuffix /model.safetensors,$(PAPER_DRAFTERS))
+	$(PY) -m bench.paper_table $(PAPER_ARGS)
+
+$(PAPER_WORK)/regen/meta.json:
+	$(BIN)/ctc-drafter distill --out $(PAPER_WORK)/regen --regenerate --max-conversations $(PAPER_CONVERSATIONS) \
+		--max-new-tokens 256 --batch-size 48
+# Order-only on the data: a shipped drafter is never retrained because the data is newer.
+models/demo-llama-hydra/model.safetensors: | $(PAPER_WORK)/regen/meta.json
+	$(PAPER_TRAIN) --kind hydra --out models/demo-llama-hydra
+models/demo-llama-eagle/model.safetensors: | $(PAPER_WORK)/regen/meta.json
+	$(PAPER_TRAIN) --kind eagle --out models/demo-llama-eagle
+models/demo-llama-eagle-ctc/model.safetensors: | $(PAPER_WORK)/regen/meta.json
+	$(PAPER_TRAIN) --kind eagle --ctc-weight 0.01 --out models/demo-llama-eagle-ctc
+models/demo-llama-medusa/model.safetensors: | $(PAPER_WORK)/regen/meta.json
+	$(PAPER_TRAIN) --kind medusa --out models/demo-llama-medusa
+models/demo-llama-ctc/model.safetensors: | $(PAPER_WORK)/regen/meta.json
+	$(PAPER_TRAIN) --kind ctc --layers 2 --out models/demo-llama-ctc
+
 # A longer schemathesis run than CI's (tests/test_api_fuzz.py), randomly seeded: all checks, positive
 # and negative data, against a real ctc-serve on the demo model. FUZZ_EXAMPLES cases per operation and phase.
 .PHONY: fuzz

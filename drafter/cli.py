@@ -83,6 +83,8 @@ def rank_device(device: str) -> str:
 def cmd_train(args) -> None:
     from drafter.ctc import CTCDraftModel, CTCDrafterConfig
     from drafter.data import load_distilled
+    from drafter.eagle import EagleConfig, EagleDraftModel
+    from drafter.hydra import HydraConfig, HydraHeads
     from drafter.medusa import MedusaConfig, MedusaHeads
     from drafter.train import HiddenStates, TrainConfig, train
     from server.runtime.loader import load_model
@@ -93,12 +95,18 @@ def cmd_train(args) -> None:
         cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,
                                         num_layers=args.layers, candidates=args.candidates)
         draft = CTCDraftModel(cfg)
+    elif args.kind == "eagle":
+        draft = EagleDraftModel(EagleConfig.for_base(base.config, num_labels=args.labels, num_layers=args.layers,
+                                                     tree=args.tree))
+    elif args.kind == "hydra":
+        draft = HydraHeads(HydraConfig.for_base(base.config, num_heads=args.labels, num_layers=args.layers))
     else:
         draft = MedusaHeads(MedusaConfig.for_base(base.config, num_heads=args.labels, num_layers=args.layers))
     draft = draft.to(base.lm_head.weight.device).attach_base(base)
     tc = TrainConfig(steps=args.steps, conversations_per_step=args.conversations_per_step,
                      anchors_per_conversation=args.anchors, lr=args.lr, weight_decay=args.weight_decay,
-                     aux_weight=args.aux_weight, seed=args.seed, max_tokens_per_batch=args.max_tokens_per_batch,
+                     aux_weight=args.aux_weight, ctc_weight=args.ctc_weight, seed=args.seed,
+                     max_tokens_per_batch=args.max_tokens_per_batch,
                      hidden_states=HiddenStates(args.hidden_states), autocast_bf16=args.autocast == "bf16")
     online = tc.hidden_states == HiddenStates.ONLINE
     data = load_distilled(args.data, with_hidden=not online)
@@ -107,7 +115,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from drafter.evaluate import acceptance, load_prompts
+    from drafter.evaluate import acceptance, conversation_acceptance, load_prompts, load_questions
     from server.engine.factory import build_drafter
     from server.runtime.loader import load_model, load_tokenizer
 
@@ -124,6 +132,17 @@ def cmd_eval(args) -> None:
             cfg.candidates = args.ctc_candidates or cfg.candidates
             cfg.beam_width = args.beam_width or cfg.beam_width
             cfg.prune_topk = args.prune_topk or cfg.prune_topk
+        if args.turns == "all":  # every user turn, the model's own earlier answers in the prompt
+            questions = load_questions(args.prompts, args.source, args.num_prompts)
+            r = conversation_acceptance(model, tok, drafter, questions, args.max_tokens, args.tree_nodes,
+                                        args.max_model_len, args.batch_size)
+            outputs = r.pop("outputs")
+            plain = plain or (outputs if spec == "none" else None)
+            if plain is not None and spec != "none":
+                r["equals_plain"] = outputs == plain
+            results[spec] = r
+            print(f"{spec:40s} " + "  ".join(f"{cat} tau {c['tau']:.2f}" for cat, c in r["categories"].items()))
+            continue
         r = acceptance(model, tok, drafter, prompts, args.max_tokens, args.tree_nodes, args.max_model_len, args.batch_size)
         outputs = r.pop("outputs")
         plain = plain or (outputs if spec == "none" else None)
@@ -170,10 +189,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, action="append",
                    help="directory written by `distill`; repeat to train on several")
     t.add_argument("--out", type=Path, required=True, help="drafter directory to write (config.json + model.safetensors); resumes from out/.train")
-    t.add_argument("--kind", choices=["ctc", "medusa"], default="ctc")
+    t.add_argument("--kind", choices=["ctc", "medusa", "hydra", "eagle"], default="ctc")
     t.add_argument("--frames", type=int, default=6, help="CTC: N frames per draft")
     t.add_argument("--labels", type=int, default=4, help="K next base tokens to learn (Medusa: number of heads)")
-    t.add_argument("--layers", type=int, default=1, help="CTC: decoder layers; Medusa: residual blocks per head")
+    t.add_argument("--layers", type=int, default=1,
+                   help="CTC, EAGLE: decoder layers; Medusa, Hydra: residual blocks per head")
+    t.add_argument("--tree", choices=["dynamic", "static"], default="dynamic",
+                   help="EAGLE: draft tree at inference (EAGLE-2's dynamic top-k or EAGLE-1's static shape)")
+    t.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="EAGLE: weight of the auxiliary CTC loss over drafted positions (the CTC-drafter authors': 0.01)")
     t.add_argument("--candidates", choices=["beam", "static"], default="beam", help="CTC: candidate search at inference")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--conversations-per-step", type=int, default=8)
@@ -200,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", type=Path, default=REPO.parent / "shared" / "data" / "eval_prompts.jsonl")
     e.add_argument("--source", default="gsm8k", help="gsm8k, mt_bench or all")
     e.add_argument("--num-prompts", type=int, default=40)
+    e.add_argument("--turns", choices=["first", "all"], default="first",
+                   help="all: every user turn (MT-bench has two), the model's own answers in the later prompts; "
+                        "figures per category")
     e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--tree-nodes", type=int, default=16, help="draft nodes per step")
     e.add_argument("--max-model-len", type=int, default=1024)

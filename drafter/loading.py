@@ -34,10 +34,14 @@ class DrafterKind:
 
 def _kinds() -> dict[str, DrafterKind]:
     from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
+    from drafter.eagle import EagleConfig, EagleDraftModel, EagleDrafter
+    from drafter.hydra import HydraConfig, HydraDrafter, HydraHeads
     from drafter.medusa import MedusaConfig, MedusaDrafter, MedusaHeads
 
     return {
         "ctc": DrafterKind(CTCDrafterConfig, CTCDraftModel, CTCDrafter),
+        "eagle": DrafterKind(EagleConfig, EagleDraftModel, EagleDrafter),
+        "hydra": DrafterKind(HydraConfig, HydraHeads, HydraDrafter),
         "medusa": DrafterKind(MedusaConfig, MedusaHeads, MedusaDrafter),
     }
 

@@ -1,4 +1,4 @@
-"""Training drafters on distilled data (data.py): the CTC module and the Medusa baseline.
+"""Training drafters on distilled data (data.py): the CTC module and the baselines (Medusa, Hydra, EAGLE-style).
 
 Anchors. A training example is an anchor position t inside an assistant turn: the drafter sees
 the context up to t (hidden states h_<=t and tokens x_<=t+1, x_{t+1} playing the pending token)
@@ -11,7 +11,9 @@ makes frames see exactly x_<=t and their own earlier frames (the layout inferenc
 positions t+1..t+N. Loss = CTC(frames, labels) (+ optional auxiliary cross-entropy that pins
 frame j to label j, a valid alignment, weighted by --aux-weight).
 
-Medusa objective: head k's cross-entropy against labels[t+k], at every anchor.
+Medusa objective: head k's cross-entropy against labels[t+k], at every anchor. Hydra's and the
+EAGLE-style drafter's objectives live beside their models (hydra.py, eagle.py); `make_objective`
+picks one by the drafter's kind.
 
 Distributed: launched by torchrun (WORLD_SIZE > 1), the objective is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on CUDA); ranks draw disjoint conversations from the
@@ -50,6 +52,8 @@ from drafter.batches import FixedCountBatches, TokenBudgetBatches
 from drafter.collapse import collapse_sequence
 from drafter.ctc import CTCDraftModel
 from drafter.data import DistilledSet, with_base_outputs
+from drafter.eagle import EagleObjective
+from drafter.hydra import HydraObjective
 from drafter.loading import save_drafter
 from drafter.medusa import MedusaHeads
 from server.runtime.batch import ForwardItem, build_batch
@@ -74,6 +78,7 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.3  # AdamW, decoupled: the best of 0, 0.1, 0.3, 1.0 on the demo model
     aux_weight: float = 0.0
+    ctc_weight: float = 0.0  # EAGLE-style drafter: weight of the auxiliary CTC loss (the CTC-drafter authors': 0.01)
     checkpoint_every: int = 100
     seed: int = 0
     max_tokens_per_batch: int | None = None  # per rank; None: conversations_per_step conversations
@@ -157,6 +162,20 @@ class MedusaObjective(nn.Module):
         return loss, {"acc1": float(hit[:, 0].float().mean()), "match": float(match.mean())}
 
 
+def make_objective(draft: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The training objective of `draft`'s kind: (convs, anchors) -> (loss, metrics)."""
+    kind = draft.config.kind
+    if kind == "ctc":
+        return CTCObjective(draft, cfg.aux_weight)
+    if kind == "eagle":
+        return EagleObjective(draft, cfg.ctc_weight)
+    if kind == "hydra":
+        return HydraObjective(draft)
+    if kind == "medusa":
+        return MedusaObjective(draft)
+    raise ValueError(f"no training objective for drafter kind {kind!r}")
+
+
 def _prefix_match(draft: list[int], target: list[int]) -> int:
     n = 0
     while n < min(len(draft), len(target)) and draft[n] == target[n]:
@@ -214,8 +233,8 @@ def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig,
     rank, world = _dist()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     K = draft.config.num_labels
-    is_ctc = isinstance(draft, CTCDraftModel)
-    objective = CTCObjective(draft, cfg.aux_weight) if is_ctc else MedusaObjective(draft)
+    objective = make_objective(draft, cfg)
+    sample_anchors = draft.config.kind in ("ctc", "eagle")  # their objectives cost per anchor
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     work = out_dir / ".train"
@@ -241,7 +260,7 @@ def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig,
         convs = batch_conversations(data, batches.ids(step, rank), online)
         anchors = [anchor_targets(c, K) for c in convs]
         pick = random.Random(cfg.seed * 1_000_003 + step * world + rank)
-        if is_ctc:
+        if sample_anchors:
             anchors = [pick.sample(a, min(len(a), cfg.anchors_per_conversation)) for a in anchors]
         keep = [i for i, a in enumerate(anchors) if a]
         convs, anchors = [convs[i] for i in keep], [anchors[i] for i in keep]

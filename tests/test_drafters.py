@@ -142,8 +142,8 @@ def test_checkpoint_round_trip_and_mismatch_refused(base, tmp_path):
     with pytest.raises(DrafterLoadError, match="architecture LlamaForCausalLM.*Qwen2ForCausalLM"):
         load_drafter(tmp_path / "d", other, max_slots=1, max_len=32)
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text('{"kind": "eagle"}')
-    with pytest.raises(DrafterLoadError, match="unknown drafter kind 'eagle'"):
+    (tmp_path / "bad" / "config.json").write_text('{"kind": "lookahead"}')
+    with pytest.raises(DrafterLoadError, match="unknown drafter kind 'lookahead'"):
         load_drafter(tmp_path / "bad", model, max_slots=1, max_len=32)
 
 

@@ -63,7 +63,7 @@ def plan_cache(settings, model: CausalLM, sched: SchedulerConfig) -> CachePlan:
         from drafter.loading import read_drafter_config
 
         _, dcfg = read_drafter_config(path)
-        if dcfg.kind == "ctc":  # it keeps a KV cache of its own, as long as the base model's
+        if dcfg.kind in ("ctc", "eagle"):  # they keep a KV cache of their own, as long as the base model's
             lc = dcfg.layer_config()
             per_position += kv_bytes_per_position(lc.num_layers, lc.num_kv_heads, lc.head_dim, weight.dtype)
         weights = Path(path) / "model.safetensors"
