@@ -3,18 +3,18 @@
 Reads config.json, one model.safetensors or the shards listed in model.safetensors.index.json,
 and the tokenizer (with its chat template) through transformers' AutoTokenizer.
 
-Lean by construction: peak memory while loading is the final weights plus one checkpoint tensor
-in flight, not a second copy of the model. The model is built and fused (q|k|v, gate|up) on the
+Lean by construction: peak memory while loading is the final weights plus one 4 MiB read buffer
+(safetensors_io.py), not a second copy of the model. The model is built and fused (q|k|v, gate|up) on the
 meta device, where it holds no data; then every parameter is allocated once, empty, in the target
-dtype on the target device; then the shards are streamed one tensor at a time, each copied
+dtype on the target device; then the shards are streamed a chunk of rows at a time, each copied
 (cast on the way) into its place, a q/k/v or gate/up part straight into its rows of the fused
 matrix. Keeping a state dict of unfused tensors alive while fusing, as a naive loader does, holds
 the attention and MLP weights twice at the peak (~25 GB instead of 16 for a Llama-3-8B), so a
 24 GB card that fits weights and cache could not start.
 
 With tensor parallelism (`shard=`, parallel/shard.py) a rank builds only its part of the model and
-reads only its slice of each sharded tensor (safetensors' get_slice), so its peak is its own
-weights, about 1/N of the layers, plus one slice in flight.
+reads only its slice of each sharded tensor, so its peak is its own weights, about 1/N of the
+layers, plus one read buffer.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from server.runtime.config import ModelConfig, ModelConfigError
 from server.runtime.model import MLP, Attention, CausalLM
 from server.runtime.parallel.shard import SourceSlice, TensorShard, shard_model
 from server.runtime.rope import inverse_frequencies
+from server.runtime.safetensors_io import ChunkedReader, SafetensorsError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -120,30 +120,29 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
 
 
 def checkpoint_names(files: list[Path]) -> list[str]:
-    names = []
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names += [n for n in f.keys() if not n.endswith(_IGNORED_SUFFIXES)]
-    return names
+    return [n for path in files for n in read_header(path) if not n.endswith(_IGNORED_SUFFIXES)]
 
 
 @torch.no_grad()
 def stream_weights(files: list[Path], destinations: dict[str, Destination]) -> None:
-    """Copy every checkpoint tensor named in `destinations` into its place, one tensor at a time
-    (the copy casts to the parameter's dtype and moves it to its device)."""
+    """Copy every checkpoint tensor named in `destinations` into its place, a bounded chunk of
+    rows at a time (safetensors_io.py: no file mapped, no whole tensor in flight); the copy casts
+    to the parameter's dtype and moves it to its device."""
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+        with ChunkedReader(path) as reader:
+            for name, info in read_header(path).items():
                 dest = destinations.get(name)
                 if dest is None:
                     continue
-                tensor = f.get_tensor(name) if dest.source is None else dest.source.read(f, name)
                 target = dest.param.narrow(0, dest.start, dest.rows)
-                if tensor.shape != target.shape:
-                    raise ModelConfigError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
-                                           f"the config implies {tuple(target.shape)}")
-                target.copy_(tensor)
-                del tensor
+                src = dest.source
+                try:
+                    if src is None:
+                        reader.copy_into(info, target)
+                    else:
+                        reader.copy_into(info, target, src.dim, src.start, src.length)
+                except SafetensorsError as exc:
+                    raise ModelConfigError(str(exc)) from None
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto",

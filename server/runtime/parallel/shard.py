@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from server.runtime.batch import AttentionMetadata
@@ -80,17 +79,12 @@ def _row_parallel(linear: nn.Linear) -> RowParallelLinear:
 
 @dataclass(frozen=True)
 class SourceSlice:
-    """Rows or columns [start, start + length) along `dim` of a checkpoint tensor."""
+    """Rows or columns [start, start + length) along `dim` of a checkpoint tensor: all the loader
+    reads of it (safetensors_io.ChunkedReader.copy_into)."""
 
     dim: int
     start: int
     length: int
-
-    def read(self, f: safe_open, name: str) -> torch.Tensor:
-        """Only this slice, read from the file (safetensors' get_slice): no whole tensor in memory."""
-        part = f.get_slice(name)
-        stop = self.start + self.length
-        return part[self.start : stop] if self.dim == 0 else part[:, self.start : stop]
 
 
 class ShardedCausalLM(CausalLM):
