@@ -43,12 +43,60 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CORPUS = HERE.parent.parent / "shared" / "data" / "corpus.jsonl"
 
 # ChatML-style template: <|im_start|>role\ncontent<|im_end|>\n ... The model stops on <|im_end|>.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# With `tools`, it offers them in the system turn and writes earlier calls as <tool_call> blocks
+# (TOOLS_CARD below says how; server/api/tools.py parses them). tests/test_demo_model.py checks
+# that the shipped model's chat_template.jinja is this text.
+CHAT_TEMPLATE = r"""{%- if tools -%}
+{%- set tools_ns = namespace(text='# Tools\n\nYou may call these functions. To call one, answer with\n<tool_call>{"name": <function name>, "arguments": <the arguments as a JSON object>}</tool_call>\n\n<tools>\n') -%}
+{%- for tool in tools -%}
+{%- set tools_ns.text = tools_ns.text + (tool | tojson) + '\n' -%}
+{%- endfor -%}
+{%- set tool_text = tools_ns.text + '</tools>' -%}
+{%- if messages[0]['role'] != 'system' -%}
+{{- '<|im_start|>system\n' + tool_text + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- endif -%}
+{%- for message in messages -%}
+{%- set ns = namespace(text=message['content']) -%}
+{%- if tools and loop.first and message['role'] == 'system' -%}
+{%- set ns.text = ns.text + '\n\n' + tool_text -%}
+{%- endif -%}
+{%- for call in message['tool_calls'] or [] -%}
+{%- set ns.text = ns.text + ('\n' if ns.text else '') + '<tool_call>{"name": ' + (call['function']['name'] | tojson) + ', "arguments": ' + call['function']['arguments'] + '}</tool_call>' -%}
+{%- endfor -%}
+{{- '<|im_start|>' + message['role'] + '\n' + ns.text + '<|im_end|>' + '\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+TOOLS_CARD = r"""## Tools (chat template)
+
+The chat template (`chat_template.jinja`) offers OpenAI function tools to the model and writes the
+calls of earlier turns; a conversation without tools renders exactly as before tools were added.
+
+- **Offered tools** go at the end of the system turn (a system turn is opened for them if the
+  conversation has none), one JSON object per line, as the request sent them:
+
+  ```
+  <|im_start|>system
+  {system message, if any, then a blank line}# Tools
+
+  You may call these functions. To call one, answer with
+  <tool_call>{"name": <function name>, "arguments": <the arguments as a JSON object>}</tool_call>
+
+  <tools>
+  {"type": "function", "function": {"name": "get_weather", "parameters": {...}}}
+  </tools><|im_end|>
+  ```
+- **A call** in an assistant turn: `<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>`,
+  one per line after any text; the `arguments` are written as the request's `function.arguments` text.
+- **A tool result** is a turn of its own: `<|im_start|>tool\n{content}<|im_end|>`.
+
+ctc-serve parses these blocks out of the model's answers (`server/api/tools.py`) and, for
+`tool_choice: required` or a named function, forces exactly one well-formed call with a grammar.
+The model was never trained on tool use: offered tools, it rarely calls one on its own.
+"""
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -405,7 +453,7 @@ def write_model_card(out: Path, report: dict, n_samples: int = 3) -> None:
         "1 / 6 / 2.910.",
         "",
     ]
-    (out / "README.md").write_text("\n".join(lines))
+    (out / "README.md").write_text("\n".join(lines) + "\n" + TOOLS_CARD)
 
 
 def repetition_loops(model_dir: Path, n: int = 40, max_tokens: int = 256) -> tuple[int, int, int]:

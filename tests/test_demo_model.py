@@ -88,14 +88,28 @@ def test_model_card_records_heldout_loss():
     assert "held-out" in (DEMO_MODEL / "README.md").read_text().lower()
 
 
-def test_unlikelihood_loss_penalises_earlier_tokens_except_the_target():
+def build_script():
+    """models/build_demo_model.py, imported as a module."""
     import importlib.util
-    import math
 
     spec = importlib.util.spec_from_file_location("build_demo_model", DEMO_MODEL.parent / "build_demo_model.py")
     build = importlib.util.module_from_spec(spec)
     sys.modules["build_demo_model"] = build  # its dataclasses look their module up
     spec.loader.exec_module(build)
+    return build
+
+
+def test_the_build_script_writes_the_shipped_chat_template_and_tools_card():
+    """Rebuilding the model must not lose the tool format: the script holds the shipped text."""
+    build = build_script()
+    assert (DEMO_MODEL / "chat_template.jinja").read_text() == build.CHAT_TEMPLATE
+    assert (DEMO_MODEL / "README.md").read_text().endswith(build.TOOLS_CARD)
+
+
+def test_unlikelihood_loss_penalises_earlier_tokens_except_the_target():
+    import math
+
+    build = build_script()
     ids = torch.tensor([[5, 6, 5, 7]])
     labels = torch.tensor([[-100, 6, 5, 7]])  # position 0 (a prompt token) is not trained
     # Uniform predictions over 10 tokens. Position 0 predicts 6 with {5} seen before; 1 predicts 5
