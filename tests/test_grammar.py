@@ -18,7 +18,7 @@ from server.engine.grammar import Grammars, keep_nodes, spec_to_lark
 from server.engine.types import EngineError, FinishReason, GrammarSpec, SamplingParams
 from tests.chi_square import chi_square_pvalue
 from tests.test_engine import run_all
-from tests.test_logits_process import ACCEPTANCES, DRAFTERS, demo, demo_engine, demo_prompts, fake_seq
+from tests.test_logits_process import ACCEPTANCES, DEMO_MODEL_CTC, DRAFTERS, demo, demo_engine, demo_prompts, fake_seq
 
 EOS = 2  # the demo model's
 
@@ -131,6 +131,26 @@ def test_speculative_equals_plain_under_a_grammar(drafter_spec, acceptance):
             jsonschema.validate(value, p.grammar.schema or {"type": "object"})
     assert sum(o["finish"] == FinishReason.STOP for o in plain.values()) >= 3
     assert sum(o["accepted"] for o in spec.values()) > 0, "the drafter never helped: nothing was tested"
+
+
+def test_constrained_requests_draft_with_the_hybrids_lookup_tier_only():
+    """Under a grammar the learned half of a hybrid drafter is not asked (drafter_guard._tier);
+    the same prompts unconstrained are, in the same engine."""
+    engine = demo_engine(str(DEMO_MODEL_CTC) + "+ngram")
+    asked: list[str] = []
+    learned = engine.guard.drafter.learned
+    real = learned.candidates
+
+    def counting(requests):
+        asked.extend(r.seq_id for r in requests)
+        return real(requests)
+
+    learned.candidates = counting
+    reqs = constrained_requests()
+    free = {f"free{i}": (prompt, SamplingParams(max_tokens=24, temperature=0)) for i, prompt in enumerate(demo_prompts(2))}
+    out = run_all(engine, {**reqs, **free})
+    assert sum(out[r]["accepted"] for r in reqs) > 0  # lookup still drafts for them
+    assert asked and set(asked) <= set(free)
 
 
 # -- 50 generated schemas ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ from tests.conftest import DEMO_MODEL, make_hf_model
 from tests.test_engine import NoisyOracleDrafter, make_engine, run_all
 
 ACCEPTANCES = (Acceptance.PATH, Acceptance.ALL_NODES)  # the two walks must agree with plain decoding alike
-DRAFTERS = ["ngram", str(DEMO_MODEL.parent / "demo-llama-ctc")]
+DEMO_MODEL_CTC = DEMO_MODEL.parent / "demo-llama-ctc"
+DRAFTERS = ["ngram", str(DEMO_MODEL_CTC)]
 
 
 @functools.cache

@@ -87,8 +87,8 @@ class DrafterGuard:
         """A tree per decoding sequence; a root-only tree (plain decoding) for a budget of 0, a
         sequence that does not draft, or a failed call."""
         trees = [TokenTree.chain(seq.pending_token, []) for seq, _ in decode]
-        asks = [(i, seq, ProposeRequest(seq.request_id, seq.pending_token, b, tier)) for i, (seq, b) in enumerate(decode)
-                if b > 0 and seq.request_id in self._live]
+        asks = [(i, seq, ProposeRequest(seq.request_id, seq.pending_token, b, self._tier(seq, tier)))
+                for i, (seq, b) in enumerate(decode) if b > 0 and seq.request_id in self._live]
         if self.drafter is None or not asks:
             return trees
         proposed = self._call(self.drafter.propose, "propose", [r for _, _, r in asks])
@@ -114,6 +114,13 @@ class DrafterGuard:
                 self._fault("propose", f"{seq.request_id}: {problem}")
                 self._stop(seq)
         return trees
+
+    def _tier(self, seq: Sequence, tier: int) -> int:
+        """A grammar-constrained request drafts with the drafter's cheapest tier (a hybrid's lookup
+        alone): the learned drafters were trained on free text, and under a JSON schema the grammar
+        prunes most of what they propose while their forward still costs its time (BENCHMARKS.md,
+        "Constrained decoding"). Lookup drafts the schema's repeated keys and the model's own text."""
+        return tier if seq.params.grammar is None else len(self.tiers) - 1
 
     def release(self, seq: Sequence) -> None:
         if seq.request_id in self._live:
