@@ -41,13 +41,12 @@ from drafter.candidates import (
     static_tree_shape,
     static_tree_topk,
 )
-from drafter.loading import borrow
+from drafter.decoder import DecoderOverBase
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
 from server.runtime.host import to_host
 from server.runtime.kv_cache import KVCache
-from server.runtime.model import CausalLM, DecoderLayer, RMSNorm, fuse_projections
-from server.runtime.rope import inverse_frequencies, rope_cos_sin
+from server.runtime.model import DecoderLayer, RMSNorm, fuse_projections
 
 
 @dataclass
@@ -104,7 +103,7 @@ class CTCDrafterConfig:
         return asdict(self)
 
 
-class CTCDraftModel(nn.Module):
+class CTCDraftModel(DecoderOverBase):
     """Trainable part: fuse, decoder layers, final norm, frame queries, blank head. The base
     embedding and LM head are borrowed (frozen, not saved): `attach_base` sets them."""
 
@@ -118,49 +117,7 @@ class CTCDraftModel(nn.Module):
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.frame_queries = nn.Parameter(torch.randn(cfg.num_frames, H) * 0.02)
         self.blank_head = nn.Linear(H, 1)
-        self.register_buffer("inv_freq", self._rope_frequencies(), persistent=False)
-        self._base: tuple[nn.Embedding, nn.Linear] | None = None
-
-    def _rope_frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
-        lc = self.config.layer_config()
-        return inverse_frequencies(lc.head_dim, self.config.rope_theta, {}).to(device)  # (hd/2,) float32
-
-    def _apply(self, fn, recurse=True):
-        """`.to(dtype)` casts every floating buffer; the rope frequencies must stay float32: in
-        bfloat16 they are off by up to 4e-3 relative, and the angle error (position x that) grows
-        linearly along the context, so drafts would get worse the longer a conversation runs.
-        Rebuilt exactly after any cast or move; cos/sin are computed from them in float32
-        (rope_cos_sin) and only the final tables take the activations' dtype."""
-        super()._apply(fn, recurse)
-        if "inv_freq" in self._buffers and not self.inv_freq.is_meta:
-            self.inv_freq = self._rope_frequencies(self.inv_freq.device)
-        return self
-
-    def attach_base(self, base: CausalLM) -> CTCDraftModel:
-        if (base.config.hidden_size, base.config.vocab_size) != (self.config.base_hidden_size, self.config.base_vocab_size):
-            raise ValueError("drafter and base model disagree on hidden or vocabulary size")
-        # A tuple: not registered, not saved. In the drafter's dtype (a copy if the base differs).
-        dtype = self.fuse.weight.dtype
-        self._base = (borrow(base.model.embed_tokens, dtype), borrow(base.lm_head, dtype))
-        return self
-
-    @property
-    def base(self) -> tuple[nn.Embedding, nn.Linear]:
-        if self._base is None:
-            raise RuntimeError("call attach_base(base_model) before using the drafter")
-        return self._base
-
-    def context_inputs(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """c_t = W [h_t ; E(x_{t+1})]: hidden (..., H), next_tokens (...) -> (..., H)."""
-        embed, _ = self.base
-        return self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), embed(next_tokens)], dim=-1))
-
-    def run(self, x: torch.Tensor, meta, cache: KVCache | None) -> torch.Tensor:
-        """Decoder layers over packed inputs x (T, H) laid out as `meta` says; returns normed (T, H)."""
-        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, meta, cache)
-        return self.norm(x)
+        self.init_rope()
 
     def frame_logits(self, y: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V + 1) float32: the base LM head's logits, then the blank's."""
@@ -220,7 +177,7 @@ class CTCDrafter(Drafter):
         # pending token after the last one).
         hidden = torch.cat([h for st in states for h in st.hidden]).to(device)  # (sum n, H)
         nxt = [t for st, r in zip(states, requests) for t in (*st.tokens[1:], r.pending_token)]
-        ctx = m.context_inputs(hidden, torch.tensor(nxt, device=device)).split(lens)  # n_b x H each
+        ctx = m.inputs(hidden, torch.tensor(nxt, device=device)).split(lens)  # n_b x H each
         batch = build_batch(items, self.cache.max_len, device)
         x = torch.cat([t for c in ctx for t in (c, m.frame_queries)])  # (T, H) packed: n_b + N rows each
         y = m.run(x, batch.meta, self.cache)  # (T, H)

@@ -45,13 +45,12 @@ from torch import nn
 from drafter.base import Drafter, ProposeRequest
 from drafter.candidates import Candidate
 from drafter.collapse import collapse_sequence
-from drafter.loading import borrow
+from drafter.decoder import DecoderOverBase
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.config import ModelConfig
 from server.runtime.host import to_host
 from server.runtime.kv_cache import KVCache
-from server.runtime.model import CausalLM, DecoderLayer, RMSNorm, fuse_projections
-from server.runtime.rope import inverse_frequencies, rope_cos_sin
+from server.runtime.model import DecoderLayer, RMSNorm, fuse_projections
 
 # EAGLE-1's weight of the token cross-entropy against the feature regression.
 CLS_WEIGHT = 0.1
@@ -113,7 +112,7 @@ class EagleConfig:
         return asdict(self)
 
 
-class EagleDraftModel(nn.Module):
+class EagleDraftModel(DecoderOverBase):
     """Trainable part: fuse, decoder layers, output norm, blank head. The base embedding and LM
     head are borrowed (frozen, not saved): `attach_base` sets them."""
 
@@ -125,44 +124,7 @@ class EagleDraftModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(lc, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)  # the target features are final-norm outputs
         self.blank_head = nn.Linear(H, 1)  # trained by the CTC term only
-        self.register_buffer("inv_freq", self._rope_frequencies(), persistent=False)
-        self._base: tuple[nn.Embedding, nn.Linear] | None = None
-
-    def _rope_frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return inverse_frequencies(self.config.layer_config().head_dim, self.config.rope_theta, {}).to(device)
-
-    def _apply(self, fn, recurse=True):
-        """Keep the rope frequencies float32 through `.to(dtype)` (see CTCDraftModel._apply: the
-        angle error of bfloat16 frequencies grows with the position)."""
-        super()._apply(fn, recurse)
-        if "inv_freq" in self._buffers and not self.inv_freq.is_meta:
-            self.inv_freq = self._rope_frequencies(self.inv_freq.device)
-        return self
-
-    def attach_base(self, base: CausalLM) -> EagleDraftModel:
-        if (base.config.hidden_size, base.config.vocab_size) != (self.config.base_hidden_size, self.config.base_vocab_size):
-            raise ValueError("drafter and base model disagree on hidden or vocabulary size")
-        dtype = self.fuse.weight.dtype
-        self._base = (borrow(base.model.embed_tokens, dtype), borrow(base.lm_head, dtype))
-        return self
-
-    @property
-    def base(self) -> tuple[nn.Embedding, nn.Linear]:
-        if self._base is None:
-            raise RuntimeError("call attach_base(base_model) before using the drafter")
-        return self._base
-
-    def inputs(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """c = W [f ; E(x)]: features (..., H), next_tokens (...) -> (..., H)."""
-        embed, _ = self.base
-        return self.fuse(torch.cat([features.to(self.fuse.weight.dtype), embed(next_tokens)], dim=-1))
-
-    def run(self, x: torch.Tensor, meta, cache: KVCache | None) -> torch.Tensor:
-        """Decoder layers over packed inputs x (T, H) laid out as `meta` says -> features g (T, H)."""
-        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, meta, cache)
-        return self.norm(x)
+        self.init_rope()
 
     def token_logits(self, g: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) float32: the base LM head on drafted features."""

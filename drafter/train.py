@@ -116,7 +116,7 @@ class CTCObjective(nn.Module):
             for t, _ in anc:
                 parents += [t] + [len(parents) + j for j in range(N - 1)]
             items.append(ForwardItem(0, 0, [0] * len(parents), parents))
-            ctx = m.context_inputs(conv["hidden"][:T].to(device), conv["tokens"][1 : T + 1].to(device))
+            ctx = m.inputs(conv["hidden"][:T].to(device), conv["tokens"][1 : T + 1].to(device))
             xs.append(torch.cat([ctx, m.frame_queries.repeat(len(anc), 1)]))
         batch = build_batch(items, max_model_len=1 << 30, device=device)
         y = m.run(torch.cat(xs).to(m.fuse.weight.dtype), batch.meta, cache=None)  # (T, H), items packed

@@ -52,7 +52,7 @@ def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], 
     """All context positions and the frames in one cache-free forward (the training layout).
     `following`: each position's next token, if not the next one in `tokens` (then `pending`)."""
     N = m.config.num_frames
-    ctx = m.context_inputs(hidden, torch.tensor(following or tokens[1:] + [pending]))
+    ctx = m.inputs(hidden, torch.tensor(following or tokens[1:] + [pending]))
     x = torch.cat([ctx, m.frame_queries])  # (T, H)
     batch = build_batch([ForwardItem(0, 0, [0] * len(x))], 1 << 20)
     y = m.run(x, batch.meta, cache=None)

@@ -1,0 +1,69 @@
+"""What the CTC and EAGLE-style draft modules share: Llama decoder layers (the runtime's own) over
+the frozen base model's hidden states fused with token embeddings, c = W [h ; E(x)], reading out
+through the base model's borrowed embedding and LM head.
+
+A subclass sets `config` (with `layer_config()`, `rope_theta`, `base_hidden_size`,
+`base_vocab_size`), `fuse` (Linear 2H -> H), `layers` and `norm`, then calls `init_rope()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from drafter.loading import borrow
+from server.runtime.kv_cache import KVCache
+from server.runtime.model import CausalLM
+from server.runtime.rope import inverse_frequencies, rope_cos_sin
+
+
+class DecoderOverBase(nn.Module):
+    config: object
+    fuse: nn.Linear
+    layers: nn.ModuleList
+    norm: nn.Module
+
+    def init_rope(self) -> None:
+        self.register_buffer("inv_freq", self._rope_frequencies(), persistent=False)
+        self._base: tuple[nn.Embedding, nn.Linear] | None = None
+
+    def _rope_frequencies(self, device: torch.device | str | None = None) -> torch.Tensor:
+        lc = self.config.layer_config()
+        return inverse_frequencies(lc.head_dim, self.config.rope_theta, {}).to(device)  # (hd/2,) float32
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` casts every floating buffer; the rope frequencies must stay float32: in
+        bfloat16 they are off by up to 4e-3 relative, and the angle error (position x that) grows
+        linearly along the context, so drafts would get worse the longer a conversation runs.
+        Rebuilt exactly after any cast or move; cos/sin are computed from them in float32
+        (rope_cos_sin) and only the final tables take the activations' dtype."""
+        super()._apply(fn, recurse)
+        if "inv_freq" in self._buffers and not self.inv_freq.is_meta:
+            self.inv_freq = self._rope_frequencies(self.inv_freq.device)
+        return self
+
+    def attach_base(self, base: CausalLM):
+        if (base.config.hidden_size, base.config.vocab_size) != (self.config.base_hidden_size, self.config.base_vocab_size):
+            raise ValueError("drafter and base model disagree on hidden or vocabulary size")
+        # A tuple: not registered, not saved. In the drafter's dtype (a copy if the base differs).
+        dtype = self.fuse.weight.dtype
+        self._base = (borrow(base.model.embed_tokens, dtype), borrow(base.lm_head, dtype))
+        return self
+
+    @property
+    def base(self) -> tuple[nn.Embedding, nn.Linear]:
+        if self._base is None:
+            raise RuntimeError("call attach_base(base_model) before using the drafter")
+        return self._base
+
+    def inputs(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """c_t = W [h_t ; E(x_{t+1})]: hidden (..., H), next_tokens (...) -> (..., H)."""
+        embed, _ = self.base
+        return self.fuse(torch.cat([hidden.to(self.fuse.weight.dtype), embed(next_tokens)], dim=-1))
+
+    def run(self, x: torch.Tensor, meta, cache: KVCache | None) -> torch.Tensor:
+        """Decoder layers over packed inputs x (T, H) laid out as `meta` says; returns normed (T, H)."""
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta, cache)
+        return self.norm(x)
