@@ -56,3 +56,20 @@ class Drafter(ABC):
 
     def release(self, seq_id: str) -> None:  # noqa: B027
         pass
+
+
+class LastHiddenDrafter(Drafter):
+    """A drafter of heads over the base model's hidden state at the last committed position
+    (Medusa, Hydra): all it keeps per sequence is that one vector."""
+
+    needs_hidden = True
+
+    def __init__(self, model: torch.nn.Module, max_slots: int = 0, max_len: int = 0):
+        self.model = model.eval()
+        self.last_hidden: dict[str, torch.Tensor] = {}
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
+        self.last_hidden[seq_id] = hidden[-1]
+
+    def release(self, seq_id: str) -> None:
+        self.last_hidden.pop(seq_id, None)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import LastHiddenDrafter, ProposeRequest
 from drafter.candidates import Candidate
 from drafter.loading import borrow
 from drafter.medusa import ResBlock
@@ -126,19 +126,9 @@ class HydraObjective(nn.Module):
         return loss, {"acc1": float(hit[:, 0].float().mean()), "match": float(match.mean())}
 
 
-class HydraDrafter(Drafter):
+class HydraDrafter(LastHiddenDrafter):
     name = "hydra"
-    needs_hidden = True
-
-    def __init__(self, model: HydraHeads, max_slots: int = 0, max_len: int = 0):
-        self.model = model.eval()
-        self.last_hidden: dict[str, torch.Tensor] = {}
-
-    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
-        self.last_hidden[seq_id] = hidden[-1]
-
-    def release(self, seq_id: str) -> None:
-        self.last_hidden.pop(seq_id, None)
+    model: HydraHeads
 
     @torch.inference_mode()
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import LastHiddenDrafter, ProposeRequest
 from drafter.candidates import Candidate
 from drafter.loading import borrow
 from server.runtime.config import ModelConfig
@@ -104,19 +104,9 @@ def medusa_candidates(packed: torch.Tensor, topk_per_head: list[int]) -> list[Ca
     return cands
 
 
-class MedusaDrafter(Drafter):
+class MedusaDrafter(LastHiddenDrafter):
     name = "medusa"
-    needs_hidden = True
-
-    def __init__(self, model: MedusaHeads, max_slots: int = 0, max_len: int = 0):
-        self.model = model.eval()
-        self.last_hidden: dict[str, torch.Tensor] = {}
-
-    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
-        self.last_hidden[seq_id] = hidden[-1]
-
-    def release(self, seq_id: str) -> None:
-        self.last_hidden.pop(seq_id, None)
+    model: MedusaHeads
 
     @torch.inference_mode()
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
