@@ -169,7 +169,7 @@ def test_path_walk_calls_the_lm_head_once_per_depth(base):
 def test_a_mixed_steps_attention_runs_its_real_tokens(base, monkeypatch):
     """One prefill chunk beside 15 decode trees: the base model's attention gets exactly
     chunk + tree nodes query rows (packed), not 16 x the longest item."""
-    engine = new_engine(base, ctc_drafter(base), prefill_chunk=40)
+    engine = new_engine(base, ctc_drafter(base), prefill_chunk=40, prefill_step_ratio=None)  # fixed 40-token chunks
     vocab = base.config.vocab_size
     for i, p in enumerate(prompts(vocab, n=BATCH - 1)):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
