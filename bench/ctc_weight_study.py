@@ -39,11 +39,12 @@ class Row:
     weight: float
     steps: int
     batch: int  # conversations per step
+    seed: int = 0
 
     @property
     def name(self) -> str:
         tag = "eagle-ctc" if self.family == "eagle" else "ctc-aux"
-        return f"{tag}{self.weight:g}-{self.steps}x{self.batch}"
+        return f"{tag}{self.weight:g}-{self.steps}x{self.batch}" + (f"-seed{self.seed}" if self.seed else "")
 
     @property
     def label(self) -> str:
@@ -58,8 +59,8 @@ class Row:
 
 
 def rows_for(args: argparse.Namespace) -> list[Row]:
-    rows = [Row("eagle", w, args.steps, args.batch) for w in args.eagle_weights]
-    return rows + [Row("ctc", a, args.ctc_steps, args.batch) for a in args.ctc_aux_weights]
+    rows = [Row("eagle", w, args.steps, args.batch, args.seed) for w in args.eagle_weights]
+    return rows + [Row("ctc", a, args.ctc_steps, args.batch, args.seed) for a in args.ctc_aux_weights]
 
 
 def distill_argv(args: argparse.Namespace, data: Path) -> list[str]:
@@ -69,7 +70,7 @@ def distill_argv(args: argparse.Namespace, data: Path) -> list[str]:
 
 def train_argv(row: Row, args: argparse.Namespace, data: Path, out: Path) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--steps", str(row.steps),
-            "--conversations-per-step", str(row.batch), "--seed", str(args.seed), "--threads", str(args.threads),
+            "--conversations-per-step", str(row.batch), "--seed", str(row.seed), "--threads", str(args.threads),
             *row.train_flags()]
 
 
@@ -112,7 +113,8 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         kind = "EAGLE-style" if r["family"] == "eagle" else "CTC (parallel)"
         loss = r["label"].split(", ", 1)[1] if r["family"] == "eagle" else r["label"]
-        lines.append(f"| {kind} | {loss} | {r['steps']} x {r['batch']} | {_f(r['train_minutes'], 1)} "
+        training = f"{r['steps']} x {r['batch']}" + (f", seed {r['seed']}" if r["seed"] else "")
+        lines.append(f"| {kind} | {loss} | {training} | {_f(r['train_minutes'], 1)} "
                      f"| {_f(r['acc1'])} / {_f(r['match'])} | {_f(r['tau'])} | {_f(r['tau_spec'])} "
                      f"| {_f(r['draft_per_verify'])} |")
     return "\n".join(lines)
@@ -127,12 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=600, help="EAGLE-style rows' training steps")
     p.add_argument("--ctc-steps", type=int, default=600, help="CTC rows' training steps (it drafts nothing before ~hundreds)")
     p.add_argument("--batch", type=int, default=4, help="conversations per step, every row")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed of every row (a rerun at another seed: the spread)")
     p.add_argument("--eagle-weights", type=float, nargs="*", default=[0, 0.001, 0.01, 0.1], help="--ctc-weight values")
     p.add_argument("--ctc-aux-weights", type=float, nargs="*", default=[0, 0.1, 0.5, 1.0], help="--aux-weight values")
     p.add_argument("--num-prompts", type=int, default=20, help="held-out GSM8K prompts")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every step")
+    p.add_argument("--table", type=Path, default=None, help="write TABLE.md and TABLE.json; default WORK/table")
     p.add_argument("--smoke", action="store_true", help="tiny data, 2 steps, 2 prompts, in a temp dir: seconds")
     return p.parse_args(argv)
 
@@ -150,8 +153,9 @@ def study(args: argparse.Namespace) -> dict:
         run(eval_argv(args, out, eval_json), eval_json, commands)
         results.append(collect(row, out, eval_json))
     res = {"finished": datetime.now(timezone.utc).isoformat(), "commands": commands, "rows": results}
-    (work / "table.json").write_text(json.dumps(res, indent=2) + "\n")
-    (work / "table.md").write_text(markdown(results) + "\n")
+    table = args.table or work / "table"
+    table.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    table.with_suffix(".md").write_text(markdown(results) + "\n")
     return res
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch, args.num_prompts, args.max_tokens = 2, 2, 8
         args.eagle_weights, args.ctc_aux_weights = args.eagle_weights[:1] + args.eagle_weights[-1:], [0, 1.0]
         with tempfile.TemporaryDirectory() as tmp:
-            args.work = Path(tmp)
+            args.work, args.table = Path(tmp), None
             res = study(args)
     print(markdown(res["rows"]))
     return res

@@ -22,6 +22,9 @@ def test_rows_share_data_steps_batch_and_seed_within_a_family():
         assert flags["--data"] == "D" and flags["--conversations-per-step"] == "4" and flags["--seed"] == "3"
         assert flags["--steps"] == ("120" if r.family == "eagle" else "700")
         assert flags["--ctc-weight" if r.family == "eagle" else "--aux-weight"] == f"{r.weight:g}"
+    # Another seed trains anew, in its own directories.
+    again = study.rows_for(study.parse_args(["--steps", "120", "--ctc-steps", "700", "--batch", "4", "--seed", "4"]))
+    assert not {r.name for r in rows} & {r.name for r in again}
     # The weight is the only difference between the rows of a family.
     eagle = [a for r, a in zip(rows, argvs) if r.family == "eagle"]
     assert all(len(a) == len(eagle[0]) and sum(x != y for x, y in zip(a, eagle[0])) <= 1 for a in eagle)
@@ -30,7 +33,7 @@ def test_rows_share_data_steps_batch_and_seed_within_a_family():
 def _fake_row(tmp_path, row, tau, minutes):
     out = tmp_path / row.name
     out.mkdir()
-    training = {"steps": row.steps, "conversations_per_step": row.batch, "seed": 0,
+    training = {"steps": row.steps, "conversations_per_step": row.batch, "seed": row.seed,
                 "final": {"acc1": 0.4, "match": 0.7, "train_minutes_this_run": minutes}}
     (out / "config.json").write_text(json.dumps({"kind": row.family, "training": training}))
     ev = tmp_path / f"{row.name}.json"
@@ -40,14 +43,14 @@ def _fake_row(tmp_path, row, tau, minutes):
 
 def test_table_has_one_line_per_row_with_its_figures(tmp_path):
     rows = [study.Row("eagle", 0.0, 200, 4), study.Row("eagle", 0.01, 200, 4), study.Row("ctc", 0.0, 600, 4),
-            study.Row("ctc", 0.5, 600, 4)]
+            study.Row("ctc", 0.5, 600, 4, seed=1)]
     results = [_fake_row(tmp_path, r, 1.8 + i / 10, 10.0 + i) for i, r in enumerate(rows)]
     lines = study.markdown(results).splitlines()
     assert len(lines) == 2 + len(rows)
     assert lines[2].startswith("| EAGLE-style | CTC weight 0 | 200 x 4 | 10.0 | 0.40 / 0.70 | 1.80 | 1.81 | 0.80 |")
     assert "| EAGLE-style | CTC weight 0.01 | 200 x 4 | 11.0 |" in lines[3]
     assert lines[4].startswith("| CTC (parallel) | CTC alone | 600 x 4 | 12.0 |") and "| 2.00 |" in lines[4]
-    assert "CTC + frame->label CE, weight 0.5 | 600 x 4 | 13.0 |" in lines[5]
+    assert "CTC + frame->label CE, weight 0.5 | 600 x 4, seed 1 | 13.0 |" in lines[5]
 
 
 @pytest.mark.slow
