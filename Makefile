@@ -129,6 +129,29 @@ models/demo-llama-medusa/model.safetensors: | $(PAPER_WORK)/regen/meta.json
 models/demo-llama-ctc/model.safetensors: | $(PAPER_WORK)/regen/meta.json
 	$(PAPER_TRAIN) --kind ctc --layers 2 --out models/demo-llama-ctc
 
+# The CTC-weight study (issue 17, point 2; bench/ctc_weight_study.py, BENCHMARKS.md): the EAGLE-style
+# drafter at CTC weights STUDY_EAGLE_WEIGHTS (STUDY_STEPS steps) and the parallel CTC drafter alone and
+# with the frame->label cross-entropy at STUDY_CTC_AUX_WEIGHTS (STUDY_CTC_STEPS steps), every row on the
+# same STUDY_CONVERSATIONS self-distilled conversations, STUDY_BATCH per step, seed 0; then acceptance on
+# STUDY_PROMPTS held-out GSM8K prompts. Finished steps are skipped (a rerun resumes); an empty weight
+# list skips its family. Table: $(STUDY_WORK)/table.md. STUDY_ARGS go to the script (--smoke: a minute).
+STUDY_WORK ?= models/.build/study
+STUDY_CONVERSATIONS ?= 600
+STUDY_STEPS ?= 600
+STUDY_CTC_STEPS ?= 600
+STUDY_BATCH ?= 4
+STUDY_PROMPTS ?= 20
+STUDY_MAX_TOKENS ?= 128
+STUDY_EAGLE_WEIGHTS ?= 0 0.001 0.01 0.1
+STUDY_CTC_AUX_WEIGHTS ?= 0 0.1 0.5 1.0
+STUDY_ARGS ?=
+.PHONY: ctc-weight-study
+ctc-weight-study: install
+	$(PY) -m bench.ctc_weight_study --work $(STUDY_WORK) --conversations $(STUDY_CONVERSATIONS) \
+		--steps $(STUDY_STEPS) --ctc-steps $(STUDY_CTC_STEPS) --batch $(STUDY_BATCH) \
+		--num-prompts $(STUDY_PROMPTS) --max-tokens $(STUDY_MAX_TOKENS) \
+		--eagle-weights $(STUDY_EAGLE_WEIGHTS) --ctc-aux-weights $(STUDY_CTC_AUX_WEIGHTS) $(STUDY_ARGS)
+
 # A longer schemathesis run than CI's (tests/test_api_fuzz.py), randomly seeded: all checks, positive
 # and negative data, against a real ctc-serve on the demo model. FUZZ_EXAMPLES cases per operation and phase.
 .PHONY: fuzz
