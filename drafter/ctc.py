@@ -27,7 +27,7 @@ prompt are what a draft of the next few tokens leans on.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,16 +41,15 @@ from drafter.candidates import (
     static_tree_shape,
     static_tree_topk,
 )
-from drafter.decoder import DecoderOverBase
+from drafter.decoder import DecoderOverBase, DraftLayersConfig
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.config import ModelConfig
 from server.runtime.host import to_host
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import DecoderLayer, RMSNorm, fuse_projections
 
 
 @dataclass
-class CTCDrafterConfig:
+class CTCDrafterConfig(DraftLayersConfig):
     base_architecture: str
     base_hidden_size: int
     base_vocab_size: int
@@ -75,32 +74,6 @@ class CTCDrafterConfig:
             raise ValueError(f"candidates must be 'beam' or 'static', got {self.candidates!r}")
         # The static tree branches once per frame: fit its top-k list to N (extra frames: top-1).
         self.static_topk = (list(self.static_topk) + [1] * self.num_frames)[: self.num_frames]
-
-    @property
-    def blank(self) -> int:
-        return self.base_vocab_size  # the extra output after the base vocabulary
-
-    def layer_config(self) -> ModelConfig:
-        """The drafter's decoder layers as a ModelConfig (same family of layer as the base)."""
-        return ModelConfig(
-            architecture="LlamaForCausalLM", vocab_size=self.base_vocab_size, hidden_size=self.base_hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, head_dim=self.base_hidden_size // self.num_heads,
-            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=0, tie_word_embeddings=False,
-            qkv_bias=False, o_bias=False, mlp_bias=False, rope_theta=self.rope_theta,
-        )
-
-    @classmethod
-    def for_base(cls, base: ModelConfig, **overrides) -> CTCDrafterConfig:
-        defaults = dict(
-            base_architecture=base.architecture, base_hidden_size=base.hidden_size,
-            base_vocab_size=base.vocab_size, num_heads=base.num_heads, num_kv_heads=base.num_kv_heads,
-            intermediate_size=base.intermediate_size, rms_norm_eps=base.rms_norm_eps, rope_theta=base.rope_theta,
-        )
-        return cls(**{**defaults, **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CTCDraftModel(DecoderOverBase):

@@ -8,13 +8,49 @@ A subclass sets `config` (with `layer_config()`, `rope_theta`, `base_hidden_size
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import nn
 
 from drafter.loading import borrow
+from server.runtime.config import ModelConfig
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
 from server.runtime.rope import inverse_frequencies, rope_cos_sin
+
+
+class DraftLayersConfig:
+    """Mixed into a drafter's config dataclass, whose fields include base_architecture,
+    base_hidden_size, base_vocab_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+    rms_norm_eps and rope_theta."""
+
+    @property
+    def blank(self) -> int:
+        return self.base_vocab_size  # the extra output after the base vocabulary
+
+    def layer_config(self) -> ModelConfig:
+        """The drafter's decoder layers as a ModelConfig (same family of layer as the base)."""
+        return ModelConfig(
+            architecture="LlamaForCausalLM", vocab_size=self.base_vocab_size, hidden_size=self.base_hidden_size,
+            intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.base_hidden_size // self.num_heads,
+            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=0, tie_word_embeddings=False,
+            qkv_bias=False, o_bias=False, mlp_bias=False, rope_theta=self.rope_theta,
+        )
+
+    @classmethod
+    def for_base(cls, base: ModelConfig, **overrides):
+        """The config for drafting for `base`: its sizes, overridden by `overrides`."""
+        defaults = dict(
+            base_architecture=base.architecture, base_hidden_size=base.hidden_size,
+            base_vocab_size=base.vocab_size, num_heads=base.num_heads, num_kv_heads=base.num_kv_heads,
+            intermediate_size=base.intermediate_size, rms_norm_eps=base.rms_norm_eps, rope_theta=base.rope_theta,
+        )
+        return cls(**{**defaults, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class DecoderOverBase(nn.Module):

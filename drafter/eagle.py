@@ -36,7 +36,7 @@ as the tree's root, so its K/V sit where the next step will overwrite them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,8 @@ from torch import nn
 from drafter.base import Drafter, ProposeRequest
 from drafter.candidates import Candidate
 from drafter.collapse import collapse_sequence
-from drafter.decoder import DecoderOverBase
+from drafter.decoder import DecoderOverBase, DraftLayersConfig
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.config import ModelConfig
 from server.runtime.host import to_host
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import DecoderLayer, RMSNorm, fuse_projections
@@ -57,7 +56,7 @@ CLS_WEIGHT = 0.1
 
 
 @dataclass
-class EagleConfig:
+class EagleConfig(DraftLayersConfig):
     base_architecture: str
     base_hidden_size: int
     base_vocab_size: int
@@ -85,31 +84,6 @@ class EagleConfig:
     def num_frames(self) -> int:
         """Drafted positions per training anchor: K + 1, one frame of CTC slack."""
         return self.num_labels + 1
-
-    @property
-    def blank(self) -> int:
-        return self.base_vocab_size
-
-    def layer_config(self) -> ModelConfig:
-        return ModelConfig(
-            architecture="LlamaForCausalLM", vocab_size=self.base_vocab_size, hidden_size=self.base_hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, head_dim=self.base_hidden_size // self.num_heads,
-            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=0, tie_word_embeddings=False,
-            qkv_bias=False, o_bias=False, mlp_bias=False, rope_theta=self.rope_theta,
-        )
-
-    @classmethod
-    def for_base(cls, base: ModelConfig, **overrides) -> EagleConfig:
-        defaults = dict(
-            base_architecture=base.architecture, base_hidden_size=base.hidden_size,
-            base_vocab_size=base.vocab_size, num_heads=base.num_heads, num_kv_heads=base.num_kv_heads,
-            intermediate_size=base.intermediate_size, rms_norm_eps=base.rms_norm_eps, rope_theta=base.rope_theta,
-        )
-        return cls(**{**defaults, **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class EagleDraftModel(DecoderOverBase):
