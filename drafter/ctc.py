@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import ProposeRequest
 from drafter.candidates import (
     Candidate,
     beam_search,
@@ -41,11 +41,10 @@ from drafter.candidates import (
     static_tree_shape,
     static_tree_topk,
 )
-from drafter.decoder import DecoderOverBase, DraftLayersConfig
+from drafter.decoder import CachedContextDrafter, DecoderOverBase, DraftLayersConfig
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.host import to_host
-from server.runtime.kv_cache import KVCache
-from server.runtime.model import DecoderLayer, RMSNorm, fuse_projections
+from server.runtime.model import DecoderLayer, RMSNorm
 
 
 @dataclass
@@ -98,40 +97,14 @@ class CTCDraftModel(DecoderOverBase):
         return torch.cat([lm_head(y), self.blank_head(y)], dim=-1).float()
 
 
-@dataclass
-class _SeqState:
-    slot: int
-    tokens: list[int] = field(default_factory=list)  # committed tokens not yet in the drafter cache
-    hidden: list[torch.Tensor] = field(default_factory=list)  # their base hidden states, (n, H) each
-
-
-class CTCDrafter(Drafter):
+class CTCDrafter(CachedContextDrafter):
     """Inference: one batched drafter forward per step for every sequence that asks for a draft."""
 
     name = "ctc"
-    needs_hidden = True
+    model: CTCDraftModel
 
     def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int, catch_up: int = 48):
-        self.model = fuse_projections(model.eval())  # inference only from here on
-        self.catch_up = catch_up
-        cfg, lc = model.config, model.config.layer_config()
-        p = model.fuse.weight
-        self.cache = KVCache(cfg.num_layers, max_slots, lc.num_kv_heads, max_len + cfg.num_frames, lc.head_dim,
-                             p.dtype, p.device)
-        self.state: dict[str, _SeqState] = {}
-
-    def start(self, seq_id: str, prompt_ids: list[int]) -> None:
-        self.state[seq_id] = _SeqState(slot=self.cache.allocate())
-
-    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
-        st = self.state[seq_id]
-        st.tokens += token_ids
-        st.hidden.append(hidden)
-
-    def release(self, seq_id: str) -> None:
-        st = self.state.pop(seq_id, None)
-        if st is not None:
-            self.cache.free(st.slot)
+        super().__init__(model, max_slots, max_len + model.config.num_frames, catch_up)
 
     @torch.inference_mode()
     def frames(self, requests: list[ProposeRequest]) -> torch.Tensor:
@@ -139,18 +112,9 @@ class CTCDrafter(Drafter):
         log-probs (B, N, V+1) and commits the context positions to the drafter cache."""
         m, N = self.model, self.model.config.num_frames
         device = m.fuse.weight.device
-        states = [self.state[r.seq_id] for r in requests]
-        for st in states:
-            if self.cache.lengths[st.slot] and len(st.tokens) > self.catch_up:  # see "Catching up" above
-                st.tokens = st.tokens[-self.catch_up :]
-                st.hidden = [torch.cat(st.hidden)[-self.catch_up :]]
-        lens = [len(st.tokens) for st in states]
+        states, lens, x = self.new_context(requests)
+        ctx = x.split(lens)  # n_b x H each
         items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)) for st, n in zip(states, lens)]
-        # Every request's new context positions in one fuse call: h_t with the token after t (the
-        # pending token after the last one).
-        hidden = torch.cat([h for st in states for h in st.hidden]).to(device)  # (sum n, H)
-        nxt = [t for st, r in zip(states, requests) for t in (*st.tokens[1:], r.pending_token)]
-        ctx = m.inputs(hidden, torch.tensor(nxt, device=device)).split(lens)  # n_b x H each
         batch = build_batch(items, self.cache.max_len, device)
         x = torch.cat([t for c in ctx for t in (c, m.frame_queries)])  # (T, H) packed: n_b + N rows each
         y = m.run(x, batch.meta, self.cache)  # (T, H)

@@ -8,15 +8,16 @@ A subclass sets `config` (with `layer_config()`, `rope_theta`, `base_hidden_size
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from drafter.base import Drafter, ProposeRequest
 from drafter.loading import borrow
 from server.runtime.config import ModelConfig
 from server.runtime.kv_cache import KVCache
-from server.runtime.model import CausalLM
+from server.runtime.model import CausalLM, fuse_projections
 from server.runtime.rope import inverse_frequencies, rope_cos_sin
 
 
@@ -103,3 +104,54 @@ class DecoderOverBase(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, meta, cache)
         return self.norm(x)
+
+
+@dataclass
+class _SeqState:
+    slot: int
+    tokens: list[int] = field(default_factory=list)  # committed tokens not yet in the drafter cache
+    hidden: list[torch.Tensor] = field(default_factory=list)  # their base hidden states, (n, H) each
+
+
+class CachedContextDrafter(Drafter):
+    """Inference for a DecoderOverBase: a slot KV cache of its own over the committed context,
+    fed each step with the positions committed since the last (ctc.py, "Catching up": after a
+    plain stretch only the last `catch_up` of them)."""
+
+    needs_hidden = True
+
+    def __init__(self, model: DecoderOverBase, max_slots: int, cache_len: int, catch_up: int):
+        self.model = fuse_projections(model.eval())  # inference only from here on
+        self.catch_up = catch_up
+        lc, p = model.config.layer_config(), model.fuse.weight
+        self.cache = KVCache(model.config.num_layers, max_slots, lc.num_kv_heads, cache_len, lc.head_dim,
+                             p.dtype, p.device)
+        self.state: dict[str, _SeqState] = {}
+
+    def start(self, seq_id: str, prompt_ids: list[int]) -> None:
+        self.state[seq_id] = _SeqState(slot=self.cache.allocate())
+
+    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
+        st = self.state[seq_id]
+        st.tokens += token_ids
+        st.hidden.append(hidden)
+
+    def release(self, seq_id: str) -> None:
+        st = self.state.pop(seq_id, None)
+        if st is not None:
+            self.cache.free(st.slot)
+
+    def new_context(self, requests: list[ProposeRequest]) -> tuple[list[_SeqState], list[int], torch.Tensor]:
+        """Each request's state, its number n of new context positions, and their inputs
+        (sum n, H) in one fuse call: h_t with the token after t (the pending token after the last)."""
+        m = self.model
+        device = m.fuse.weight.device
+        states = [self.state[r.seq_id] for r in requests]
+        for st in states:
+            if self.cache.lengths[st.slot] and len(st.tokens) > self.catch_up:  # see "Catching up" in ctc.py
+                st.tokens = st.tokens[-self.catch_up :]
+                st.hidden = [torch.cat(st.hidden)[-self.catch_up :]]
+        lens = [len(st.tokens) for st in states]
+        hidden = torch.cat([h for st in states for h in st.hidden]).to(device)  # (sum n, H)
+        nxt = [t for st, r in zip(states, requests) for t in (*st.tokens[1:], r.pending_token)]
+        return states, lens, m.inputs(hidden, torch.tensor(nxt, device=device))

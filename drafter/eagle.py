@@ -42,14 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import ProposeRequest
 from drafter.candidates import Candidate
 from drafter.collapse import collapse_sequence
-from drafter.decoder import DecoderOverBase, DraftLayersConfig
+from drafter.decoder import CachedContextDrafter, DecoderOverBase, DraftLayersConfig
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.host import to_host
-from server.runtime.kv_cache import KVCache
-from server.runtime.model import DecoderLayer, RMSNorm, fuse_projections
+from server.runtime.model import DecoderLayer, RMSNorm
 
 # EAGLE-1's weight of the token cross-entropy against the feature regression.
 CLS_WEIGHT = 0.1
@@ -207,13 +206,6 @@ def _prefix_match(draft: list[int], target: list[int]) -> int:
 
 
 @dataclass
-class _SeqState:
-    slot: int
-    tokens: list[int] = field(default_factory=list)  # committed tokens not yet in the drafter cache
-    hidden: list[torch.Tensor] = field(default_factory=list)  # their base hidden states, (n, H) each
-
-
-@dataclass
 class _Tree:
     """One request's draft tree while it grows. Node 0 is the root (the last committed position);
     `expanded` lists the nodes (root first) whose features are computed, in the order of the
@@ -234,39 +226,21 @@ class _Tree:
         return out[::-1]
 
 
-class EagleDrafter(Drafter):
+def _max_tree_nodes(cfg: EagleConfig) -> int:
+    """Rows of the largest tree forward after the root: the expanded nodes (cache headroom)."""
+    n, width = 0, 1
+    for d in range(cfg.depth - 1):
+        width = width * cfg.static_topk[d] if cfg.tree == "static" else cfg.dynamic_topk
+        n += width
+    return n
+
+
+class EagleDrafter(CachedContextDrafter):
     name = "eagle"
-    needs_hidden = True
+    model: EagleDraftModel
 
     def __init__(self, model: EagleDraftModel, max_slots: int, max_len: int, catch_up: int = 48):
-        self.model = fuse_projections(model.eval())
-        self.catch_up = catch_up  # as the CTC drafter's (ctc.py, "Catching up")
-        cfg, lc = model.config, model.config.layer_config()
-        p = model.fuse.weight
-        self.cache = KVCache(cfg.num_layers, max_slots, lc.num_kv_heads, max_len + 1 + self._max_tree_nodes(),
-                             lc.head_dim, p.dtype, p.device)
-        self.state: dict[str, _SeqState] = {}
-
-    def _max_tree_nodes(self) -> int:
-        """Rows of the largest tree forward after the root: the expanded nodes (cache headroom)."""
-        cfg, n, width = self.model.config, 0, 1
-        for d in range(cfg.depth - 1):
-            width = width * cfg.static_topk[d] if cfg.tree == "static" else cfg.dynamic_topk
-            n += width
-        return n
-
-    def start(self, seq_id: str, prompt_ids: list[int]) -> None:
-        self.state[seq_id] = _SeqState(slot=self.cache.allocate())
-
-    def observe(self, seq_id: str, token_ids: list[int], hidden: torch.Tensor | None) -> None:
-        st = self.state[seq_id]
-        st.tokens += token_ids
-        st.hidden.append(hidden)
-
-    def release(self, seq_id: str) -> None:
-        st = self.state.pop(seq_id, None)
-        if st is not None:
-            self.cache.free(st.slot)
+        super().__init__(model, max_slots, max_len + 1 + _max_tree_nodes(model.config), catch_up)
 
     @torch.inference_mode()
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
@@ -284,16 +258,8 @@ class EagleDrafter(Drafter):
         root); commit all but the root to the cache. Returns one root-only tree per request."""
         m = self.model
         device = m.fuse.weight.device
-        states = [self.state[r.seq_id] for r in requests]
-        for st in states:
-            if self.cache.lengths[st.slot] and len(st.tokens) > self.catch_up:
-                st.tokens = st.tokens[-self.catch_up :]
-                st.hidden = [torch.cat(st.hidden)[-self.catch_up :]]
-        lens = [len(st.tokens) for st in states]
+        states, lens, x = self.new_context(requests)  # x (sum n, H)
         items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * n) for st, n in zip(states, lens)]
-        hidden = torch.cat([h for st in states for h in st.hidden]).to(device)  # (sum n, H)
-        nxt = [t for st, r in zip(states, requests) for t in (*st.tokens[1:], r.pending_token)]
-        x = m.inputs(hidden, torch.tensor(nxt, device=device))  # (sum n, H)
         batch = build_batch(items, self.cache.max_len, device)
         y = m.run(x, batch.meta, self.cache)  # (sum n, H)
         trees = []

@@ -277,11 +277,8 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
-    path, _ = base
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(REPO), base=str(path), out=str(tmp_path)))
+def run_two_ranks(script) -> None:
+    """`script` under torchrun with 2 processes, one thread each; fails the test on a non-zero exit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     # Own process group, so a hang kills the workers too, not only the launcher.
@@ -293,6 +290,14 @@ def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
+    path, _ = base
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), base=str(path), out=str(tmp_path)))
+    run_two_ranks(script)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     init = ctc_model(load_model(path, dtype="float32", device="cpu"), num_frames=4, num_labels=3).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

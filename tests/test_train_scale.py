@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ from drafter.medusa import MedusaConfig, MedusaHeads
 from drafter.train import CTCObjective, HiddenStates, MedusaObjective, TrainConfig, anchor_targets, batch_conversations, train
 from server.runtime.loader import load_model, load_tokenizer
 from tests.conftest import DEMO_MODEL, REPO, SHARED_DATA
+from tests.test_drafters import run_two_ranks
 
 
 def random_lengths(n: int, seed: int) -> list[int]:
@@ -211,17 +208,7 @@ def test_ddp_two_processes_online_bf16_packed_stay_in_sync(demo, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(repo=str(REPO), model=str(DEMO_MODEL), data=str(data), out=str(out),
                                         tmp=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    # Own process group, so a hang kills the workers too, not only the launcher.
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
+    run_two_ranks(script)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     init = torch.load(tmp_path / "init0.pt")  # DDP starts every rank from rank 0's weights
     assert all(torch.equal(a[k], b[k]) for k in a)  # and kept them in sync
