@@ -31,7 +31,7 @@ from server.runtime.config import ModelConfig, ModelConfigError
 from server.runtime.model import MLP, Attention, CausalLM
 from server.runtime.parallel.shard import SourceSlice, TensorShard, shard_model
 from server.runtime.rope import inverse_frequencies
-from server.runtime.safetensors_io import ChunkedReader, SafetensorsError, read_header
+from server.runtime.safetensors_io import ChunkedReader, SafetensorsError, TensorInfo, read_header
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,14 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
                 module._parameters[name] = made[id(p)]
 
 
-def checkpoint_names(files: list[Path]) -> list[str]:
-    return [n for path in files for n in read_header(path) if not n.endswith(_IGNORED_SUFFIXES)]
-
-
 @torch.no_grad()
-def stream_weights(files: list[Path], destinations: dict[str, Destination]) -> None:
+def stream_weights(headers: dict[Path, dict[str, TensorInfo]], destinations: dict[str, Destination]) -> None:
     """Copy every checkpoint tensor named in `destinations` into its place, a bounded chunk of
     rows at a time (safetensors_io.py: no file mapped, no whole tensor in flight); the copy casts
     to the parameter's dtype and moves it to its device."""
-    for path in files:
+    for path, tensors in headers.items():
         with ChunkedReader(path) as reader:
-            for name, info in read_header(path).items():
+            for name, info in tensors.items():
                 dest = destinations.get(name)
                 if dest is None:
                     continue
@@ -152,8 +148,8 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto",
     cfg = ModelConfig.from_dir(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    files = safetensors_files(model_dir)
-    present = set(checkpoint_names(files))
+    headers = {path: read_header(path) for path in safetensors_files(model_dir)}  # read once
+    present = {n for tensors in headers.values() for n in tensors if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         present.discard("lm_head.weight")
     elif "lm_head.weight" not in present:
@@ -178,7 +174,7 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "auto",
         fused, start, rows = parts.get(name, (name, 0, None))
         param = params[fused]
         destinations[name] = Destination(param, start, param.shape[0] if rows is None else rows, source)
-    stream_weights(files, destinations)
+    stream_weights(headers, destinations)
     # Buffers built under the meta device hold no data: derive the rope frequencies for real.
     model.inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
     n = sum(p.numel() for p in model.parameters())
