@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +202,34 @@ def test_a_worker_rank_loads_half_the_layers_and_peaks_within_1_1x_of_them(tmp_p
     assert weights == 4 * (raw["num_hidden_layers"] * per_layer + h)  # float32; plus the final norm
     print(f"rank 1 of 2: {weights / 2**20:.0f} MiB, loader peak {peak / weights:.3f}x")
     assert peak <= 1.1 * weights + SLACK_BYTES, f"peak {peak / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
+
+
+def _sleep_a_minute() -> None:
+    time.sleep(60)
+
+
+def test_a_dead_worker_is_named_with_its_exit_code_when_two_threads_notice_at_once():
+    """The watchdog and a failed collective both ask which worker died. Without one lock around
+    reaping, the second waitpid sees ECHILD and the reason reads "exited with code None" (about 4 in
+    100 before the fix). Fork children stand in for the workers: only the reaping is under test."""
+    ctx = mp.get_context("fork")
+    for _ in range(50):
+        group = object.__new__(WorkerGroup)  # no workers, no process group: just the reaping state
+        worker = ctx.Process(target=_sleep_a_minute, daemon=True)
+        worker.start()
+        group._procs, group._reap_lock = [worker], threading.Lock()
+        reasons: list[str | None] = []
+        start = threading.Barrier(3)
+
+        def notice() -> None:
+            start.wait()
+            reasons.append(group._dead_worker())
+
+        threads = [threading.Thread(target=notice) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        os.kill(worker.pid, signal.SIGKILL)
+        for thread in threads:
+            thread.join(30)
+        assert reasons == [f"tensor-parallel worker rank 1 (pid {worker.pid}) exited with code -9"] * 2

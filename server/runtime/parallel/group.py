@@ -70,6 +70,7 @@ class WorkerGroup:
         self.failure: str | None = None
         self._lock = threading.Lock()  # keeps each command whole on the pipes
         self._fail_lock = threading.Lock()  # one failure is recorded, and acted on, once
+        self._reap_lock = threading.Lock()  # two threads reaping one child: the loser's waitpid sees ECHILD
         self._callbacks: list[Callable[[], None]] = []
         self._closing = False
         self._rendezvous = Path(tempfile.mkdtemp(prefix="ctc-tp-"))
@@ -125,9 +126,8 @@ class WorkerGroup:
                                        f"within {START_TIMEOUT_S:.0f} s")
                 got = conn.recv()
             except (EOFError, OSError):
-                self._procs[rank - 1].join(1.0)
                 raise WorkerFailed(f"tensor-parallel worker rank {rank} exited with code "
-                                   f"{self._procs[rank - 1].exitcode} while {doing}") from None
+                                   f"{self._reap(self._procs[rank - 1])} while {doing}") from None
             if got != reply:
                 raise WorkerFailed(got[1] if isinstance(got, tuple) else f"rank {rank} answered {got!r}")
 
@@ -176,7 +176,9 @@ class WorkerGroup:
             self.failure = reason
         log.error("tensor parallelism failed: %s; stopping", self.failure)
         for proc in self._procs:
-            if proc.is_alive():
+            with self._reap_lock:
+                alive = proc.is_alive()
+            if alive:
                 proc.terminate()  # a rank left inside a collective would wait out its timeout
         for callback in self._callbacks:
             try:
@@ -194,8 +196,15 @@ class WorkerGroup:
             return None
         rank = sentinels[ready[0]]
         proc = self._procs[rank - 1]
-        proc.join(DEATH_GRACE_S)  # reaped, so that its exit code is known
-        return f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+        return f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code {self._reap(proc)}"
+
+    def _reap(self, proc: mp.Process) -> int | None:
+        """Wait (briefly) for a worker that exited and return its exit code. The watchdog and a
+        failed step both get here when a worker dies; one lock, or the second waitpid sees ECHILD and
+        the exit code reads None."""
+        with self._reap_lock:
+            proc.join(DEATH_GRACE_S)
+            return proc.exitcode
 
     def _watch(self) -> None:
         """The watchdog: wait for any worker to exit; unless we are closing, that fails the group."""
