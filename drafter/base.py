@@ -32,6 +32,21 @@ class ProposeRequest:
     tier: int = 0  # which of the drafter's `tiers` drafts it (0: its full way)
 
 
+@dataclass
+class LookAhead:
+    """What a drafter may draft the NEXT step from, before this step's accepted paths reach the host
+    (`Drafter.look_ahead`). Per verified sequence k, on the device: its accepted path's base hidden
+    states and the token each path node emitted (the token after it; the last is the next pending
+    token), padded to the deepest tree + 1, and the path's length. `roots` are this step's pending
+    tokens (the path's first tokens), known on the host."""
+
+    seq_ids: list[str]
+    roots: list[int]
+    hidden: torch.Tensor  # (S, D + 1, H) base final-norm hidden states at the path's nodes
+    tokens: torch.Tensor  # (S, D + 1) int64: the token after each path node (>= 0; padding arbitrary)
+    lengths: torch.Tensor  # (S,) int64: path length, 1..D + 1
+
+
 class Drafter(ABC):
     name: str = "drafter"
     needs_hidden: bool = False  # does observe() need the base model's hidden states?
@@ -56,6 +71,21 @@ class Drafter(ABC):
 
     def release(self, seq_id: str) -> None:  # noqa: B027
         pass
+
+    # Look-ahead (optional). On the all-nodes path the engine hands the drafter this step's accepted
+    # paths while they are still on the device; a drafter that can, runs next step's forward on them
+    # there and returns what its next `propose` needs from the device, which then travels to the host
+    # in the same copy as the accepted paths: one copy per step instead of two. `observe` is still
+    # called as usual afterwards (with the tokens of the path the look-ahead already took in).
+    def look_ahead(self, ahead: LookAhead) -> torch.Tensor | None:
+        """Next step's device work for some of `ahead`'s sequences, or None (the default: none)."""
+        return None
+
+    def take_look_ahead(self, values: torch.Tensor) -> None:  # noqa: B027
+        """`look_ahead`'s tensor, now on the host."""
+
+    def drop_look_ahead(self) -> None:  # noqa: B027
+        """Forget a look-ahead whose step did not complete (its `observe` calls will not come)."""
 
 
 class LastHiddenDrafter(Drafter):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from drafter.base import ProposeRequest
+from drafter.base import LookAhead, ProposeRequest
 from drafter.candidates import (
     Candidate,
     beam_search,
@@ -127,12 +127,33 @@ class CTCDrafter(CachedContextDrafter):
 
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         """Frames and their top-k on the device; one small copy (B, N, O(k) values, whatever the
-        vocabulary); the candidate search on the host (candidates.py)."""
+        vocabulary); the candidate search on the host (candidates.py). Requests whose frames the
+        look-ahead computed last step make no forward and no copy here."""
+        ready = self.take_ready(requests)
+        rest = [r for i, r in enumerate(requests) if i not in ready]
+        fresh = iter(to_host(self._device_half(self.frames(rest))) if rest else ())
+        return self._host_half(torch.stack([ready[i] if i in ready else next(fresh) for i in range(len(requests))]))
+
+    @torch.inference_mode()
+    def look_ahead(self, ahead: LookAhead) -> torch.Tensor | None:
+        """Next step's frames over this step's accepted paths (decoder.CachedContextDrafter), as the
+        device half of the candidate search."""
+        done = self.ahead_forward(ahead, self.model.frame_queries)
+        if done is None:
+            return None
+        _, y = done
+        return self._device_half(torch.log_softmax(self.model.frame_logits(y), dim=-1))
+
+    def _device_half(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """(B, N, V + 1) frame log-probs -> the candidate search's (B, ., O(k)) inputs, on the device."""
         cfg = self.model.config
-        log_probs = self.frames(requests)  # (B, N, V+1) on the device
         if cfg.candidates == "beam":
-            packed = to_host(beam_search_inputs(log_probs, cfg.blank, cfg.prune_topk))  # (B, N, k + N k + 1)
-            return beam_search(packed, cfg.blank, cfg.beam_width)
+            return beam_search_inputs(log_probs, cfg.blank, cfg.prune_topk)  # (B, N, k + N k + 1)
         depth, k = static_tree_shape(cfg.static_topk)
-        packed = to_host(static_tree_topk(log_probs, depth, k))  # (B, depth, 2k)
+        return static_tree_topk(log_probs, depth, k)  # (B, depth, 2k)
+
+    def _host_half(self, packed: torch.Tensor) -> list[list[Candidate]]:
+        cfg = self.model.config
+        if cfg.candidates == "beam":
+            return beam_search(packed, cfg.blank, cfg.beam_width)
         return static_tree_search(packed, cfg.blank, cfg.static_topk)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import Drafter, LookAhead, ProposeRequest
 from drafter.ngram import NgramDrafter
 from drafter.tree import TokenTree, build_trie
 
@@ -57,6 +57,15 @@ class LookupHybridDrafter(Drafter):
     def release(self, seq_id: str) -> None:
         self.learned.release(seq_id)
         self.lookup.release(seq_id)
+
+    def look_ahead(self, ahead: LookAhead) -> torch.Tensor | None:
+        return self.learned.look_ahead(ahead)
+
+    def take_look_ahead(self, values: torch.Tensor) -> None:
+        self.learned.take_look_ahead(values)
+
+    def drop_look_ahead(self) -> None:
+        self.learned.drop_look_ahead()
 
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         found = [self.lookup.lookup(r) for r in requests]

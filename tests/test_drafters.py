@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import Drafter, LookAhead, ProposeRequest
 from drafter.candidates import Candidate
 from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
 from drafter.data import DistilledSet, build_distilled
@@ -84,6 +84,58 @@ def test_ctc_drafter_incremental_cache_equals_full_forward(base):
             seen[sid] = n + k
     drafter.release("a")
     drafter.release("b")
+    assert drafter.cache.num_used_slots == 0
+
+
+def test_ctc_look_ahead_frames_equal_the_next_steps_frames_whatever_the_paths_lengths(base):
+    """The look-ahead (base.Drafter.look_ahead) runs next step's forward at the end of this one,
+    over this step's accepted paths padded to the deepest tree + 1 (width 4 here) with junk past
+    each path's length. Its frames equal a cache-free forward over exactly the accepted context,
+    and `observe` then commits exactly the accepted positions: round after round, for sequences
+    with context rows still pending from before (the prompt; a step without look-ahead) too."""
+    _, model = base
+    m = ctc_model(model, num_frames=5, num_labels=3)
+    drafter = CTCDrafter(m, max_slots=3, max_len=64)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 160, (48,), generator=g).tolist()
+    hidden = torch.randn(48, 64, generator=g)
+    seen = {"a": 10, "b": 7, "c": 12}
+    for sid, n in seen.items():
+        drafter.start(sid, tokens[:n])
+        drafter.observe(sid, tokens[:n], hidden[:n])
+    width = 4
+    rounds = [{"a": 1, "b": 3, "c": 4}, {"a": 4, "b": 1}, {"a": 2, "b": 2, "c": 1}]  # c skips round 2
+    for step, lengths in enumerate(rounds):
+        ids = list(lengths)
+        path_hidden = torch.randn(len(ids), width, 64, generator=g)  # junk past each path
+        path_tokens = torch.randint(0, 160, (len(ids), width), generator=g)
+        for k, sid in enumerate(ids):
+            n, L = seen[sid], lengths[sid]
+            path_hidden[k, :L] = hidden[n : n + L]
+            path_tokens[k, :L] = torch.tensor(tokens[n + 1 : n + 1 + L])  # the token after each path node
+        ahead = LookAhead(ids, [tokens[seen[sid]] for sid in ids], path_hidden, path_tokens,
+                          torch.tensor([lengths[sid] for sid in ids]))
+        with torch.inference_mode():
+            got_ids, y = drafter.ahead_forward(ahead, m.frame_queries)
+            got = torch.log_softmax(m.frame_logits(y), dim=-1)
+        assert got_ids == ids
+        for k, sid in enumerate(ids):
+            n = seen[sid] + lengths[sid]  # the context after this step; tokens[n] is the next pending token
+            want = reference_frames(m, hidden[:n], tokens[:n], tokens[n])
+            torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-5, msg=f"round {step} seq {sid}")
+        drafter.take_look_ahead(drafter._device_half(got))
+        for sid in ids:
+            n = seen[sid]
+            drafter.observe(sid, tokens[n : n + lengths[sid]], hidden[n : n + lengths[sid]])
+            seen[sid] = n + lengths[sid]
+            assert drafter.cache.lengths[drafter.state[sid].slot] == seen[sid]
+        if "c" not in ids:  # a step without look-ahead for c: two tokens wait for its next forward
+            drafter.observe("c", tokens[seen["c"] : seen["c"] + 2], hidden[seen["c"] : seen["c"] + 2])
+            seen["c"] += 2
+    ready = drafter.take_ready([ProposeRequest(sid, tokens[n], budget=8) for sid, n in seen.items()])
+    assert sorted(ready) == [0, 1, 2]  # every sequence's next propose needs no forward and no copy
+    for sid in seen:
+        drafter.release(sid)
     assert drafter.cache.num_used_slots == 0
 
 

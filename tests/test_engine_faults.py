@@ -166,6 +166,17 @@ class FaultyDrafter(Drafter):
         self._maybe_fail("release", [seq_id])
         self.inner.release(seq_id)
 
+    def look_ahead(self, ahead):
+        self._maybe_fail("look_ahead", ahead.seq_ids)
+        return self.inner.look_ahead(ahead)
+
+    def take_look_ahead(self, values):
+        self._maybe_fail("take_look_ahead", [])
+        self.inner.take_look_ahead(values)
+
+    def drop_look_ahead(self):
+        self.inner.drop_look_ahead()
+
 
 def check_drafter_fault(engine: LLMEngine, drafter: FaultyDrafter, out: dict, plain: dict) -> None:
     for rid, o in out.items():
@@ -184,6 +195,21 @@ def test_a_drafter_fault_on_one_request_costs_drafts_only(model, plain, kind, me
     assert drafter.calls["propose"] > 0
     check_drafter_fault(engine, drafter, out, plain)
     assert engine.guard.enabled  # one failing request does not switch the drafter off
+    serves_next(engine, plain)
+
+
+@pytest.mark.parametrize("method", ["look_ahead", "take_look_ahead"])
+def test_a_failing_look_ahead_costs_drafts_only(model, plain, method):
+    """All-nodes acceptance, where the CTC drafter looks ahead (base.Drafter.look_ahead): a look-ahead
+    that raises (for the step with "bad" in it; the 3rd hand-over) stops drafting for the sequences
+    it was for; the others, and every output, carry on."""
+    drafter = FaultyDrafter(new_drafter("ctc+ngram", model),
+                            lambda m, ids, n: m == method and ("bad" in ids or (not ids and n == 3)))
+    engine = new_engine(model, drafter, acceptance="all-nodes")
+    out = drive(engine, REQUESTS)
+    assert drafter.calls[method] > 0
+    check_drafter_fault(engine, drafter, out, plain)
+    assert engine.guard.enabled
     serves_next(engine, plain)
 
 

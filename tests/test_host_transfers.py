@@ -7,7 +7,9 @@ step copies:
 - path walk (the CPU's): one int64 per walking sequence per acceptance round (one round per tree
   depth the walks reach), plus one float64 row per decided token for requests that ask for logprobs;
 - all-nodes walk (an accelerator's): ONE copy of the paths and emitted tokens, 2 x B x (deepest
-  tree + 1) int64, plus one copy of the emitted tokens' logprob rows when asked for.
+  tree + 1) int64, which also carries the drafter's look-ahead, the next step's top-k (so the
+  drafter's own copy is made only in the first decode step), plus one copy of the emitted tokens'
+  logprob rows when asked for.
 The bounds below are that, so a new copy in the hot path fails them; the figures print under
 `-s`. tests/test_device_step.py checks the same exactly on a Llama-3-8B-shaped model.
 """
@@ -70,16 +72,16 @@ def test_transfers_per_decode_step_at_batch_16_with_the_ctc_drafter(demo, logpro
     cfg = drafter.model.config
     frames, k, depth = cfg.num_frames, cfg.prune_topk, engine.config.scheduler.max_tree_nodes
     drafter_bytes = BATCH * frames * (k + frames * k + 1) * 4
-    for moved, rounds, drafted, emitted in steps:
+    for i, (moved, rounds, drafted, emitted) in enumerate(steps):
         drafter_copies = 1 if drafted else 0
         logprob_bytes = emitted * (1 + 2 * logprobs) * 8 if logprobs else 0
         if acceptance == "path":
             per_round = 2 if logprobs else 1  # the decided tokens, and the logprobs rows when asked for
             assert moved.transfers <= drafter_copies + per_round * rounds, (moved, rounds)
             assert moved.bytes <= drafter_copies * drafter_bytes + BATCH * rounds * 8 + logprob_bytes
-        else:
-            assert moved.transfers == drafter_copies + 1 + (1 if logprobs else 0), moved
-            assert moved.bytes <= drafter_copies * drafter_bytes + 2 * BATCH * (depth + 1) * 8 + logprob_bytes
+        else:  # the first decode step's trees need the drafter's own copy; later ones came with the last step's
+            assert moved.transfers == (i == 0) + 1 + (1 if logprobs else 0), moved
+            assert moved.bytes <= 2 * drafter_bytes + 2 * BATCH * (depth + 1) * 8 + logprob_bytes
     n = len(steps)
     vocab = model.config.vocab_size
     print(f"\n[{acceptance}, {'logprobs' if logprobs else 'plain'}] batch {BATCH}, {n} decode steps: "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafter.base import Drafter, ProposeRequest
+from drafter.base import Drafter, LookAhead, ProposeRequest
 from drafter.tree import TokenTree
 from server.engine.accept import check_tree
 from server.engine.sequence import Sequence
@@ -114,6 +114,38 @@ class DrafterGuard:
                 self._fault("propose", f"{seq.request_id}: {problem}")
                 self._stop(seq)
         return trees
+
+    def look_ahead(self, seqs: list[Sequence], ahead: LookAhead) -> torch.Tensor | None:
+        """The drafter's look-ahead for these sequences (base.Drafter.look_ahead): a device tensor to
+        copy to the host with the step's accepted paths, or None. A failure stops drafting for them."""
+        if self.drafter is None:
+            return None
+        values = self._call(self.drafter.look_ahead, "look-ahead", ahead)
+        if values is True:  # None from the drafter: nothing to look ahead for
+            return None
+        if values is not None and not isinstance(values, torch.Tensor):
+            values = self._fault("look-ahead", f"a {type(values).__name__} instead of a tensor")
+        if values is None:
+            self.drop_look_ahead()
+            for seq in seqs:
+                self._stop(seq)
+        return values
+
+    def take_look_ahead(self, seqs: list[Sequence], values: torch.Tensor) -> None:
+        """`look_ahead`'s tensor, copied to the host."""
+        if self.drafter is not None and self._call(self.drafter.take_look_ahead, "look-ahead", values) is None:
+            self.drop_look_ahead()
+            for seq in seqs:
+                self._stop(seq)
+
+    def drop_look_ahead(self) -> None:
+        """The step that looked ahead did not complete: the drafter forgets it."""
+        if self.drafter is not None and self._call(self.drafter.drop_look_ahead, "look-ahead") is None:
+            self._disable()  # its per-sequence state is unknown now
+
+    def looks_ahead(self, seq: Sequence, tier: int) -> bool:
+        """Would this sequence draft with the drafter's full tier next step, as it did this step?"""
+        return seq.request_id in self._live and self._tier(seq, tier) == 0
 
     def _tier(self, seq: Sequence, tier: int) -> int:
         """A grammar-constrained request drafts with the drafter's cheapest tier (a hybrid's lookup

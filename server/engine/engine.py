@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from drafter.base import Drafter
+from drafter.base import Drafter, LookAhead
 from drafter.tree import TokenTree
 from server.engine import speculate
 from server.engine.accept import AcceptResult
@@ -40,7 +40,7 @@ from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.batch import ForwardItem
-from server.runtime.host import host_list, to_device
+from server.runtime.host import host_list, host_parts, to_device
 from server.runtime.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class LLMEngine:
         try:
             self._run(plan, deltas)
         except Exception as exc:  # a batched part failed: fail the step's unfinished requests, keep serving
+            self.guard.drop_look_ahead()
             log.exception("engine step failed; failing the unfinished requests of the %d in it",
                           len(plan.prefill) + len(plan.decode))
             for seq, _ in plan.prefill + plan.decode:
@@ -205,8 +206,9 @@ class LLMEngine:
         t1 = time.perf_counter()
         retried = False
         try:
-            out = self._forward(plan.prefill, decode, trees)
+            out = self._forward(plan.prefill, decode, trees, plan.tier)
         except Exception:
+            self.guard.drop_look_ahead()
             if len(plan.prefill) + len(decode) == 1:
                 raise
             # Find the request(s) it fails for: each alone. The forward only writes K/V past each
@@ -283,9 +285,11 @@ class LLMEngine:
                     deltas.append(self._fail(fork, exc))
 
     def _forward(self, prefill: list[tuple[Sequence, int]], decode: list[tuple[Sequence, int]],
-                 trees: list[TokenTree]) -> _Forwarded:
+                 trees: list[TokenTree], look_ahead_tier: int | None = None) -> _Forwarded:
         """verify + decide + accept for these sequences, changing no engine state (the K/V it
-        writes lie past every committed length until `commit`/`advance` keep them)."""
+        writes lie past every committed length until `commit`/`advance` keep them). On the
+        all-nodes path with `look_ahead_tier` (the step's drafting tier) the drafter may look
+        ahead (`_look_ahead`); its state then waits for the `observe` calls of this step."""
         all_nodes = self.acceptance is speculate.Acceptance.ALL_NODES
         items, positions = [], []
         for seq, n in prefill:
@@ -302,7 +306,8 @@ class LLMEngine:
         first_rows = [out.rows[b][0] for b in range(base) if positions[b]]  # prefills that completed
         first = [speculate.DecideRow(seq, 0) for (seq, _), pos in zip(prefill, positions) if pos]
         if all_nodes:
-            first_tokens, results, logprobs = self._accept_all_nodes(out, first, first_rows, decode, trees)
+            first_tokens, results, logprobs = self._accept_all_nodes(out, first, first_rows, decode, trees,
+                                                                     look_ahead_tier)
         else:
             first_tokens, results, logprobs = self._accept_path(out, first, decode, trees)
 
@@ -340,11 +345,12 @@ class LLMEngine:
         return first_tokens, results, logprobs + walk_logprobs
 
     def _accept_all_nodes(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow], first_rows: list[int],
-                          decode: list[tuple[Sequence, int]], trees: list[TokenTree]):
+                          decode: list[tuple[Sequence, int]], trees: list[TokenTree], look_ahead_tier: int | None):
         """The all-nodes walk (speculate.py): every row of `out.logits` (the completed prefills'
         last tokens, then every tree node) decided on the device, the walks run there, one copy to
-        the host; one more for the emitted tokens' logprob rows if any request asked for them.
-        Returns what `_accept_path` returns."""
+        the host, which also carries the drafter's look-ahead for the next step; one more copy for
+        the emitted tokens' logprob rows if any request asked for them. Returns what `_accept_path`
+        returns."""
         base = len(out.rows) - len(decode)
         node_rows = out.rows[base:]
         rows = list(first)
@@ -355,7 +361,15 @@ class LLMEngine:
             raise RuntimeError(f"{len(logits)} logits rows for {len(rows)} decisions")
         decided = self._decide(logits, rows)  # (M,) on the device
         first_decided = decided[to_device(first_rows, decided.device)]  # (P,)
-        first_tokens, results = speculate.accept_all_nodes(trees, decided, node_rows, first_decided)
+        first_tokens, results = [], []
+        if trees or first:
+            walks = speculate.walk_all_nodes(trees, decided, node_rows)  # (S, 2, depth + 1)
+            ahead = None if look_ahead_tier is None else self._look_ahead(out, decode, trees, walks, look_ahead_tier)
+            riders = [] if ahead is None else [ahead[1]]
+            first_host, walks, *riders = host_parts([first_decided, walks, *riders])  # the step's one copy
+            first_tokens, results = first_host.tolist(), speculate.read_walks(walks)
+            if riders:
+                self.guard.take_look_ahead(ahead[0], riders[0])
 
         # logprobs of the emitted tokens only: their logits rows, in one batch (one copy)
         seqs = [r.seq for r in first] + [seq for (seq, _), res in zip(decode, results) for _ in res.path]
@@ -365,6 +379,28 @@ class LLMEngine:
         logprobs: list = [next(found) for _ in first]
         logprobs += [[next(found) for _ in res.path] for res in results]
         return first_tokens, results, logprobs
+
+    def _look_ahead(self, out: speculate.VerifyOutput, decode: list[tuple[Sequence, int]], trees: list[TokenTree],
+                    walks: torch.Tensor, tier: int) -> tuple[list[Sequence], torch.Tensor] | None:
+        """Hand the drafter this step's accepted paths, still on the device, for the sequences that
+        drafted with its full tier (they will most likely again): base.Drafter.look_ahead. Returns
+        (those sequences, the drafter's tensor for the copy), or None."""
+        picked = [j for j, (seq, budget) in enumerate(decode) if budget > 0 and self.guard.looks_ahead(seq, tier)]
+        if not picked:
+            return None
+        device = walks.device
+        rows = to_device(picked, device)
+        path, emitted = walks[rows, 0], walks[rows, 1]  # (S', D + 1) each, -1 past the path
+        base = len(out.offsets) - 1 - len(decode)
+        roots = to_device([out.offsets[base + j] for j in picked], device)  # each tree's first packed row
+        seqs = [decode[j][0] for j in picked]
+        ahead = LookAhead(
+            seq_ids=[s.request_id for s in seqs], roots=[trees[j].tokens[0] for j in picked],
+            hidden=out.packed_hidden[roots[:, None] + path.clamp(min=0)], tokens=emitted.clamp(min=0),
+            lengths=(path >= 0).sum(dim=1),
+        )
+        values = self.guard.look_ahead(seqs, ahead)
+        return None if values is None else (seqs, values)
 
     def _row(self, seq: Sequence, tree: TokenTree, node: int) -> speculate.DecideRow:
         """Node `node` of `seq`'s tree: its logits decide output position len(output) + depth."""

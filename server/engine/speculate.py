@@ -36,7 +36,7 @@ from server.engine.accept import AcceptResult, walk_trees, walk_trees_on_device
 from server.engine.sampler import decide_tokens
 from server.engine.sequence import Sequence
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.host import host_list, to_device
+from server.runtime.host import host_parts, to_device
 from server.runtime.kv_cache import KVCache
 from server.runtime.model import CausalLM
 
@@ -128,32 +128,39 @@ def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[
 def accept_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]],
                      extra: torch.Tensor) -> tuple[list[int], list[AcceptResult]]:
     """The all-nodes walk: `decided` (M,) holds every node's decided token on the device, node i of
-    trees[k] at row node_rows[k][i]. The walks run on the device (accept.walk_trees_on_device);
-    their paths and emitted tokens, with `extra` (P,) int64 tokens that must reach the host too
-    (prefills' first tokens), come to the host in ONE copy of P + 2 x trees x (depth + 1) ints.
-    Returns (extra as a list, one AcceptResult per tree)."""
-    if not trees and not len(extra):
-        return [], []
+    trees[k] at row node_rows[k][i]. The walks run on the device (`walk_all_nodes`); their paths
+    and emitted tokens, with `extra` (P,) int64 tokens that must reach the host too (prefills'
+    first tokens), come to the host in ONE copy of P + 2 x trees x (depth + 1) ints. Returns
+    (extra as a list, one AcceptResult per tree). The engine does the same in pieces, so that the
+    drafter's look-ahead can share the copy."""
+    walks = walk_all_nodes(trees, decided, node_rows)
+    head, walks = host_parts([extra.to(decided.device, torch.long), walks])
+    return head.tolist(), read_walks(walks)
+
+
+def walk_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]]) -> torch.Tensor:
+    """(S, 2, depth + 1) int64 on the device: per tree, its accepted path's node indices, then the
+    tokens it emits, each padded with -1 (accept.walk_trees_on_device)."""
     device = decided.device
-    walks = torch.zeros(0, 2, 1, dtype=torch.long, device=device)  # (S, 2, depth + 1)
-    if trees:
-        width = max(t.num_nodes for t in trees)
-        depth = max(max(t.depths) for t in trees)
-        pad = [width - t.num_nodes for t in trees]
-        tokens = to_device([t.tokens + [-1] * n for t, n in zip(trees, pad)], device)  # (S, n)
-        # -2 is nobody's parent (walks stand on nodes >= 0), so padding never matches a child
-        parents = to_device([t.parents + [-2] * n for t, n in zip(trees, pad)], device)  # (S, n)
-        index = to_device([r + [0] * n for r, n in zip(node_rows, pad)], device)  # (S, n)
-        walks = walk_trees_on_device(tokens, parents, decided[index], depth)  # (S, 2, depth + 1)
-    packed = host_list(torch.cat([extra.to(device, torch.long), walks.flatten()]))  # the step's one copy
-    head, rest = packed[: len(extra)], packed[len(extra) :]
-    step = walks.shape[2]
+    if not trees:
+        return torch.zeros(0, 2, 1, dtype=torch.long, device=device)
+    width = max(t.num_nodes for t in trees)
+    depth = max(max(t.depths) for t in trees)
+    pad = [width - t.num_nodes for t in trees]
+    tokens = to_device([t.tokens + [-1] * n for t, n in zip(trees, pad)], device)  # (S, n)
+    # -2 is nobody's parent (walks stand on nodes >= 0), so padding never matches a child
+    parents = to_device([t.parents + [-2] * n for t, n in zip(trees, pad)], device)  # (S, n)
+    index = to_device([r + [0] * n for r, n in zip(node_rows, pad)], device)  # (S, n)
+    return walk_trees_on_device(tokens, parents, decided[index], depth)
+
+
+def read_walks(walks: torch.Tensor) -> list[AcceptResult]:
+    """`walk_all_nodes`' output, copied to the host, as one AcceptResult per tree."""
     results = []
-    for k in range(len(trees)):
-        path, emitted = rest[2 * k * step : (2 * k + 1) * step], rest[(2 * k + 1) * step : (2 * k + 2) * step]
+    for path, emitted in walks.tolist():
         n = sum(1 for p in path if p >= 0)  # the path is its entries >= 0; -1 pads it to depth + 1
         results.append(AcceptResult(path=path[:n], emitted=emitted[:n]))
-    return head, results
+    return results
 
 
 def commit(cache: KVCache, seqs: list[Sequence], results: list[AcceptResult]) -> None:

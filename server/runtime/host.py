@@ -65,6 +65,25 @@ def host_list(tensor: torch.Tensor) -> list:
     return to_host(tensor).tolist()
 
 
+def host_parts(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Several device tensors (any dtypes and shapes) on the CPU in ONE counted copy: their bytes
+    are laid end to end on the device, copied once, and cut apart again on the host. A step that
+    has more than one thing for the host (the accepted paths, the drafter's look-ahead frames)
+    pays one synchronisation, not one per thing."""
+    if not tensors:
+        return []
+    flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors]
+    host = to_host(torch.cat(flat)) if len(flat) > 1 else to_host(flat[0])
+    parts, start = [], 0
+    for t, f in zip(tensors, flat):
+        part = host[start : start + f.numel()]
+        if start % t.element_size():  # a view of wider elements must start at a multiple of their size
+            part = part.clone()
+        parts.append(part.view(t.dtype).view(t.shape))
+        start += f.numel()
+    return parts
+
+
 def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """Host numbers as a tensor on `device`, without waiting for the device. A plain copy to CUDA
     from ordinary (pageable) memory makes PyTorch synchronise the stream, so the CPU would wait for
