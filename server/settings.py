@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         "start-up, on CUDA with the Triton kernels; the CPU always runs eagerly.",
     )
     prefill_step_ratio: float = Field(
-        2.0, ge=0, description="While sequences decode, a step that also prefills a prompt is sized to cost at most "
+        1.5, ge=0, description="While sequences decode, a step that also prefills a prompt is sized to cost at most "
         "this many decode steps, from measured step costs (it bounds their inter-token latency); 0: full 256-token "
         "prompt chunks whatever decodes (faster time to first token, longer stalls of running streams)."
     )

@@ -123,7 +123,7 @@ def test_a_long_prefill_pauses_for_a_decode_step_that_refreshes_its_cost():
 
 
 def test_plan_sizes_the_prefill_from_what_the_engine_recorded():
-    s = Scheduler(SchedulerConfig(prefill_chunk=256, governor=False))
+    s = Scheduler(SchedulerConfig(prefill_chunk=256, prefill_step_ratio=2.0, governor=False))
     decoding(s, 1)
     long = seq(9, prompt_len=1000)
     s.add(long)
@@ -138,7 +138,7 @@ def test_plan_sizes_the_prefill_from_what_the_engine_recorded():
 
 
 def test_a_burst_of_prompts_gets_full_chunks_until_the_streams_are_as_many():
-    s = Scheduler(SchedulerConfig(prefill_chunk=256, max_batch_size=8, governor=False))
+    s = Scheduler(SchedulerConfig(prefill_chunk=256, max_batch_size=8, prefill_step_ratio=2.0, governor=False))
     stream = decoding(s, 1)[0]
     prompts = [seq(10 + i, prompt_len=500) for i in range(2)]
     for x in prompts:

@@ -49,7 +49,7 @@ class SchedulerConfig:
     # While sequences decode, a step that also prefills is sized to cost at most this many times a
     # decode step, by measurement (their inter-token latency; issue 14 asks for <= 2.5x the median,
     # so 2 leaves room for noise); None: always the full prefill_chunk.
-    prefill_step_ratio: float | None = 2.0
+    prefill_step_ratio: float | None = 1.5
     min_prefill_chunk: int = 16  # the least a long prompt advances per step while sequences decode
     governor: bool = True  # choose the tree budget (0 = plain decoding) by measured throughput (below)
     governor_budgets: tuple[int, ...] = (2, 4, 8)  # budgets it tries besides 0 and max_tree_nodes
