@@ -43,7 +43,7 @@ from drafter.candidates import (
 )
 from drafter.decoder import CachedContextDrafter, DecoderOverBase, DraftLayersConfig
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.host import to_host
+from server.runtime.host import to_device, to_host
 from server.runtime.model import DecoderLayer, RMSNorm
 
 
@@ -118,7 +118,7 @@ class CTCDrafter(CachedContextDrafter):
         batch = build_batch(items, self.cache.max_len, device)
         x = torch.cat([t for c in ctx for t in (c, m.frame_queries)])  # (T, H) packed: n_b + N rows each
         y = m.run(x, batch.meta, self.cache)  # (T, H)
-        starts = torch.tensor([o + n for o, n in zip(batch.offsets, lens)], device=device)  # first frame row
+        starts = to_device([o + n for o, n in zip(batch.offsets, lens)], device)  # first frame row
         y = y[starts[:, None] + torch.arange(N, device=device)]  # (B, N, H)
         for st, n in zip(states, lens):
             self.cache.advance(st.slot, n)

@@ -199,7 +199,7 @@ class CachedContextDrafter(Drafter):
             return states, lens, m.fuse.weight.new_zeros(0, m.fuse.out_features)
         hidden = torch.cat([h for st in states for h in st.hidden]).to(device)  # (sum n, H)
         nxt = [t for st, r in zip(states, requests) if st.tokens for t in (*st.tokens[1:], r.pending_token)]
-        return states, lens, m.inputs(hidden, torch.tensor(nxt, device=device))
+        return states, lens, m.inputs(hidden, to_device(nxt, device))
 
     def ahead_forward(self, ahead: LookAhead, tail: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
         """Run the layers over each sequence's new context, its accepted path and `tail` (N, H) rows,
@@ -223,7 +223,7 @@ class CachedContextDrafter(Drafter):
         batch = build_batch(items, self.cache.max_len, device)
         self._hide_path_padding(batch, lens, width, n_tail, ahead.lengths[pick].to(device))
         y = m.run(x, batch.meta, self.cache)
-        first = torch.tensor([o + n + width for o, n in zip(batch.offsets, lens)], device=device)  # first tail row
+        first = to_device([o + n + width for o, n in zip(batch.offsets, lens)], device)  # first tail row
         y = y[first[:, None] + torch.arange(n_tail, device=device)]  # (S', N, H)
         for sid, st, n in zip(ids, states, lens):
             self._ahead[sid] = n

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.runtime.host import to_device
+
 
 @dataclass
 class ForwardItem:
@@ -145,14 +147,14 @@ def build_batch(items: list[ForwardItem], max_model_len: int, device: torch.devi
     p = pack_items(items, max_model_len)
 
     def t(x):
-        return torch.as_tensor(x, dtype=torch.long).to(device)
+        return to_device(x, device)  # queued, not waited for: a look-ahead builds its batch mid-step
 
     meta = AttentionMetadata(
         cu_seqlens=t(p.offsets),
         slots=t(p.slots),
         cache_lens=t(p.cache_lens),
         positions=t(p.positions),
-        tree_mask=torch.cat(p.masks).to(device),
+        tree_mask=to_device(torch.cat(p.masks), device),
         mask_offsets=t(p.mask_offsets),
         write_slot=t(p.write_slot),
         write_pos=t(p.write_pos),

@@ -84,12 +84,14 @@ def host_parts(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return parts
 
 
-def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host numbers as a tensor on `device`, without waiting for the device. A plain copy to CUDA
-    from ordinary (pageable) memory makes PyTorch synchronise the stream, so the CPU would wait for
-    every kernel queued before it (the verify forward, mid-step); from pinned memory the copy is
-    queued like a kernel (the caching host allocator keeps the buffer until it is done)."""
-    tensor = torch.tensor(values, dtype=dtype)
+def to_device(values: list | torch.Tensor, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host numbers (a list, or a CPU tensor, whose dtype is kept) as a tensor on `device`, without
+    waiting for the device. A plain copy to CUDA from ordinary (pageable) memory makes PyTorch
+    synchronise the stream, so the CPU would wait for every kernel queued before it (the verify
+    forward, mid-step); from pinned memory the copy is queued like a kernel (the caching host
+    allocator keeps the buffer until it is done)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
