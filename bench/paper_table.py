@@ -51,6 +51,7 @@ DEFAULT_DRAFTERS = {
     "Hydra": "models/demo-llama-hydra",
     "EAGLE-style": "models/demo-llama-eagle",
     "EAGLE-style + CTC 0.01": "models/demo-llama-eagle-ctc",
+    "EAGLE-style + CTC 0.01, 1,500 steps": "models/demo-llama-eagle-ctc-long",
     "CTC, static tree": "models/demo-llama-ctc@static",
     "CTC, beam search": "models/demo-llama-ctc@beam",
 }
