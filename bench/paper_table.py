@@ -202,6 +202,7 @@ def smoke_drafters(model, out_dir: Path) -> dict[str, str]:
         "hydra": HydraHeads(HydraConfig.for_base(c)),
         "eagle": EagleDraftModel(EagleConfig.for_base(c)),
         "eagle-ctc": EagleDraftModel(EagleConfig.for_base(c)),
+        "eagle-ctc-long": EagleDraftModel(EagleConfig.for_base(c)),
         "ctc": CTCDraftModel(CTCDrafterConfig.for_base(c)),
     }
     for name, m in built.items():
