@@ -137,7 +137,7 @@ def test_the_device_walk_equals_the_lazy_walk_on_random_trees() -> None:
         starts = [sum(t.num_nodes for t in trees[:k]) for k in range(len(trees))]
         node_rows = [list(range(s, s + t.num_nodes)) for s, t in zip(starts, trees)]
         before = TRANSFERS.snapshot()
-        extra, got = accept_all_nodes(trees, flat, node_rows, torch.tensor([5, 6]))
+        extra, got, _ = accept_all_nodes(trees, flat, node_rows, torch.tensor([5, 6]))
         assert (TRANSFERS.snapshot() - before).transfers == 1  # paths, tokens and the extra: one copy
         assert extra == [5, 6] and got == expected
 
@@ -222,7 +222,7 @@ def sample_speculative(
         else:
             starts = list(itertools.accumulate(sizes, initial=0))
             trees = [TokenTree.from_parents(tokens[a:b], parents[a:b]) for a, b in zip(starts, starts[1:])]
-            _, results = accept_all_nodes(trees, decided, [list(range(a, b)) for a, b in zip(starts, starts[1:])],
+            _, results, _ = accept_all_nodes(trees, decided, [list(range(a, b)) for a, b in zip(starts, starts[1:])],
                                           decided[:0])
         for s, res in zip(active, results):
             emitted[s] += res.emitted

@@ -40,7 +40,7 @@ from server.engine.sequence import Sequence, Status
 from server.engine.sampler import token_logprobs
 from server.engine.types import EngineError, EngineStats, FinishReason, RequestDelta, SamplingParams, TokenLogprob
 from server.runtime.batch import ForwardItem
-from server.runtime.host import host_list, host_parts, to_device
+from server.runtime.host import host_list, to_device
 from server.runtime.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -361,15 +361,18 @@ class LLMEngine:
             raise RuntimeError(f"{len(logits)} logits rows for {len(rows)} decisions")
         decided = self._decide(logits, rows)  # (M,) on the device
         first_decided = decided[to_device(first_rows, decided.device)]  # (P,)
-        first_tokens, results = [], []
-        if trees or first:
-            walks = speculate.walk_all_nodes(trees, decided, node_rows)  # (S, 2, depth + 1)
-            ahead = None if look_ahead_tier is None else self._look_ahead(out, decode, trees, walks, look_ahead_tier)
-            riders = [] if ahead is None else [ahead[1]]
-            first_host, walks, *riders = host_parts([first_decided, walks, *riders])  # the step's one copy
-            first_tokens, results = first_host.tolist(), speculate.read_walks(walks)
-            if riders:
-                self.guard.take_look_ahead(ahead[0], riders[0])
+        looked: list[Sequence] = []
+
+        def look_ahead(walks: torch.Tensor) -> list[torch.Tensor]:  # rides in the acceptance's one copy
+            found = None if look_ahead_tier is None else self._look_ahead(out, decode, trees, walks, look_ahead_tier)
+            if found is None:
+                return []
+            looked.extend(found[0])
+            return [found[1]]
+
+        first_tokens, results, riders = speculate.accept_all_nodes(trees, decided, node_rows, first_decided, look_ahead)
+        if riders:
+            self.guard.take_look_ahead(looked, riders[0])
 
         # logprobs of the emitted tokens only: their logits rows, in one batch (one copy)
         seqs = [r.seq for r in first] + [seq for (seq, _), res in zip(decode, results) for _ in res.path]

@@ -47,8 +47,9 @@ class SchedulerConfig:
     spec_token_budget: int = 48  # draft nodes per step, shared by all decoding sequences
     prefill_chunk: int = 256  # most prompt tokens per step, all prefilling sequences together
     # While sequences decode, a step that also prefills is sized to cost at most this many times a
-    # decode step, by measurement (their inter-token latency; issue 14 asks for <= 2.5x the median,
-    # so 2 leaves room for noise); None: always the full prefill_chunk.
+    # decode step, by measurement (their inter-token latency; issue 14 asks for <= 2.5x the median:
+    # at 2 the machine's noise took single steps past it, at 1.5 it did not, BENCHMARKS.md);
+    # None: always the full prefill_chunk.
     prefill_step_ratio: float | None = 1.5
     min_prefill_chunk: int = 16  # the least a long prompt advances per step while sequences decode
     governor: bool = True  # choose the tree budget (0 = plain decoding) by measured throughput (below)

@@ -125,17 +125,21 @@ def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[
     return walk_trees([(t.tokens, t.parents) for t in trees], at)
 
 
-def accept_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]],
-                     extra: torch.Tensor) -> tuple[list[int], list[AcceptResult]]:
+def accept_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]], extra: torch.Tensor,
+                     riders: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+                     ) -> tuple[list[int], list[AcceptResult], list[torch.Tensor]]:
     """The all-nodes walk: `decided` (M,) holds every node's decided token on the device, node i of
     trees[k] at row node_rows[k][i]. The walks run on the device (`walk_all_nodes`); their paths
     and emitted tokens, with `extra` (P,) int64 tokens that must reach the host too (prefills'
-    first tokens), come to the host in ONE copy of P + 2 x trees x (depth + 1) ints. Returns
-    (extra as a list, one AcceptResult per tree). The engine does the same in pieces, so that the
-    drafter's look-ahead can share the copy."""
+    first tokens), come to the host in ONE copy of P + 2 x trees x (depth + 1) ints. `riders`, given
+    the walks still on the device, returns more device tensors for that same copy (the drafter's
+    look-ahead). Returns (extra as a list, one AcceptResult per tree, the riders on the host)."""
+    if not trees and not len(extra):
+        return [], [], []
     walks = walk_all_nodes(trees, decided, node_rows)
-    head, walks = host_parts([extra.to(decided.device, torch.long), walks])
-    return head.tolist(), read_walks(walks)
+    extra_riders = [] if riders is None else riders(walks)
+    head, walks, *extra_riders = host_parts([extra.to(decided.device, torch.long), walks, *extra_riders])
+    return head.tolist(), read_walks(walks), extra_riders
 
 
 def walk_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]]) -> torch.Tensor:
