@@ -132,6 +132,8 @@ def cmd_eval(args) -> None:
             cfg.candidates = args.ctc_candidates or cfg.candidates
             cfg.beam_width = args.beam_width or cfg.beam_width
             cfg.prune_topk = args.prune_topk or cfg.prune_topk
+        if args.lookup_skip is not None and learned is not drafter:
+            set_lookup_skip(drafter, args.lookup_skip)
         if args.turns == "all":  # every user turn, the model's own earlier answers in the prompt
             questions = load_questions(args.prompts, args.source, args.num_prompts)
             r = conversation_acceptance(model, tok, drafter, questions, args.max_tokens, args.tree_nodes,
@@ -153,6 +155,13 @@ def cmd_eval(args) -> None:
               f"{r['draft_tokens_per_step']:.1f}  draft time / verify time {r['propose_share_of_verify']:.2f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def set_lookup_skip(hybrid, n: int) -> None:
+    """`--lookup-skip N` on a lookup hybrid: 0 -> always ask the learned drafter."""
+    if n and n < hybrid.lookup_min_ngram:
+        raise SystemExit(f"--lookup-skip must be 0 or >= {hybrid.lookup_min_ngram}, got {n}")
+    hybrid.skip_learned_ngram = n or None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -235,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override CTC drafters' candidate search: prefix beam search or the paper's static top-k tree")
     e.add_argument("--beam-width", type=int, help="override CTC drafters' beam width (candidates kept)")
     e.add_argument("--prune-topk", type=int, help="override CTC drafters' per-frame top-k in beam search")
+    e.add_argument("--lookup-skip", type=int, metavar="N",
+                   help="DIR+ngram drafters: skip the learned drafter where prompt lookup matched >= N tokens "
+                        "(default 3; 0: always ask it)")
     e.add_argument("--out", type=Path, help="write the figures as JSON here")
     e.set_defaults(fn=cmd_eval)
     return ap

@@ -425,6 +425,24 @@ def test_hybrid_ranks_strong_lookup_first_and_skips_the_learned_drafter_on_long_
     assert tree.tokens == [9, 70, 71, 72, 1] and tree.parents == [-1, 0, 1, 0, 0]  # best first
 
 
+def test_hybrid_that_never_skips_asks_the_learned_drafter_on_long_matches_too():
+    from drafter.cli import set_lookup_skip
+
+    learned = _ScriptedDrafter([Candidate([70, 71], -0.1)])
+    hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2)
+    set_lookup_skip(hybrid, 0)  # `ctc-drafter eval --lookup-skip 0`
+    assert hybrid.skip_learned_ngram is None
+    hybrid.start("a", [])
+    hybrid.observe("a", [1, 2, 3, 4, 5, 9, 1, 2], None)
+    tree = hybrid.propose([ProposeRequest("a", 3, budget=8)])[0]  # the 3-gram match of the test above
+    assert learned.asked == ["a"] and hybrid.learned_skipped == 0
+    assert {4, 70} <= set(tree.tokens)  # lookup's continuation and the learned drafter's, in one tree
+    with pytest.raises(SystemExit, match="0 or >= 2"):
+        set_lookup_skip(hybrid, 1)
+    with pytest.raises(ValueError, match="lookup_min_ngram"):
+        LookupHybridDrafter(learned, lookup_min_ngram=2, skip_learned_ngram=1)
+
+
 def test_hybrid_without_any_lookup_match_is_the_learned_drafter():
     learned = _ScriptedDrafter([Candidate([70, 71], -0.1), Candidate([72], -0.5)])
     hybrid = LookupHybridDrafter(learned)
