@@ -98,9 +98,10 @@ gpu-check: install
 
 # The CTC-drafter paper's comparison on the demo model (issue 17, bench/paper_table.py): every drafter
 # kind alone and with prompt lookup, acceptance length and batch-1 speedup on MT-bench (both turns,
-# per category) and GSM8K. Drafters already under models/ are loaded; a missing one is trained
-# (PAPER_STEPS steps of PAPER_BATCH conversations on PAPER_CONVERSATIONS self-distilled ones, the
-# recipe of the shipped Hydra and EAGLE-style drafters, see BENCHMARKS.md). PAPER_ARGS go to the
+# per category) and GSM8K. Drafters already under models/ are loaded; a missing one is trained:
+# the 1,500-step ones by their recipe below, the others for PAPER_STEPS steps of PAPER_BATCH
+# conversations on PAPER_CONVERSATIONS self-distilled ones (the recipe of the two shorter
+# EAGLE-style drafters; Medusa and CTC shipped longer, see BENCHMARKS.md). PAPER_ARGS go to the
 # table script (e.g. --gsm8k 20 --max-tokens 128; --smoke for a seconds-long plumbing check).
 PAPER_WORK ?= models/.build/paper
 PAPER_CONVERSATIONS ?= 600
@@ -109,7 +110,7 @@ PAPER_BATCH ?= 4
 PAPER_ARGS ?=
 PAPER_TRAIN = $(BIN)/ctc-drafter train --data $(PAPER_WORK)/regen --steps $(PAPER_STEPS) --conversations-per-step $(PAPER_BATCH)
 PAPER_DRAFTERS = models/demo-llama-medusa models/demo-llama-hydra models/demo-llama-eagle models/demo-llama-eagle-ctc \
-	models/demo-llama-eagle-ctc-long models/demo-llama-ctc
+	models/demo-llama-eagle-ctc-long models/demo-llama-ctc models/demo-llama-ctc-1500
 .PHONY: paper-table
 paper-table: install $(addsuffix /model.safetensors,$(PAPER_DRAFTERS))
 	$(PY) -m bench.paper_table $(PAPER_ARGS)
@@ -119,24 +120,28 @@ $(PAPER_WORK)/regen/meta.json:
 		--max-new-tokens 256 --batch-size 48
 # The data is made inside each recipe, not as a prerequisite: a shipped drafter is never retrained
 # because its data is newer or absent, and a fresh clone does not distill data nobody needs.
-models/demo-llama-hydra/model.safetensors:
-	$(MAKE) $(PAPER_WORK)/regen/meta.json
-	$(PAPER_TRAIN) --kind hydra --out models/demo-llama-hydra
 models/demo-llama-eagle/model.safetensors:
 	$(MAKE) $(PAPER_WORK)/regen/meta.json
 	$(PAPER_TRAIN) --kind eagle --out models/demo-llama-eagle
 models/demo-llama-eagle-ctc/model.safetensors:
 	$(MAKE) $(PAPER_WORK)/regen/meta.json
 	$(PAPER_TRAIN) --kind eagle --ctc-weight 0.01 --out models/demo-llama-eagle-ctc
-# The longer EAGLE-style training (BENCHMARKS.md, "A longer EAGLE-style training"): the first 1,500
-# self-distilled conversations of `make demo-drafters`, 1,500 steps of 8, seed 0 (about 45 minutes
-# of two cores).
+# The equal-budget drafters (BENCHMARKS.md, "A longer EAGLE-style training" and "Equal budget"): the
+# first 1,500 self-distilled conversations of `make demo-drafters`, 1,500 steps of 8, seed 0, for
+# the EAGLE-style drafter (CTC weight 0.01), Hydra and the parallel CTC drafter alike (about 30-45
+# minutes each on two cores).
 $(DRAFT_WORK)/regen/meta.json:
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500 --max-new-tokens 256 --batch-size 48
+EQUAL_TRAIN = $(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --steps 1500 --conversations-per-step 8 --seed 0
 models/demo-llama-eagle-ctc-long/model.safetensors:
 	$(MAKE) $(DRAFT_WORK)/regen/meta.json
-	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --kind eagle --ctc-weight 0.01 --steps 1500 \
-		--conversations-per-step 8 --seed 0 --out models/demo-llama-eagle-ctc-long
+	$(EQUAL_TRAIN) --kind eagle --ctc-weight 0.01 --out models/demo-llama-eagle-ctc-long
+models/demo-llama-hydra/model.safetensors:
+	$(MAKE) $(DRAFT_WORK)/regen/meta.json
+	$(EQUAL_TRAIN) --kind hydra --out models/demo-llama-hydra
+models/demo-llama-ctc-1500/model.safetensors:
+	$(MAKE) $(DRAFT_WORK)/regen/meta.json
+	$(EQUAL_TRAIN) --kind ctc --layers 2 --out models/demo-llama-ctc-1500
 models/demo-llama-medusa/model.safetensors:
 	$(MAKE) $(PAPER_WORK)/regen/meta.json
 	$(PAPER_TRAIN) --kind medusa --out models/demo-llama-medusa

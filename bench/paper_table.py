@@ -48,12 +48,13 @@ PLAIN, CONTROL = "plain", "plain (control)"
 # label -> drafter spec: DIRECTORY[@static|@beam] (the CTC drafter's candidate search)
 DEFAULT_DRAFTERS = {
     "Medusa": "models/demo-llama-medusa",
-    "Hydra": "models/demo-llama-hydra",
+    "Hydra, 1,500 steps": "models/demo-llama-hydra",
     "EAGLE-style": "models/demo-llama-eagle",
     "EAGLE-style + CTC 0.01": "models/demo-llama-eagle-ctc",
     "EAGLE-style + CTC 0.01, 1,500 steps": "models/demo-llama-eagle-ctc-long",
     "CTC, static tree": "models/demo-llama-ctc@static",
     "CTC, beam search": "models/demo-llama-ctc@beam",
+    "CTC, beam search, 1,500 steps": "models/demo-llama-ctc-1500@beam",
 }
 DATASETS = ("mt_bench", "gsm8k")
 
@@ -204,6 +205,7 @@ def smoke_drafters(model, out_dir: Path) -> dict[str, str]:
         "eagle-ctc": EagleDraftModel(EagleConfig.for_base(c)),
         "eagle-ctc-long": EagleDraftModel(EagleConfig.for_base(c)),
         "ctc": CTCDraftModel(CTCDrafterConfig.for_base(c)),
+        "ctc-1500": CTCDraftModel(CTCDrafterConfig.for_base(c)),
     }
     for name, m in built.items():
         save_drafter(m, out_dir / name)

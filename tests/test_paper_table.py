@@ -68,4 +68,4 @@ def test_paper_table_smoke_run_has_every_row_and_no_mismatch(tmp_path, one_threa
     assert res["datasets"]["mt_bench"]["categories"] == ["writing", "roleplay"]  # spread over categories
     assert res["datasets"]["mt_bench"]["rows"][paper_table.PLAIN]["overall"]["speedup_total"] == 1.0
     md = (tmp_path / "t.md").read_text()
-    assert "| Hydra + lookup |" in md and "MT-bench by category" in md and "MISMATCH" not in md
+    assert "| Hydra, 1,500 steps + lookup |" in md and "MT-bench by category" in md and "MISMATCH" not in md
