@@ -36,6 +36,7 @@ as the tree's root, so its K/V sit where the next step will overwrite them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,9 @@ class EagleConfig(DraftLayersConfig):
     tree: str = "dynamic"  # "dynamic": EAGLE-2's top-k expansion; "static": EAGLE-1's fixed shape
     depth: int = 5  # tree depth at inference
     dynamic_topk: int = 4  # nodes expanded per depth, children per node
+    # A tree stops growing once its likeliest new node's path probability is below this (0: never):
+    # a deeper node is less likely still, so its depth would cost a forward for nothing.
+    min_path_prob: float = 0.0
     static_topk: list[int] = field(default_factory=lambda: [4, 2, 2, 1, 1])  # children per node at each depth
     kind: str = "eagle"
 
@@ -246,10 +250,15 @@ class EagleDrafter(CachedContextDrafter):
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         trees = self._roots(requests)
         cfg = self.model.config
+        floor = math.log(cfg.min_path_prob) if cfg.min_path_prob > 0 else -math.inf
+        growing = list(range(len(trees)))
         for d in range(cfg.depth):
-            frontier = self._grow(trees, d)
-            if d + 1 < cfg.depth:
-                self._compute_features(requests, trees, frontier)
+            frontier = self._grow([trees[k] for k in growing], d)
+            keep = [i for i, f in enumerate(frontier) if f and max(trees[growing[i]].scores[n] for n in f) >= floor]
+            growing, frontier = [growing[i] for i in keep], [frontier[i] for i in keep]
+            if d + 1 == cfg.depth or not growing:
+                break
+            self._compute_features([requests[k] for k in growing], [trees[k] for k in growing], frontier)
         return [sorted((Candidate(t.path(i), t.scores[i]) for i in range(1, len(t.tokens))), key=lambda c: -c.score)
                 for t in trees]
 

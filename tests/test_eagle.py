@@ -3,6 +3,8 @@ training with and without the auxiliary CTC loss, and losslessness."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -76,6 +78,39 @@ def test_dynamic_tree_expands_the_most_likely_paths_only(base):
     second = [c for c in cands if len(c.tokens) == 2]
     assert len(first) == 2 and len(second) == 4
     assert {c.tokens[0] for c in second} == {c.tokens[0] for c in first[:2]}
+
+
+def test_a_tree_stops_growing_where_no_new_path_is_likely_enough(base):
+    """min_path_prob: a tree's depth d+1 is drafted only if its likeliest depth-d node has path
+    probability >= the floor; what is drafted equals the unstopped tree cut at that depth."""
+    _, model = base
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(20, model.config.hidden_size, generator=g)
+    tokens = torch.randint(0, 160, (20,), generator=g).tolist()
+
+    def draft(min_path_prob: float) -> list[list]:
+        drafter = EagleDrafter(eagle_model(model, depth=4, dynamic_topk=2, min_path_prob=min_path_prob),
+                               max_slots=2, max_len=64)
+        for sid, n in (("a", 9), ("b", 14)):
+            drafter.start(sid, tokens[:n])
+            drafter.observe(sid, tokens[:n], hidden[:n])
+        return drafter.candidates([ProposeRequest("a", tokens[9], budget=8), ProposeRequest("b", tokens[14], budget=8)])
+
+    full = draft(0.0)
+
+    def best(cands, depth):
+        return max(c.score for c in cands if len(c.tokens) == depth)
+
+    floor = (best(full[0], 1) + best(full[0], 2)) / 2  # "a" drafts depths 1 and 2, then stops
+    stopped = draft(math.exp(floor))
+    depths_kept = []
+    for cands, got in zip(full, stopped):
+        keep = next((d for d in range(1, 4) if best(cands, d) < floor), 4)  # the last depth drafted
+        depths_kept.append(keep)
+        want = [c for c in cands if len(c.tokens) <= keep]
+        assert [c.tokens for c in got] == [c.tokens for c in want]
+        assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
+    assert depths_kept[0] == 2 and len(full[0]) == 2 + 4 + 4 + 4
 
 
 def test_checkpoint_round_trip(base, tmp_path):
