@@ -81,6 +81,8 @@ class EagleConfig(DraftLayersConfig):
             raise ValueError(f"tree must be 'static' or 'dynamic', got {self.tree!r}")
         if self.depth < 1 or self.dynamic_topk < 1 or min(self.static_topk, default=0) < 1:
             raise ValueError("depth, dynamic_topk and static_topk entries must be >= 1")
+        if not 0.0 <= self.min_path_prob < 1.0:
+            raise ValueError(f"min_path_prob must be in [0, 1), got {self.min_path_prob}")
         self.static_topk = (list(self.static_topk) + [1] * self.depth)[: self.depth]
 
     @property

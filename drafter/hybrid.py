@@ -12,9 +12,9 @@ step:
 - when lookup matched at least `skip_learned_ngram` tokens, the learned drafter is not asked for
   this sequence this step: the text is repeating and lookup alone drafts it. Its context is not
   lost: a drafter with its own cache (CTC) catches up on every token it skipped in its next forward.
-  (None: always ask. On the demo model the skip costs acceptance little and saves draft time, for
-  weak and strong drafters alike: 3.61 -> 3.55 for the CTC drafter, 4.47 -> 4.28 for the longer
-  EAGLE-style one, at 10-15% less draft time; BENCHMARKS.md, `ctc-drafter eval --lookup-skip`);
+  (None: always ask. On the demo model the skip costs little acceptance, 3.61 -> 3.54 for the CTC
+  drafter and 4.47 -> 4.28 for the longer EAGLE-style one, whose draft time it cuts by a fifth;
+  BENCHMARKS.md, "The lookup hybrid's skip threshold");
 - otherwise the learned drafter's candidates join the trie, which keeps the best `budget` nodes
   (`build_trie`: a node's value is the best score of any candidate through it).
 

@@ -111,6 +111,8 @@ def test_a_tree_stops_growing_where_no_new_path_is_likely_enough(base):
         assert [c.tokens for c in got] == [c.tokens for c in want]
         assert [c.score for c in got] == pytest.approx([c.score for c in want], abs=1e-5)
     assert depths_kept[0] == 2 and len(full[0]) == 2 + 4 + 4 + 4
+    with pytest.raises(ValueError, match="min_path_prob"):
+        EagleConfig.for_base(model.config, min_path_prob=1.0)
 
 
 def test_checkpoint_round_trip(base, tmp_path):
