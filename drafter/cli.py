@@ -159,9 +159,10 @@ def cmd_eval(args) -> None:
 
 def set_lookup_skip(hybrid, n: int) -> None:
     """`--lookup-skip N` on a lookup hybrid: 0 -> always ask the learned drafter."""
-    if n and n < hybrid.lookup_min_ngram:
-        raise SystemExit(f"--lookup-skip must be 0 or >= {hybrid.lookup_min_ngram}, got {n}")
-    hybrid.skip_learned_ngram = n or None
+    try:
+        hybrid.skip_learned_ngram = n or None
+    except ValueError:  # the hybrid's own bound, in the flag's terms
+        raise SystemExit(f"--lookup-skip must be 0 or >= {hybrid.lookup_min_ngram}, got {n}") from None
 
 
 def parser() -> argparse.ArgumentParser:

@@ -39,16 +39,24 @@ _STRONG, _WEAK = 1.0, -3.0
 class LookupHybridDrafter(Drafter):
     def __init__(self, learned: Drafter, lookup: NgramDrafter | None = None, lookup_min_ngram: int = 2,
                  skip_learned_ngram: int | None = 3):
-        if skip_learned_ngram is not None and skip_learned_ngram < lookup_min_ngram:
-            raise ValueError(f"skip_learned_ngram must be >= lookup_min_ngram ({lookup_min_ngram}) or None, "
-                             f"got {skip_learned_ngram}")
         self.learned = learned
         self.lookup = lookup if lookup is not None else NgramDrafter()
-        self.lookup_min_ngram, self.skip_learned_ngram = lookup_min_ngram, skip_learned_ngram
+        self.lookup_min_ngram = lookup_min_ngram
+        self.skip_learned_ngram = skip_learned_ngram
         self.name = f"{learned.name}+ngram"
         self.needs_hidden = learned.needs_hidden
         self.tiers = (self.name, "ngram")  # 1: lookup only
         self.learned_skipped = 0  # requests whose learned draft lookup made unnecessary (for logs/benchmarks)
+
+    @property
+    def skip_learned_ngram(self) -> int | None:
+        return self._skip_learned_ngram
+
+    @skip_learned_ngram.setter
+    def skip_learned_ngram(self, n: int | None) -> None:
+        if n is not None and n < self.lookup_min_ngram:
+            raise ValueError(f"skip_learned_ngram must be >= lookup_min_ngram ({self.lookup_min_ngram}) or None, got {n}")
+        self._skip_learned_ngram = n
 
     def start(self, seq_id: str, prompt_ids: list[int]) -> None:
         self.learned.start(seq_id, prompt_ids)
