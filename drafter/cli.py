@@ -211,7 +211,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--candidates", choices=["beam", "static"], default="beam", help="CTC: candidate search at inference")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--conversations-per-step", type=int, default=8)
-    t.add_argument("--anchors", type=int, default=24, help="CTC: anchor positions sampled per conversation")
+    t.add_argument("--anchors", type=int, default=None,
+                   help="anchor positions sampled per conversation and step (default: 24 for ctc and eagle, "
+                        "every one for medusa and hydra; 0: every one)")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--weight-decay", type=float, default=0.3,
                    help="AdamW weight decay (decoupled); 0.3 drafted best on the demo model (BENCHMARKS.md)")

@@ -73,7 +73,7 @@ class HiddenStates(str, Enum):
 class TrainConfig:
     steps: int = 1500
     conversations_per_step: int = 8
-    anchors_per_conversation: int = 24  # CTC only; Medusa uses every anchor (it is cheap)
+    anchors_per_conversation: int | None = None  # sampled per conversation; None: the kind's default
     lr: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.3  # AdamW, decoupled: the best of 0, 0.1, 0.3, 1.0 on the demo model
@@ -84,6 +84,23 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None  # per rank; None: conversations_per_step conversations
     hidden_states: HiddenStates = HiddenStates.STORED
     autocast_bf16: bool = False  # the drafter's forward under bf16 autocast (fp32 master weights)
+
+    def __post_init__(self) -> None:
+        if self.anchors_per_conversation is not None and self.anchors_per_conversation < 0:
+            raise ValueError(f"anchors per conversation (--anchors) must be >= 0, 0 meaning every anchor; "
+                             f"got {self.anchors_per_conversation}")
+
+
+# Anchors sampled per conversation and step when TrainConfig leaves it to the kind: the CTC and
+# EAGLE-style objectives cost decoder rows per anchor (N frames; a tree of depth K), so they sample;
+# Medusa's and Hydra's heads are cheap next to the LM head they share, so they take every anchor.
+DEFAULT_ANCHORS = {"ctc": 24, "eagle": 24}
+
+
+def anchors_per_conversation(kind: str, cfg: TrainConfig) -> int | None:
+    """How many anchors a conversation contributes per step; None: every one (0 also means that)."""
+    n = cfg.anchors_per_conversation if cfg.anchors_per_conversation is not None else DEFAULT_ANCHORS.get(kind)
+    return n or None
 
 
 def anchor_targets(conv: dict, K: int) -> list[tuple[int, list[int]]]:
@@ -234,7 +251,7 @@ def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig,
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     K = draft.config.num_labels
     objective = make_objective(draft, cfg)
-    sample_anchors = draft.config.kind in ("ctc", "eagle")  # their objectives cost per anchor
+    sample_anchors = anchors_per_conversation(draft.config.kind, cfg)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     work = out_dir / ".train"
@@ -261,7 +278,7 @@ def train(draft: nn.Module, data: DistilledSet, out_dir: Path, cfg: TrainConfig,
         anchors = [anchor_targets(c, K) for c in convs]
         pick = random.Random(cfg.seed * 1_000_003 + step * world + rank)
         if sample_anchors:
-            anchors = [pick.sample(a, min(len(a), cfg.anchors_per_conversation)) for a in anchors]
+            anchors = [pick.sample(a, min(len(a), sample_anchors)) for a in anchors]
         keep = [i for i, a in enumerate(anchors) if a]
         convs, anchors = [convs[i] for i in keep], [anchors[i] for i in keep]
         for g in opt.param_groups:

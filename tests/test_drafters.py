@@ -17,7 +17,7 @@ from drafter.data import DistilledSet, build_distilled
 from drafter.hybrid import LookupHybridDrafter
 from drafter.loading import DrafterLoadError, inference_dtype, load_draft_model, load_drafter, save_drafter
 from drafter.medusa import MedusaConfig, MedusaHeads
-from drafter.train import TrainConfig, anchor_targets, train
+from drafter.train import TrainConfig, anchor_targets, anchors_per_conversation, train
 from server.engine.factory import build_drafter
 from server.runtime.batch import ForwardItem, build_batch
 from server.runtime.loader import load_model
@@ -300,8 +300,8 @@ def test_training_reduces_loss_and_resumes(base, tmp_path, kind):
     else:
         draft = seeded(lambda: MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model))
     before = fixed_loss(draft, data)
-    cfg = TrainConfig(steps=1, conversations_per_step=4, anchors_per_conversation=8, lr=1e-2, warmup=1,
-                      checkpoint_every=1, weight_decay=0.0)  # a fitting test: no regularisation
+    cfg = TrainConfig(steps=1, conversations_per_step=4, anchors_per_conversation=8 if kind == "ctc" else None,
+                      lr=1e-2, warmup=1, checkpoint_every=1, weight_decay=0.0)  # a fitting test: no regularisation
     train(draft, data, tmp_path / kind, cfg)
     cfg.steps = 40
     train(draft, data, tmp_path / kind, cfg)  # resumes at step 1
@@ -310,6 +310,19 @@ def test_training_reduces_loss_and_resumes(base, tmp_path, kind):
     state = torch.load(tmp_path / kind / ".train" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 40
     assert (tmp_path / kind / "model.safetensors").is_file()
+
+
+def test_anchors_per_conversation_defaults_by_kind_and_obeys_the_flag():
+    # The per-anchor objectives sample 24 by default; the head drafters take every anchor (None).
+    assert anchors_per_conversation("ctc", TrainConfig()) == 24
+    assert anchors_per_conversation("eagle", TrainConfig()) == 24
+    assert anchors_per_conversation("hydra", TrainConfig()) is None
+    assert anchors_per_conversation("medusa", TrainConfig()) is None
+    # Given, it holds for every kind (an equal-examples comparison); 0 means every anchor.
+    assert anchors_per_conversation("hydra", TrainConfig(anchors_per_conversation=5)) == 5
+    assert anchors_per_conversation("ctc", TrainConfig(anchors_per_conversation=0)) is None
+    with pytest.raises(ValueError, match="--anchors"):
+        TrainConfig(anchors_per_conversation=-1)
 
 
 DDP_SCRIPT = r"""
