@@ -93,7 +93,8 @@ def cmd_train(args) -> None:
     base.requires_grad_(False)
     if args.kind == "ctc":
         cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,
-                                        num_layers=args.layers, candidates=args.candidates)
+                                        num_layers=args.layers, candidates=args.candidates,
+                                        frame_inputs=args.frame_inputs)
         draft = CTCDraftModel(cfg)
     elif args.kind == "eagle":
         draft = EagleDraftModel(EagleConfig.for_base(base.config, num_labels=args.labels, num_layers=args.layers,
@@ -209,6 +210,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--ctc-weight", type=float, default=0.0,
                    help="EAGLE: weight of the auxiliary CTC loss over drafted positions (the CTC-drafter authors': 0.01)")
     t.add_argument("--candidates", choices=["beam", "static"], default="beam", help="CTC: candidate search at inference")
+    t.add_argument("--frame-inputs", choices=["queries", "anchored"], default="queries",
+                   help="CTC: each frame's input is a learned query (queries) or a learned query plus the last "
+                        "context position's input (anchored)")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--conversations-per-step", type=int, default=8)
     t.add_argument("--anchors", type=int, default=None,

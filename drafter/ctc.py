@@ -64,11 +64,18 @@ class CTCDrafterConfig(DraftLayersConfig):
     beam_width: int = 8
     prune_topk: int = 6  # beam search extends each prefix by a frame's top tokens only
     static_topk: list[int] = field(default_factory=lambda: [4, 3, 2, 2, 1, 1])
+    # "queries": frame j's input is the learned query q_j alone, and the frames find the last
+    # context position through attention; "anchored": q_j + c_T, the last context position's input
+    # (h_T fused with the pending token), so every frame starts from the state it drafts after,
+    # as the paper's draft heads read the draft module's output at the last position.
+    frame_inputs: str = "queries"
     kind: str = "ctc"
 
     def __post_init__(self) -> None:
         if self.num_frames < self.num_labels:
             raise ValueError(f"num_frames ({self.num_frames}) must be >= num_labels ({self.num_labels})")
+        if self.frame_inputs not in ("queries", "anchored"):
+            raise ValueError(f"frame_inputs must be 'queries' or 'anchored', got {self.frame_inputs!r}")
         if self.candidates not in ("beam", "static"):
             raise ValueError(f"candidates must be 'beam' or 'static', got {self.candidates!r}")
         # The static tree branches once per frame: fit its top-k list to N (extra frames: top-1).
@@ -90,6 +97,13 @@ class CTCDraftModel(DecoderOverBase):
         self.frame_queries = nn.Parameter(torch.randn(cfg.num_frames, H) * 0.02)
         self.blank_head = nn.Linear(H, 1)
         self.init_rope()
+
+    def frame_inputs(self, last: torch.Tensor) -> torch.Tensor:
+        """The N frame rows drafted after context inputs `last` (B, H): (B, N, H)."""
+        q = self.frame_queries.to(last.dtype)
+        if self.config.frame_inputs == "anchored":
+            return q + last[:, None]
+        return q.expand(last.shape[0], -1, -1)
 
     def frame_logits(self, y: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V + 1) float32: the base LM head's logits, then the blank's."""
@@ -116,13 +130,16 @@ class CTCDrafter(CachedContextDrafter):
         ctx = x.split(lens)  # n_b x H each
         items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)) for st, n in zip(states, lens)]
         batch = build_batch(items, self.cache.max_len, device)
-        x = torch.cat([t for c in ctx for t in (c, m.frame_queries)])  # (T, H) packed: n_b + N rows each
+        frames = m.frame_inputs(torch.stack([c[-1] if len(c) else st.last_input for c, st in zip(ctx, states)]))
+        x = torch.cat([t for c, f in zip(ctx, frames) for t in (c, f)])  # (T, H) packed: n_b + N rows each
         y = m.run(x, batch.meta, self.cache)  # (T, H)
         starts = to_device([o + n for o, n in zip(batch.offsets, lens)], device)  # first frame row
         y = y[starts[:, None] + torch.arange(N, device=device)]  # (B, N, H)
-        for st, n in zip(states, lens):
+        for st, n, c in zip(states, lens, ctx):
             self.cache.advance(st.slot, n)
             st.tokens, st.hidden = [], []
+            if n:
+                st.last_input = c[-1]
         return torch.log_softmax(m.frame_logits(y), dim=-1)
 
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
@@ -138,7 +155,7 @@ class CTCDrafter(CachedContextDrafter):
     def look_ahead(self, ahead: LookAhead) -> torch.Tensor | None:
         """Next step's frames over this step's accepted paths (decoder.CachedContextDrafter), as the
         device half of the candidate search."""
-        done = self.ahead_forward(ahead, self.model.frame_queries)
+        done = self.ahead_forward(ahead, self.model.config.num_frames, self.model.frame_inputs)
         if done is None:
             return None
         _, y = done

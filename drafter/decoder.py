@@ -8,6 +8,7 @@ A subclass sets `config` (with `layer_config()`, `rope_theta`, `base_hidden_size
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -114,6 +115,7 @@ class _SeqState:
     tokens: list[int] = field(default_factory=list)  # committed tokens not yet in the drafter cache
     hidden: list[torch.Tensor] = field(default_factory=list)  # their base hidden states, (n, H) each
     ready: torch.Tensor | None = None  # the next propose's device output, computed by the look-ahead
+    last_input: torch.Tensor | None = None  # (H,) the input of the last position in the drafter cache
 
 
 class CachedContextDrafter(Drafter):
@@ -201,11 +203,14 @@ class CachedContextDrafter(Drafter):
         nxt = [t for st, r in zip(states, requests) if st.tokens for t in (*st.tokens[1:], r.pending_token)]
         return states, lens, m.inputs(hidden, to_device(nxt, device))
 
-    def ahead_forward(self, ahead: LookAhead, tail: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
-        """Run the layers over each sequence's new context, its accepted path and `tail` (N, H) rows,
-        for the sequences whose cache has room; returns (their ids, the tail rows' outputs (S', N, H))
-        and records the look-ahead (observe commits it), or None if no sequence qualifies."""
-        m, n_tail = self.model, tail.shape[0]
+    def ahead_forward(self, ahead: LookAhead, n_tail: int, tail: Callable[[torch.Tensor], torch.Tensor],
+                      ) -> tuple[list[str], torch.Tensor] | None:
+        """Run the layers over each sequence's new context, its accepted path and its n_tail tail
+        rows, `tail(last)` (S', n_tail, H) from the inputs of each accepted path's last position
+        `last` (S', H), for the sequences whose cache has room; returns (their ids, the tail rows'
+        outputs (S', n_tail, H)) and records the look-ahead (observe commits it), or None if no
+        sequence qualifies."""
+        m = self.model
         width = ahead.tokens.shape[1]  # D + 1
         chosen = [k for k, sid in enumerate(ahead.seq_ids)
                   if sid in self.state and sid not in self._ahead and self._room(sid, width + n_tail)]
@@ -217,17 +222,20 @@ class CachedContextDrafter(Drafter):
         pick = to_device(chosen, ahead.tokens.device)
         path = m.inputs(ahead.hidden[pick], ahead.tokens[pick].clamp(min=0))  # (S', D + 1, H)
         ctx = ctx.split(lens)
-        tail = tail.to(path.dtype)
-        x = torch.cat([t for c, p in zip(ctx, path) for t in (c, p, tail)])
+        lengths = ahead.lengths[pick].to(device)
+        last = path[torch.arange(len(chosen), device=device), lengths - 1]  # (S', H)
+        rows = tail(last)  # (S', N, H)
+        x = torch.cat([t for c, p, r in zip(ctx, path, rows) for t in (c, p, r)])
         items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + width + n_tail)) for st, n in zip(states, lens)]
         batch = build_batch(items, self.cache.max_len, device)
-        self._hide_path_padding(batch, lens, width, n_tail, ahead.lengths[pick].to(device))
+        self._hide_path_padding(batch, lens, width, n_tail, lengths)
         y = m.run(x, batch.meta, self.cache)
         first = to_device([o + n + width for o, n in zip(batch.offsets, lens)], device)  # first tail row
         y = y[first[:, None] + torch.arange(n_tail, device=device)]  # (S', N, H)
-        for sid, st, n in zip(ids, states, lens):
+        for sid, st, n, row in zip(ids, states, lens, last):
             self._ahead[sid] = n
             st.tokens, st.hidden = [], []  # in the forward now; `observe` commits them with the path
+            st.last_input = row
         self._ahead_order = ids
         return ids, y
 

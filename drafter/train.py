@@ -134,7 +134,8 @@ class CTCObjective(nn.Module):
                 parents += [t] + [len(parents) + j for j in range(N - 1)]
             items.append(ForwardItem(0, 0, [0] * len(parents), parents))
             ctx = m.inputs(conv["hidden"][:T].to(device), conv["tokens"][1 : T + 1].to(device))
-            xs.append(torch.cat([ctx, m.frame_queries.repeat(len(anc), 1)]))
+            frames = m.frame_inputs(ctx[torch.tensor([t for t, _ in anc], device=device)])  # (A, N, H)
+            xs.append(torch.cat([ctx, frames.flatten(0, 1)]))
         batch = build_batch(items, max_model_len=1 << 30, device=device)
         y = m.run(torch.cat(xs).to(m.fuse.weight.dtype), batch.meta, cache=None)  # (T, H), items packed
         # each item ends with its anchors' frames

@@ -53,15 +53,16 @@ def reference_frames(m: CTCDraftModel, hidden: torch.Tensor, tokens: list[int], 
     `following`: each position's next token, if not the next one in `tokens` (then `pending`)."""
     N = m.config.num_frames
     ctx = m.inputs(hidden, torch.tensor(following or tokens[1:] + [pending]))
-    x = torch.cat([ctx, m.frame_queries])  # (T, H)
+    x = torch.cat([ctx, m.frame_inputs(ctx[-1:])[0]])  # (T, H)
     batch = build_batch([ForwardItem(0, 0, [0] * len(x))], 1 << 20)
     y = m.run(x, batch.meta, cache=None)
     return torch.log_softmax(m.frame_logits(y[-N:]), -1)
 
 
-def test_ctc_drafter_incremental_cache_equals_full_forward(base):
+@pytest.mark.parametrize("frame_inputs", ["queries", "anchored"])
+def test_ctc_drafter_incremental_cache_equals_full_forward(base, frame_inputs):
     _, model = base
-    m = ctc_model(model, num_frames=5, num_labels=3)
+    m = ctc_model(model, num_frames=5, num_labels=3, frame_inputs=frame_inputs)
     drafter = CTCDrafter(m, max_slots=2, max_len=64)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 160, (30,), generator=g).tolist()
@@ -87,14 +88,15 @@ def test_ctc_drafter_incremental_cache_equals_full_forward(base):
     assert drafter.cache.num_used_slots == 0
 
 
-def test_ctc_look_ahead_frames_equal_the_next_steps_frames_whatever_the_paths_lengths(base):
+@pytest.mark.parametrize("frame_inputs", ["queries", "anchored"])
+def test_ctc_look_ahead_frames_equal_the_next_steps_frames_whatever_the_paths_lengths(base, frame_inputs):
     """The look-ahead (base.Drafter.look_ahead) runs next step's forward at the end of this one,
     over this step's accepted paths padded to the deepest tree + 1 (width 4 here) with junk past
     each path's length. Its frames equal a cache-free forward over exactly the accepted context,
     and `observe` then commits exactly the accepted positions: round after round, for sequences
     with context rows still pending from before (the prompt; a step without look-ahead) too."""
     _, model = base
-    m = ctc_model(model, num_frames=5, num_labels=3)
+    m = ctc_model(model, num_frames=5, num_labels=3, frame_inputs=frame_inputs)
     drafter = CTCDrafter(m, max_slots=3, max_len=64)
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 160, (48,), generator=g).tolist()
@@ -116,7 +118,7 @@ def test_ctc_look_ahead_frames_equal_the_next_steps_frames_whatever_the_paths_le
         ahead = LookAhead(ids, [tokens[seen[sid]] for sid in ids], path_hidden, path_tokens,
                           torch.tensor([lengths[sid] for sid in ids]))
         with torch.inference_mode():
-            got_ids, y = drafter.ahead_forward(ahead, m.frame_queries)
+            got_ids, y = drafter.ahead_forward(ahead, m.config.num_frames, m.frame_inputs)
             got = torch.log_softmax(m.frame_logits(y), dim=-1)
         assert got_ids == ids
         for k, sid in enumerate(ids):
@@ -291,16 +293,17 @@ def fixed_loss(draft, data) -> float:
         return float(objective(convs, anchors)[0])
 
 
-@pytest.mark.parametrize("kind", ["ctc", "medusa"])
+@pytest.mark.parametrize("kind", ["ctc", "ctc-anchored", "medusa"])
 def test_training_reduces_loss_and_resumes(base, tmp_path, kind):
     _, model = base
     data = synthetic_data(model)
-    if kind == "ctc":
-        draft = ctc_model(model, num_frames=4, num_labels=3)
+    if kind.startswith("ctc"):
+        draft = ctc_model(model, num_frames=4, num_labels=3,
+                          frame_inputs="anchored" if kind == "ctc-anchored" else "queries")
     else:
         draft = seeded(lambda: MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model))
     before = fixed_loss(draft, data)
-    cfg = TrainConfig(steps=1, conversations_per_step=4, anchors_per_conversation=8 if kind == "ctc" else None,
+    cfg = TrainConfig(steps=1, conversations_per_step=4, anchors_per_conversation=8 if kind.startswith("ctc") else None,
                       lr=1e-2, warmup=1, checkpoint_every=1, weight_decay=0.0)  # a fitting test: no regularisation
     train(draft, data, tmp_path / kind, cfg)
     cfg.steps = 40
@@ -370,19 +373,21 @@ def test_ddp_two_processes_end_with_identical_weights(base, tmp_path):
 
 
 @pytest.mark.parametrize("acceptance", ["path", "all-nodes"])
-@pytest.mark.parametrize("kind", ["ctc-beam", "ctc-static", "medusa", "ctc-beam+ngram", "medusa+ngram"])
+@pytest.mark.parametrize("kind", ["ctc-beam", "ctc-static", "ctc-anchored", "medusa", "ctc-beam+ngram", "medusa+ngram"])
 def test_engine_with_trained_drafter_kinds_is_lossless(base, tmp_path, kind, acceptance):
     """Random-init drafters propose mostly wrong trees: outputs must still equal plain greedy, on
     both acceptance paths."""
     path, model = base
     learned = kind.removesuffix("+ngram")
     if learned.startswith("ctc"):
-        m = ctc_model(model, num_frames=5, num_labels=3, candidates=learned.split("-")[1])
+        variant = learned.split("-")[1]  # a candidate search, or "anchored" frame inputs (with beam search)
+        m = ctc_model(model, num_frames=5, num_labels=3, **(
+            {"frame_inputs": "anchored"} if variant == "anchored" else {"candidates": variant}))
     else:
         m = MedusaHeads(MedusaConfig.for_base(model.config, num_heads=3)).attach_base(model)
     save_drafter(m, tmp_path / learned)
     drafter = build_drafter(str(tmp_path / kind), model, max_slots=4, max_len=96)
-    assert drafter.name == {"ctc-beam": "ctc", "ctc-static": "ctc", "medusa": "medusa"}.get(
+    assert drafter.name == {"ctc-beam": "ctc", "ctc-static": "ctc", "ctc-anchored": "ctc", "medusa": "medusa"}.get(
         kind, learned.split("-")[0] + "+ngram")
     reqs = {f"r{i}": (p, GREEDY) for i, p in enumerate(prompts_for(5, seed=23))}
     plain = run_all(make_engine(model, None), reqs)
