@@ -54,7 +54,7 @@ DEFAULT_DRAFTERS = {
     "EAGLE-style + CTC 0.01, 1,500 steps": "models/demo-llama-eagle-ctc-long",
     "CTC, static tree": "models/demo-llama-ctc@static",
     "CTC, beam search": "models/demo-llama-ctc@beam",
-    "CTC, beam search, 1,500 steps": "models/demo-llama-ctc-1500@beam",
+    "CTC, beam search, 1,500 steps, anchored frames": "models/demo-llama-ctc-1500@beam",
 }
 DATASETS = ("mt_bench", "gsm8k")
 
