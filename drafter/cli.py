@@ -167,6 +167,8 @@ def set_lookup_skip(hybrid, n: int) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from drafter.ctc import CANDIDATE_SEARCHES, FRAME_INPUTS
+
     ap = argparse.ArgumentParser(prog="ctc-drafter", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -209,8 +211,8 @@ def parser() -> argparse.ArgumentParser:
                    help="EAGLE: draft tree at inference (EAGLE-2's dynamic top-k or EAGLE-1's static shape)")
     t.add_argument("--ctc-weight", type=float, default=0.0,
                    help="EAGLE: weight of the auxiliary CTC loss over drafted positions (the CTC-drafter authors': 0.01)")
-    t.add_argument("--candidates", choices=["beam", "static"], default="beam", help="CTC: candidate search at inference")
-    t.add_argument("--frame-inputs", choices=["queries", "anchored"], default="queries",
+    t.add_argument("--candidates", choices=CANDIDATE_SEARCHES, default="beam", help="CTC: candidate search at inference")
+    t.add_argument("--frame-inputs", choices=FRAME_INPUTS, default="queries",
                    help="CTC: each frame's input is a learned query (queries) or a learned query plus the last "
                         "context position's input (anchored)")
     t.add_argument("--steps", type=int, default=1500)
@@ -247,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tree-nodes", type=int, default=16, help="draft nodes per step")
     e.add_argument("--max-model-len", type=int, default=1024)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--ctc-candidates", choices=["beam", "static"],
+    e.add_argument("--ctc-candidates", choices=CANDIDATE_SEARCHES,
                    help="override CTC drafters' candidate search: prefix beam search or the paper's static top-k tree")
     e.add_argument("--beam-width", type=int, help="override CTC drafters' beam width (candidates kept)")
     e.add_argument("--prune-topk", type=int, help="override CTC drafters' per-frame top-k in beam search")

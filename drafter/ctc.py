@@ -49,6 +49,10 @@ from server.runtime.host import to_device, to_host
 from server.runtime.model import DecoderLayer, RMSNorm
 
 
+CANDIDATE_SEARCHES = ("beam", "static")  # CTCDrafterConfig.candidates
+FRAME_INPUTS = ("queries", "anchored")  # CTCDrafterConfig.frame_inputs
+
+
 @dataclass
 class CTCDrafterConfig(DraftLayersConfig):
     base_architecture: str
@@ -76,10 +80,10 @@ class CTCDrafterConfig(DraftLayersConfig):
     def __post_init__(self) -> None:
         if self.num_frames < self.num_labels:
             raise ValueError(f"num_frames ({self.num_frames}) must be >= num_labels ({self.num_labels})")
-        if self.frame_inputs not in ("queries", "anchored"):
-            raise ValueError(f"frame_inputs must be 'queries' or 'anchored', got {self.frame_inputs!r}")
-        if self.candidates not in ("beam", "static"):
-            raise ValueError(f"candidates must be 'beam' or 'static', got {self.candidates!r}")
+        if self.frame_inputs not in FRAME_INPUTS:
+            raise ValueError(f"frame_inputs must be one of {FRAME_INPUTS}, got {self.frame_inputs!r}")
+        if self.candidates not in CANDIDATE_SEARCHES:
+            raise ValueError(f"candidates must be one of {CANDIDATE_SEARCHES}, got {self.candidates!r}")
         # The static tree branches once per frame: fit its top-k list to N (extra frames: top-1).
         self.static_topk = (list(self.static_topk) + [1] * self.num_frames)[: self.num_frames]
 
