@@ -22,6 +22,7 @@ import resource
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +38,7 @@ from server.engine.types import GrammarSpec, SamplingParams
 from server.runtime.loader import load_model, load_tokenizer
 
 Requests = dict[str, tuple[list[int], SamplingParams]]
+PHASES = ("propose", "verify", "accept", "finish")  # LLMEngine.phase_seconds' keys
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class RequestRun:
     spec_steps: int = 0  # of which drafted at least one token
     draft_tokens: int = 0
     accepted_tokens: int = 0  # bonus token excluded
+    # seconds per engine phase (LLMEngine.phase_seconds) over the decode steps that ran this request
+    # alone (at batch 1, all of them)
+    phase_s: Counter = field(default_factory=Counter)
 
 
 def drive(engine: LLMEngine, requests: Requests) -> tuple[dict[str, RequestRun], float, int]:
@@ -82,7 +87,11 @@ def drive(engine: LLMEngine, requests: Requests) -> tuple[dict[str, RequestRun],
         engine.add_request(rid, ids, params)
     while engine.has_work():
         engine_steps += 1
-        for d in engine.step():
+        before = Counter(engine.phase_seconds)
+        step = engine.step()
+        if len(step) == 1 and runs[step[0].request_id].tokens:  # one request's decode step
+            runs[step[0].request_id].phase_s.update(Counter(engine.phase_seconds) - before)
+        for d in step:
             if d.error:
                 raise RuntimeError(f"request {d.request_id} failed: {d.error}")
             r, now = runs[d.request_id], time.perf_counter()
@@ -117,6 +126,9 @@ def summarize(runs: list[RequestRun], wall_s: float, engine_steps: int, serial: 
         "draft_acceptance_rate": accepted / drafted if drafted else None,
         "drafts_per_spec_step": drafted / spec if spec else None,  # the tree size actually verified
         "tokens_per_step": (tokens - n) / steps if steps else None,  # per request over all its decode steps
+        # where a decode step's time goes, ms per step (LLMEngine.phase_seconds; batch 1 only)
+        "phase_ms_per_step": {k: 1e3 * sum(r.phase_s[k] for r in runs) / steps for k in PHASES}
+        if serial and steps else None,
     }
 
 
@@ -320,6 +332,17 @@ def markdown(res: dict) -> str:
     rows = [([n, b["temperature"], _fmt(1e3 * v["ttft_mean_s"], 1)], v) for b in res["batch1"]
             for n, v in b["variants"].items()]
     out += table(["drafter", "temp", "prefill ms"], ["tok/s", "decode tok/s", *_COMMON], rows)
+    out += ["", "**Batch 1: where a decode step's time goes** (ms per step, and in units of plain decoding's "
+            "step; verify = the base model's forward, accept = deciding and walking the trees)", "",
+            "| drafter | temp | " + " | ".join(PHASES) + " | step |", "|" + " --- |" * (len(PHASES) + 3)]
+    for b in res["batch1"]:
+        plain = b["variants"]["none"]["decode_ms_per_step"]
+        for n, v in b["variants"].items():
+            ph = v.get("phase_ms_per_step")
+            if ph and plain:
+                cells = [f"{ph[k]:.2f} ({ph[k] / plain:.2f}x)" for k in PHASES]
+                out.append(f"| {n} | {b['temperature']} | " + " | ".join(cells)
+                           + f" | {v['decode_ms_per_step']:.2f} ({v['decode_ms_per_step'] / plain:.2f}x) |")
     out += ["", f"**Concurrency** (temperature {res['concurrency_temperature']}; TTFT includes queueing)", ""]
     rows = [([c["concurrency"], c["requests"], n], v) for c in res["concurrency"] for n, v in c["variants"].items()]
     out += table(["concurrency", "requests", "drafter"],

@@ -69,8 +69,9 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
     ph = engine.phase_seconds
     return {
         "tau": tokens / max(steps, 1),
-        # Draft cost: drafter time (forward + candidate search) over the base model's verify forward.
-        "propose_share_of_verify": ph["propose"] / ph["verify"] if ph["verify"] else 0.0,
+        # Draft cost: drafter time (forward + candidate search) over the base model's verify forward
+        # and acceptance.
+        "propose_share_of_verify": ph["propose"] / (ph["verify"] + ph["accept"]) if ph["verify"] else 0.0,
         "tau_spec": 1 + accepted / max(drafted, 1),
         "draft_tokens_per_step": draft_tokens / max(drafted, 1),
         "decode_steps": steps,

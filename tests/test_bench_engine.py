@@ -20,8 +20,16 @@ def test_tiny_run_reports_every_section_and_the_control(tmp_path, capsys, one_th
         for v in section["variants"].values():
             assert v["generated_tokens"] > 0 and v["speedup"] > 0
     assert set(res["tree_sweep"]["variants"]) == {"none", "ngram@4"}
+    for b in res["batch1"]:
+        for name, v in b["variants"].items():
+            ph = v["phase_ms_per_step"]  # the phases of a decode step lie within its wall time
+            assert set(ph) == set(bench_engine.PHASES) and all(x >= 0 for x in ph.values())
+            assert ph["verify"] > 0 and sum(ph.values()) <= v["decode_ms_per_step"]
+            if name != "ngram":
+                assert ph["propose"] < ph["verify"]  # plain decoding drafts nothing
     text = capsys.readouterr().out
     assert "**Batch 1**" in text and "Control (a second plain engine):" in text
+    assert "**Batch 1: where a decode step's time goes**" in text
     assert "Outputs identical to plain decoding: yes" in text
 
 

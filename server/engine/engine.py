@@ -118,7 +118,11 @@ class LLMEngine:
         self.processor = LogitsProcessor(self.grammars)  # logit_bias, penalties, grammar masks
         self._seqs: dict[str, Sequence] = {}  # by Sequence.request_id (a request with n > 1 has n)
         self._outbox: list[RequestDelta] = []  # deltas produced outside step() (aborts)
-        # Wall seconds spent per phase since start (propose / verify / finish): where a step's time goes.
+        # Wall seconds spent per phase since start: where a step's time goes. propose (the drafter),
+        # verify (the base model's forward), accept (deciding tokens and walking the trees: on the
+        # path walk this includes the LM-head calls at the nodes the walks reach), finish (commit,
+        # the drafter's observe, emitting). On an accelerator the forward's kernels run
+        # asynchronously, so its time shows up in accept (the first copy to the host waits for them).
         self.phase_seconds: Counter[str] = Counter()
 
     # -- EngineCore ------------------------------------------------------------------------------
@@ -204,6 +208,7 @@ class LLMEngine:
         decode = [(seq, self._clamp_budget(seq, b)) for seq, b in plan.decode]
         trees = self.grammars.prune([seq for seq, _ in decode], self.guard.propose(decode, plan.tier))
         t1 = time.perf_counter()
+        accept0 = self.phase_seconds["accept"]
         retried = False
         try:
             out = self._forward(plan.prefill, decode, trees, plan.tier)
@@ -255,7 +260,8 @@ class LLMEngine:
                 log.exception("request %s failed after its verification", v.seq.request_id)
                 deltas.append(self._fail(v.seq, exc))
         t3 = time.perf_counter()
-        self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1, finish=t3 - t2)
+        self.phase_seconds.update(propose=t1 - t0, verify=t2 - t1 - (self.phase_seconds["accept"] - accept0),
+                                  finish=t3 - t2)
         if not retried:  # (a retried step's time is no step's cost)
             self.scheduler.record(plan, t3 - t0)
         if not plan.prefill and decode and not retried:  # a pure decode step: what the governor compares
@@ -302,6 +308,7 @@ class LLMEngine:
             # all-nodes: every node's logits now; path: speculate.accept computes them where its walks go
             positions.append(list(range(tree.num_nodes)) if all_nodes else [])
         out = speculate.verify(self.model, self.cache, items, positions)
+        verified = time.perf_counter()
         base = len(prefill)
         first_rows = [out.rows[b][0] for b in range(base) if positions[b]]  # prefills that completed
         first = [speculate.DecideRow(seq, 0) for (seq, _), pos in zip(prefill, positions) if pos]
@@ -322,6 +329,7 @@ class LLMEngine:
         for j, ((seq, budget), tree, res) in enumerate(zip(decode, trees, results)):
             hidden = out.item_hidden(base + j)[res.path] if self.guard.wants_hidden(seq) else None
             result.verified.append(_Verified(seq, budget, tree, res, hidden, logprobs[len(first) + j]))
+        self.phase_seconds["accept"] += time.perf_counter() - verified
         return result
 
     def _accept_path(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow],
