@@ -377,3 +377,53 @@ def test_gumbel_rule_has_the_recursive_rejection_outcome_law() -> None:
     # the comparison can fail: an unnormalised rejection rule is flagged
     naive = naive_rejection_outcomes(children, N_NODE_DRAWS)
     assert chi_square_pvalue(naive[expected > 0], expected[expected > 0]) < ALPHA
+
+
+class _RowModel:
+    """A stand-in for the base model's LM head: row r of `hidden` decides token decided_rows[r]."""
+
+    def __init__(self, decided_rows: list[int], vocab: int):
+        self.decided, self.vocab, self.calls = decided_rows, vocab, []
+
+    def compute_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(rows))
+        ids = [self.decided[int(r[0])] for r in rows]
+        return torch.nn.functional.one_hot(torch.tensor(ids), self.vocab).float()
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2, 5])
+def test_the_path_walk_looking_ahead_decides_the_same_in_fewer_calls(ahead: int) -> None:
+    """speculate.accept looking `ahead` nodes down each walk's likeliest branch: the same results as
+    the plain lazy walk on random trees, never more LM-head calls than the walk has rounds, each call
+    over at most (ahead + 1) rows per walk; a walk along first children all the way (the drafter's
+    best guess right) takes ceil(path / (ahead + 1)) calls."""
+    from server.engine.speculate import accept
+
+    rng = random.Random(1)
+    for trial in range(60):
+        trees, decided = [], []
+        for _ in range(rng.randrange(1, 5)):
+            n = rng.randrange(1, 12)
+            parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+            tokens = [0] + [rng.randrange(5) for _ in range(1, n)]
+            tree = TokenTree.from_parents(tokens, parents)
+            kids = [[j for j in range(n) if tree.parents[j] == i] for i in range(n)]
+            if trial % 3 == 0:  # the first child always right: the longest walk down first children
+                decided.append([tree.tokens[k[0]] if k else 9 for k in kids])
+            else:
+                decided.append([tree.tokens[rng.choice(k)] if k and rng.random() < 0.7 else 9 for k in kids])
+            trees.append(tree)
+        roots = [sum(t.num_nodes for t in trees[:k]) for k in range(len(trees))]
+        model = _RowModel([d for ds in decided for d in ds], vocab=10)
+        hidden = torch.arange(sum(t.num_nodes for t in trees), dtype=torch.float32)[:, None]
+
+        def argmax(logits, nodes):
+            assert len(logits) == len(nodes)
+            return logits.argmax(-1).tolist()
+
+        got = accept(model, hidden, roots, trees, argmax, ahead=ahead)
+        assert got == walk_trees([(t.tokens, t.parents) for t in trees], lambda at: [decided[k][i] for k, i in at])
+        rounds = max(len(r.path) for r in got)
+        assert len(model.calls) <= rounds and max(model.calls) <= (ahead + 1) * len(trees)
+        if trial % 3 == 0 and len(trees) == 1:
+            assert len(model.calls) == -(-len(got[0].path) // (ahead + 1))

@@ -334,22 +334,23 @@ class LLMEngine:
 
     def _accept_path(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow],
                      decode: list[tuple[Sequence, int]], trees: list[TokenTree]):
-        """The path walk (speculate.py): one LM-head call and one copy to the host per depth.
+        """The path walk (speculate.py): at most one LM-head call and one copy to the host per depth.
         Returns (first tokens of the completed prefills, one AcceptResult per tree, logprobs:
         one entry per completed prefill, then one list per tree)."""
         first_tokens = host_list(self._decide(out.logits, first)) if first else []
         logprobs: list = self._logprobs(out.logits, [r.seq for r in first], first_tokens)
-        walk_logprobs: list[list[TokenLogprob | None]] = [[] for _ in decode]  # per walk, per emitted token
+        node_logprobs: dict[tuple[int, int], TokenLogprob | None] = {}  # (walk, node) -> its decided token's
 
         def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
             rows = [self._row(decode[k][0], trees[k], node) for k, node in nodes]
             tokens = host_list(self._decide(logits, rows))
-            for (k, _), lp in zip(nodes, self._logprobs(logits, [r.seq for r in rows], tokens)):
-                walk_logprobs[k].append(lp)  # each node a walk stands on emits its decided token
+            node_logprobs.update(zip(nodes, self._logprobs(logits, [r.seq for r in rows], tokens)))
             return tokens
 
         roots = [out.offsets[len(out.rows) - len(decode) + j] for j in range(len(decode))]
         results = speculate.accept(self.model, out.packed_hidden, roots, trees, decide)
+        # each node a walk stood on emitted its decided token (nodes decided ahead and not reached emit nothing)
+        walk_logprobs = [[node_logprobs[(k, node)] for node in res.path] for k, res in enumerate(results)]
         return first_tokens, results, logprobs + walk_logprobs
 
     def _accept_all_nodes(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow], first_rows: list[int],
