@@ -257,8 +257,11 @@ def grammar(args: argparse.Namespace) -> GrammarSpec | None:
 
 
 def warm_up(engine: LLMEngine, prompt: list[int]) -> None:
-    """A short untimed run: first-call costs (allocator, kernels, lazy imports) stay out of the figures."""
+    """A short untimed run: first-call costs (allocator, kernels, lazy imports) stay out of the figures.
+    Then the engine forgets what it measured, as the server does after its warm-up
+    (server/engine/warmup.py): the speculation governor starts afresh on the timed requests."""
     drive(engine, {"warmup": (prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))})
+    engine.forget_measurements()
 
 
 def load_prompts(path: Path, source: str, n: int, tokenizer) -> list[list[int]]:

@@ -109,6 +109,7 @@ def run_interleaved(engines: dict[str, LLMEngine], tokenizer, questions: list[di
     """runs[engine][question][turn]: every question answered by every engine, order rotating."""
     for e in engines.values():  # untimed: first-call costs stay out of the figures
         answer_questions(e, tokenizer, questions[:1], min(16, args.max_tokens), args.max_model_len)
+        e.forget_measurements()  # as the server does after its warm-up: the governor starts afresh
     names = list(engines)
     runs: dict[str, list[list[TurnRun]]] = {n: [] for n in names}
     for i, q in enumerate(questions):

@@ -349,3 +349,19 @@ def test_governor_picks_the_cheaper_drafter_tier_where_the_dear_one_does_not_pay
     assert chosen[:9] == [Option(4, 0)] * 3 + [Option(4, 1)] * 3 + [PLAIN] * 3  # warm-up: each tier, then plain
     assert chosen[9:] == [Option(4, 1)] * 21
     assert g.rate(B1, Option(4, 0)) == pytest.approx(3 / 3.0) and g.rate(B1, Option(4, 1)) == pytest.approx(2 / 1.2)
+
+
+def test_a_tree_whose_trees_were_all_cut_is_re_checked_soon_not_after_the_backoff():
+    """The largest tree's warm-up steps were all cut shorter (a request about to end): its acceptance
+    is unknown, so its rate reads 0. It is re-checked after explore_every steps, as an untried arm,
+    not after max_backoff x explore_every as one far behind; once measured it wins."""
+    g = SpeculationGovernor([4, 16], explore_every=4, min_samples=1, explore_share=1.0)
+    for budget in (16, 16):  # cut to 3 nodes each time: what 16 (or 4) would accept is unknown
+        assert g.choose(1, 16).budget == budget
+        g.record(1, 16, 2.0, [DraftOutcome(3, 3, [1, 2])], 16)
+    assert g.acceptance(B1, Option(16)) is None and g.rate(B1, Option(16)) == 0.0
+    cost = {16: 2.0, 4: 1.5, 0: 1.0}
+    chosen = play(g, 1, 16, cost, [1, 2, 3, 4, 5, 6, 7], 40)  # a chain of 7: 16 takes all, 4 takes 4
+    first16 = chosen.index(16)
+    assert first16 <= 4 + 2 * 2 + 4  # warm-up of 4 and plain (2 steps each), then explore_every
+    assert chosen.count(16) >= 24  # 8 tokens / 2 s beat 5 / 1.5 s: 16 from then on, but for re-checks

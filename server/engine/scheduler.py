@@ -134,7 +134,9 @@ class SpeculationGovernor:
     Every arm first gets `min_samples` steps (each tier's largest tree first). Then the governor
     re-plays an arm it rejects once it has not played it for `explore_every` steps times (best rate
     / its rate) squared, at most `max_backoff` times that: a near miss is re-checked often, an arm
-    far behind (a large tree at a large batch on a CPU) rarely. Which arms: plain decoding, the
+    far behind (a large tree at a large batch on a CPU) rarely. A tree whose acceptance is still
+    unknown (every one of its steps so far was cut shorter: a request a few tokens from its end, a
+    full cache) is re-checked every `explore_every` steps: it is untried, not behind. Which arms: plain decoding, the
     trees of the best's tier smaller than the best, and each tier's largest tree, whose steps
     refresh every budget's acceptance of that tier; the sizes between are priced by those.
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
@@ -226,7 +228,10 @@ class SpeculationGovernor:
         for x in options:
             if x != best and (x == PLAIN or x == largest[x.tier] or (x.tier == best.tier and x.budget < best.budget)):
                 r = self.rate(b, x)
-                behind = min(self.max_backoff, (top / r) ** 2 if r > 0 else self.max_backoff)
+                if x != PLAIN and self.acceptance(b, x) is None:
+                    behind = 1.0  # never measured (its trees were all cut shorter): unknown, not behind
+                else:
+                    behind = min(self.max_backoff, (top / r) ** 2 if r > 0 else self.max_backoff)
                 late = n - self.last.get((b, x), 0) - self.explore_every * max(1.0, behind)
                 if late >= 0:
                     overdue.append((late, x))
