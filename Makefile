@@ -80,7 +80,7 @@ demo-drafters: install
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed --regenerate --perturb-numbers --skip-conversations 1500 \
 		--max-conversations 2000 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --out models/demo-llama-ctc \
-		--layers 2 --steps $(DRAFT_STEPS) --weight-decay 0.3
+		--layers 1 --frame-inputs anchored --anchors 96 --steps $(DRAFT_STEPS) --weight-decay 0.3
 	$(BIN)/ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed \
 		--out models/demo-llama-medusa --steps $(DRAFT_STEPS) --weight-decay 0.3
 	$(BIN)/ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \
@@ -148,7 +148,7 @@ models/demo-llama-medusa/model.safetensors:
 	$(PAPER_TRAIN) --kind medusa --out models/demo-llama-medusa
 models/demo-llama-ctc/model.safetensors:
 	$(MAKE) $(PAPER_WORK)/regen/meta.json
-	$(PAPER_TRAIN) --kind ctc --layers 2 --out models/demo-llama-ctc
+	$(PAPER_TRAIN) --kind ctc --layers 1 --frame-inputs anchored --anchors 96 --out models/demo-llama-ctc
 
 # The CTC-weight study (issue 17, point 2; bench/ctc_weight_study.py, BENCHMARKS.md): the EAGLE-style
 # drafter at CTC weights STUDY_EAGLE_WEIGHTS (STUDY_STEPS steps) and the parallel CTC drafter alone and
