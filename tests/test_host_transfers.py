@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from drafter.loading import load_drafter
+from server.engine.speculate import PATH_AHEAD
 from server.engine.types import SamplingParams
 from server.runtime.host import TRANSFERS, host_list, to_host
 from server.runtime.loader import load_model
@@ -78,7 +79,10 @@ def test_transfers_per_decode_step_at_batch_16_with_the_ctc_drafter(demo, logpro
         if acceptance == "path":
             per_round = 2 if logprobs else 1  # the decided tokens, and the logprobs rows when asked for
             assert moved.transfers <= drafter_copies + per_round * rounds, (moved, rounds)
-            assert moved.bytes <= drafter_copies * drafter_bytes + BATCH * rounds * 8 + logprob_bytes
+            # a round decides each walk's node and up to PATH_AHEAD nodes down its likeliest branch
+            decided = BATCH * rounds * (1 + PATH_AHEAD)
+            decided_logprob_bytes = decided * (1 + 2 * logprobs) * 8 if logprobs else 0
+            assert moved.bytes <= drafter_copies * drafter_bytes + decided * 8 + decided_logprob_bytes
         else:  # the first decode step's trees need the drafter's own copy; later ones came with the last step's
             assert moved.transfers == (i == 0) + 1 + (1 if logprobs else 0), moved
             assert moved.bytes <= 2 * drafter_bytes + 2 * BATCH * (depth + 1) * 8 + logprob_bytes
