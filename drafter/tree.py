@@ -78,6 +78,14 @@ class TokenTree:
         """Indices of node i's children, in increasing index order."""
         return [j for j in range(i + 1, len(self.parents)) if self.parents[j] == i]
 
+    def first_children(self) -> list[int]:
+        """Each node's first child (the lowest index: trees list nodes best first, so the likeliest
+        next node), -1 for a leaf."""
+        first = [-1] * len(self.parents)
+        for i in range(len(self.parents) - 1, 0, -1):
+            first[self.parents[i]] = i
+        return first
+
     def path_to(self, i: int) -> list[int]:
         """Node indices on the path root..i (both included)."""
         path = [i]

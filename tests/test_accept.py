@@ -25,7 +25,7 @@ from server.engine.accept import (
     walk_trees,
     walk_trees_on_device,
 )
-from server.engine.speculate import accept_all_nodes
+from server.engine.speculate import accept, accept_all_nodes
 from server.runtime.host import TRANSFERS
 from server.engine.sampler import decide_tokens, process_logits
 from server.engine.types import SamplingParams
@@ -118,6 +118,13 @@ def test_lazy_walks_ask_only_for_the_nodes_they_reach_one_depth_per_round() -> N
     assert sum(map(len, rounds)) == sum(len(r.path) for r in results)  # never a node off the paths
 
 
+def random_token_tree(rng: random.Random, symbols: int) -> TokenTree:
+    """A random tree of 1 to 11 nodes, each token one of `symbols`."""
+    n = rng.randrange(1, 12)
+    parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+    return TokenTree.from_parents([rng.randrange(symbols) for _ in range(n)], parents)
+
+
 def test_the_device_walk_equals_the_lazy_walk_on_random_trees() -> None:
     """All-nodes acceptance (`accept_all_nodes` -> `walk_trees_on_device`) against `walk_trees`:
     random tries with repeated sibling tokens, decided tokens that often match a child (long
@@ -126,11 +133,9 @@ def test_the_device_walk_equals_the_lazy_walk_on_random_trees() -> None:
     for _ in range(50):
         trees, decided = [], []
         for _ in range(rng.randrange(1, 6)):
-            n = rng.randrange(1, 12)
-            parents = [-1] + [rng.randrange(i) for i in range(1, n)]
-            tokens = [rng.randrange(4) for _ in range(n)]  # 4 symbols: repeats among siblings happen
-            trees.append(TokenTree.from_parents(tokens, parents))
-            kids = [[tokens[j] for j in range(n) if parents[j] == i] for i in range(n)]
+            tree = random_token_tree(rng, symbols=4)  # 4 symbols: repeats among siblings happen
+            trees.append(tree)
+            kids = [[tree.tokens[j] for j in tree.children(i)] for i in range(tree.num_nodes)]
             decided.append([rng.choice(k) if k and rng.random() < 0.8 else rng.choice([7, -1]) for k in kids])
         expected = walk_trees([(t.tokens, t.parents) for t in trees], lambda at: [decided[k][i] for k, i in at])
         flat = torch.tensor([d for ds in decided for d in ds])
@@ -397,17 +402,12 @@ def test_the_path_walk_looking_ahead_decides_the_same_in_fewer_calls(ahead: int)
     the plain lazy walk on random trees, never more LM-head calls than the walk has rounds, each call
     over at most (ahead + 1) rows per walk; a walk along first children all the way (the drafter's
     best guess right) takes ceil(path / (ahead + 1)) calls."""
-    from server.engine.speculate import accept
-
     rng = random.Random(1)
     for trial in range(60):
         trees, decided = [], []
         for _ in range(rng.randrange(1, 5)):
-            n = rng.randrange(1, 12)
-            parents = [-1] + [rng.randrange(i) for i in range(1, n)]
-            tokens = [0] + [rng.randrange(5) for _ in range(1, n)]
-            tree = TokenTree.from_parents(tokens, parents)
-            kids = [[j for j in range(n) if tree.parents[j] == i] for i in range(n)]
+            tree = random_token_tree(rng, symbols=5)
+            kids = [tree.children(i) for i in range(tree.num_nodes)]
             if trial % 3 == 0:  # the first child always right: the longest walk down first children
                 decided.append([tree.tokens[k[0]] if k else 9 for k in kids])
             else:

@@ -128,7 +128,7 @@ def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[
     those of them not decided yet (none when a walk stands where an earlier call looked ahead), then
     `decide(logits, [(k, node), ...])` -> their decided tokens, on the host. A node's decision
     depends only on its path from the root, so deciding it before the walk arrives changes nothing."""
-    firsts = [_first_children(t) for t in trees]
+    firsts = [t.first_children() for t in trees]
     known: dict[tuple[int, int], int] = {}
 
     def at(nodes: list[tuple[int, int]]) -> list[int]:
@@ -145,14 +145,6 @@ def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[
         return [known[x] for x in nodes]
 
     return walk_trees([(t.tokens, t.parents) for t in trees], at)
-
-
-def _first_children(tree: TokenTree) -> list[int]:
-    """Each node's first (lowest-index, so likeliest) child, -1 for a leaf."""
-    first = [-1] * tree.num_nodes
-    for i in range(tree.num_nodes - 1, 0, -1):
-        first[tree.parents[i]] = i
-    return first
 
 
 def accept_all_nodes(trees: list[TokenTree], decided: torch.Tensor, node_rows: list[list[int]], extra: torch.Tensor,
