@@ -44,7 +44,8 @@ PHASES = ("propose", "verify", "accept", "finish")  # LLMEngine.phase_seconds' k
 @dataclass(frozen=True)
 class Variant:
     """One engine configuration under test: a drafter (none, ngram or a directory), the governor and,
-    when several are compared (--acceptance path,all-nodes), the acceptance path.
+    when several are compared (--acceptance path,all-nodes; --path-ahead 0,2), the acceptance path
+    and the path walk's look-ahead.
     `control`: a second plain engine, run like the others; its ratio to the first shows how far
     two identical engines differ in one run (the machine's noise), which no speedup can be read
     more finely than."""
@@ -53,6 +54,7 @@ class Variant:
     governor: bool = True
     control: bool = False
     acceptance: str | None = None  # None: --acceptance's first value; else named in the variant
+    path_ahead: int | None = None  # None: --path-ahead's first value; else named in the variant
 
     @property
     def name(self) -> str:
@@ -60,6 +62,7 @@ class Variant:
             return "none (control)"
         base = self.drafter if self.drafter.lower() in ("none", "ngram") else Path(self.drafter).name
         base = base if self.acceptance is None else f"{base} [{self.acceptance}]"
+        base = base if self.path_ahead is None else f"{base} [ahead {self.path_ahead}]"
         return base if self.governor or base == "none" else f"{base} (no governor)"
 
 
@@ -422,6 +425,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=[Acceptance.AUTO.value],
                    help="EngineConfig.acceptance: path, all-nodes or auto (all-nodes on CUDA, path on CPU); several "
                    "(comma-separated): every drafter runs under each, interleaved in one run")
+    p.add_argument("--path-ahead", type=ints, default=[EngineConfig.path_ahead],
+                   help="EngineConfig.path_ahead: nodes down each walk's likeliest branch that the path walk's LM-head "
+                   "calls also decide; several (comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--json-schema", type=Path, default=None,
                    help="constrain every timed request to this JSON schema (structured outputs)")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
@@ -443,8 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     rss_after_load = peak_rss_mib()
     governors = {"on": [True], "off": [False], "both": [True, False]}[args.governor]
     accepts = args.acceptance if len(args.acceptance) > 1 else [None]  # several: each drafter under each
-    variants = [Variant("none")] + [Variant(d, g, acceptance=a) for d in args.drafters.split(",")
-                                    if d and d.lower() != "none" for g in governors for a in accepts]
+    aheads = args.path_ahead if len(args.path_ahead) > 1 else [None]
+    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n) for d in args.drafters.split(",")
+                                    if d and d.lower() != "none" for g in governors for a in accepts for n in aheads]
     if args.control:
         variants.insert(1, Variant("none", control=True))
     prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
@@ -455,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
                                 prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
         cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched,
-                           acceptance=Acceptance(v.acceptance or args.acceptance[0]))
+                           acceptance=Acceptance(v.acceptance or args.acceptance[0]),
+                           path_ahead=args.path_ahead[0] if v.path_ahead is None else v.path_ahead)
         return LLMEngine(model, tokenizer, cfg, drafter=drafter, model_name=Path(args.model).name)
 
     sched = SchedulerConfig(max_tree_nodes=args.max_tree_nodes, spec_token_budget=args.spec_token_budget,

@@ -4,7 +4,9 @@ batch 1 on one model: the two numbers that decide whether speculation can pay on
 Times one base-model verify forward (runtime only, no engine) of a chain of n tokens after a
 200-token prefix, with logits at all n (the engine computes them only along the accepted path, so
 this is an upper bound), for n in --tree-sizes, relative to n = 1 (a plain decode step), and one
-`propose` of each --drafters entry after 3 newly committed tokens. Median of --repeats rounds.
+`propose` of each --drafters entry after 3 newly committed tokens, and one LM-head call over r rows
+for r in --lm-head-rows (what the path walk pays per round: speculate.accept decides a walk's node
+and up to EngineConfig.path_ahead nodes below it in one call). Median of --repeats rounds.
 
 Usage, from the repository root: python -m bench.bench_verify_cost [--help]
 """
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drafters", default="models/demo-llama-ctc,models/demo-llama-medusa",
                     help="comma-separated drafter specs to time a propose of (empty: none)")
     ap.add_argument("--tree-sizes", default="1,2,4,8,16,32", help="tokens verified per forward")
+    ap.add_argument("--lm-head-rows", default="1,2,3,4", help="rows of the LM-head calls to time (empty: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--inner", type=int, default=30, help="calls per timed round")
@@ -65,6 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     print("| tokens verified | ms | x plain step |\n| --- | --- | --- |")
     for n in sizes:
         print(f"| {n} | {ms[n]:.2f} | {ms[n] / ms[sizes[0]]:.2f} |")
+
+    rows = [int(x) for x in args.lm_head_rows.split(",") if x]
+    if rows:
+        hidden = torch.randn(max(rows), model.config.hidden_size)
+        us = {r: 1e3 * statistics.median(timed(lambda r=r: model.compute_logits(hidden[:r]), args.inner)
+                                          for _ in range(args.repeats)) for r in rows}
+        print("| LM-head rows | us | x 1 row |\n| --- | --- | --- |")
+        for r in rows:
+            print(f"| {r} | {us[r]:.0f} | {us[r] / us[rows[0]]:.2f} |")
 
     for spec in filter(None, args.drafters.split(",")):
         drafter = build_drafter(spec, model, max_slots=1, max_len=2048)

@@ -136,6 +136,30 @@ def test_greedy_is_lossless_against_transformers(models, drafter_kind, acceptanc
     assert engine.cache.num_used_slots == 0
 
 
+def test_the_path_walks_look_ahead_changes_calls_not_tokens(models, monkeypatch):
+    """EngineConfig.path_ahead reaches the path walk: looking further down the likeliest branch
+    makes fewer LM-head calls over more rows each, and the tokens stay transformers' own."""
+    hf, model = models
+    prompts = prompts_for(4, seed=5)
+    refs = {f"r{i}": hf_greedy(hf, p, 24) for i, p in enumerate(prompts)}
+    calls: list[int] = []
+    real = type(model).compute_logits
+    monkeypatch.setattr(type(model), "compute_logits", lambda self, h: calls.append(len(h)) or real(self, h))
+    seen = {}
+    for ahead in (0, 3):
+        calls.clear()
+        cfg = EngineConfig(max_model_len=96, scheduler=SchedulerConfig(max_batch_size=4, governor=False,
+                                                                       max_tree_nodes=8),
+                           acceptance=Acceptance.PATH, path_ahead=ahead)
+        engine = LLMEngine(model, _NoTokenizer(), cfg, drafter=NoisyOracleDrafter(refs, 160))
+        out = run_all(engine, {rid: (p, GREEDY) for rid, p in zip(refs, prompts)})
+        assert {rid: o["tokens"] for rid, o in out.items()} == refs
+        seen[ahead] = (len(calls), max(calls))
+    assert seen[3][0] < seen[0][0] and seen[3][1] > seen[0][1], seen
+    with pytest.raises(ValueError, match="path_ahead"):
+        EngineConfig(path_ahead=-1)
+
+
 @pytest.mark.parametrize("acceptance", ACCEPTANCE)
 def test_seeded_sampling_is_identical_with_and_without_speculation(models, acceptance):
     _, model = models

@@ -4,8 +4,9 @@ Batch 16 on the demo model with its CTC drafter, greedy, on both acceptance path
 step copies:
 - the drafter: its frames' top-k for candidate search, once (B x N x (k + N k + 1) float32: no
   vocabulary term; it was the full (B, N, V+1) log-probs before issue 14);
-- path walk (the CPU's): one int64 per walking sequence per acceptance round (one round per tree
-  depth the walks reach), plus one float64 row per decided token for requests that ask for logprobs;
+- path walk (the CPU's): one int64 per node decided per acceptance round (a walk's node and up to
+  PATH_AHEAD nodes below it; one round per tree depth the walks reach), plus, after the walk, one
+  copy of the emitted tokens' logprob rows for requests that ask for them;
 - all-nodes walk (an accelerator's): ONE copy of the paths and emitted tokens, 2 x B x (deepest
   tree + 1) int64, which also carries the drafter's look-ahead, the next step's top-k (so the
   drafter's own copy is made only in the first decode step), plus one copy of the emitted tokens'
@@ -77,12 +78,11 @@ def test_transfers_per_decode_step_at_batch_16_with_the_ctc_drafter(demo, logpro
         drafter_copies = 1 if drafted else 0
         logprob_bytes = emitted * (1 + 2 * logprobs) * 8 if logprobs else 0
         if acceptance == "path":
-            per_round = 2 if logprobs else 1  # the decided tokens, and the logprobs rows when asked for
-            assert moved.transfers <= drafter_copies + per_round * rounds, (moved, rounds)
+            # the decided tokens per round; the emitted tokens' logprobs rows once, after the walk
+            assert moved.transfers <= drafter_copies + rounds + (1 if logprobs else 0), (moved, rounds)
             # a round decides each walk's node and up to PATH_AHEAD nodes down its likeliest branch
             decided = BATCH * rounds * (1 + PATH_AHEAD)
-            decided_logprob_bytes = decided * (1 + 2 * logprobs) * 8 if logprobs else 0
-            assert moved.bytes <= drafter_copies * drafter_bytes + decided * 8 + decided_logprob_bytes
+            assert moved.bytes <= drafter_copies * drafter_bytes + decided * 8 + logprob_bytes
         else:  # the first decode step's trees need the drafter's own copy; later ones came with the last step's
             assert moved.transfers == (i == 0) + 1 + (1 if logprobs else 0), moved
             assert moved.bytes <= 2 * drafter_bytes + 2 * BATCH * (depth + 1) * 8 + logprob_bytes

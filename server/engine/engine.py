@@ -54,10 +54,15 @@ class EngineConfig:
     # How acceptance gets the decided tokens (speculate.py): the path walk (least compute, one host
     # round trip per depth) or all nodes at once (one LM-head call, one copy); AUTO picks by device.
     acceptance: speculate.Acceptance = speculate.Acceptance.AUTO
+    # The path walk's look-ahead: nodes down each walk's likeliest branch that an LM-head call also
+    # decides (speculate.accept); 0: only the nodes the walks stand on. Outputs are the same.
+    path_ahead: int = speculate.PATH_AHEAD
 
     def __post_init__(self) -> None:
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        if self.path_ahead < 0:
+            raise ValueError(f"path_ahead must be >= 0, got {self.path_ahead}")
 
 
 @dataclass
@@ -339,18 +344,27 @@ class LLMEngine:
         one entry per completed prefill, then one list per tree)."""
         first_tokens = host_list(self._decide(out.logits, first)) if first else []
         logprobs: list = self._logprobs(out.logits, [r.seq for r in first], first_tokens)
-        node_logprobs: dict[tuple[int, int], TokenLogprob | None] = {}  # (walk, node) -> its decided token's
+        # (walk, node) -> its logits row and decided token, for the log-probabilities of the nodes
+        # the walks stand on, computed once they are known (a node decided ahead may never be reached)
+        decided: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
 
         def decide(logits: torch.Tensor, nodes: list[tuple[int, int]]) -> list[int]:
             rows = [self._row(decode[k][0], trees[k], node) for k, node in nodes]
             tokens = host_list(self._decide(logits, rows))
-            node_logprobs.update(zip(nodes, self._logprobs(logits, [r.seq for r in rows], tokens)))
+            decided.update((x, (logits[i], t)) for i, (x, t) in enumerate(zip(nodes, tokens)))
             return tokens
 
         roots = [out.offsets[len(out.rows) - len(decode) + j] for j in range(len(decode))]
-        results = speculate.accept(self.model, out.packed_hidden, roots, trees, decide)
-        # each node a walk stood on emitted its decided token (nodes decided ahead and not reached emit nothing)
-        walk_logprobs = [[node_logprobs[(k, node)] for node in res.path] for k, res in enumerate(results)]
+        results = speculate.accept(self.model, out.packed_hidden, roots, trees, decide, self.config.path_ahead)
+        # each node a walk stood on emitted its decided token, with its log-probabilities if asked for
+        walked = [(k, node) for k, res in enumerate(results) if decode[k][0].params.logprobs is not None
+                  for node in res.path]
+        found = {}
+        if walked:
+            rows = torch.stack([decided[x][0] for x in walked])  # (W, V)
+            found = dict(zip(walked, self._logprobs(rows, [decode[k][0] for k, _ in walked],
+                                                    [decided[x][1] for x in walked])))
+        walk_logprobs = [[found.get((k, node)) for node in res.path] for k, res in enumerate(results)]
         return first_tokens, results, logprobs + walk_logprobs
 
     def _accept_all_nodes(self, out: speculate.VerifyOutput, first: list[speculate.DecideRow], first_rows: list[int],

@@ -111,11 +111,11 @@ def decide(logits: torch.Tensor, rows: list[DecideRow]) -> torch.Tensor:
     return decide_tokens(logits, [r.seq.params for r in rows], [r.seq.seed for r in rows], [r.position for r in rows])
 
 
-# The path walk's look-ahead: each LM-head call also scores this many nodes down each walk's
-# likeliest branch (the first child, then its first child: trees list nodes best first). On a CPU an
-# LM-head call over 1 to 3 rows costs about the same (it is bound by reading the weight matrix: 211,
-# 216 and 253 us for 1, 2 and 3 rows of the demo model's at 2 threads), so a walk that follows that
-# branch skips the next calls; it does when the drafter's best guess is right.
+# The path walk's look-ahead (the default of EngineConfig.path_ahead): each LM-head call also scores
+# this many nodes down each walk's likeliest branch (the first child, then its first child: trees
+# list nodes best first). On a CPU an LM-head call over 1 to 3 rows costs about the same, being bound
+# by reading the weight matrix (`python -m bench.bench_verify_cost --lm-head-rows 1,2,3,4`), so a walk
+# that follows that branch skips the next calls; it does when the drafter's best guess is right.
 PATH_AHEAD = 2
 
 
@@ -124,7 +124,7 @@ def accept(model: CausalLM, hidden: torch.Tensor, roots: list[int], trees: list[
            ) -> list[AcceptResult]:
     """The path walk. Walk every tree (`trees[k]` holds the packed rows roots[k] + node of the
     verify forward's `hidden`), computing logits only at the nodes the walks stand on and at up to
-    `ahead` nodes down each one's likeliest branch (`PATH_AHEAD`): per round one LM-head call over
+    `ahead` nodes down each one's likeliest branch (`PATH_AHEAD` by default): per round one LM-head call over
     those of them not decided yet (none when a walk stands where an earlier call looked ahead), then
     `decide(logits, [(k, node), ...])` -> their decided tokens, on the host. A node's decision
     depends only on its path from the root, so deciding it before the walk arrives changes nothing."""
