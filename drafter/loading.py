@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,21 +87,69 @@ def check_base(cfg, base: CausalLM, path: Path) -> None:
             )
 
 
-def inference_dtype(base: CausalLM) -> torch.dtype:
-    """The dtype a drafter runs in next to `base`: the base model's, except that a float32 base on
-    a CPU with native bfloat16 matrix units (AVX512-BF16 or AMX) gets a bfloat16 drafter. There it
-    is cheaper (a CTC propose on the demo model: 0.91x -> 0.73x a plain step, bench/bench_verify_cost.py),
-    and the drafter's precision never touches the output: it only proposes, the base model decides."""
+def dtype_candidates(base: CausalLM) -> list[torch.dtype]:
+    """The dtypes a drafter may run in next to `base`, the base model's first. A float32 base on a
+    CPU with native bfloat16 matrix units (AVX512-BF16 or AMX) also allows bfloat16: the drafter's
+    precision never touches the output (it only proposes, the base model decides), so the faster
+    of the two may serve. Which one is faster depends on the CPU: a one-layer CTC propose on the
+    demo model at batch 1 took 1.5 ms in float32 and 1.7 in bfloat16 on one AMX machine, while
+    bfloat16 was ahead on another (BENCHMARKS.md), so `load_drafter` times both."""
     param = base.lm_head.weight
     if param.device.type == "cpu" and param.dtype == torch.float32 and _cpu_has_bf16():
-        return torch.bfloat16
-    return param.dtype
+        return [torch.float32, torch.bfloat16]
+    return [param.dtype]
 
 
 def _cpu_has_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
+
+
+# The timed choice: proposes at batch 1 after a 64-token context, each after 3 new committed
+# tokens (a typical accepted run), in ROUNDS interleaved rounds of CALLS; the medians decide, and
+# the base model's dtype keeps its place unless the other is faster by more than MARGIN.
+_TIMING_ROUNDS, _TIMING_CALLS, _TIMING_MARGIN = 5, 6, 0.05
+
+
+def propose_ms(drafter: Drafter, hidden_size: int, device: torch.device, rounds: int = _TIMING_ROUNDS,
+               calls: int = _TIMING_CALLS) -> list[float]:
+    """Milliseconds per batch-1 propose of `drafter` (budget 16), one figure per round; a
+    generator so that several drafters' rounds can be interleaved."""
+    from drafter.base import ProposeRequest
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    drafter.start("timing", [])
+    try:
+        drafter.observe("timing", list(range(1, 65)), torch.randn(64, hidden_size, generator=gen).to(device))
+        drafter.propose([ProposeRequest("timing", 7, 16)])  # first-call costs stay out
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                drafter.observe("timing", [11, 12, 13], torch.randn(3, hidden_size, generator=gen).to(device))
+                drafter.propose([ProposeRequest("timing", 7, 16)])
+            yield (time.perf_counter() - t0) / calls * 1e3
+    finally:
+        drafter.release("timing")
+
+
+def fastest_dtype(path: str | Path, base: CausalLM) -> tuple[torch.dtype, dict[torch.dtype, float]]:
+    """The dtype `load_drafter` uses when none is given: the only candidate, or the faster of two
+    by a timed batch-1 propose (with the milliseconds per propose it measured, else {})."""
+    candidates = dtype_candidates(base)
+    if len(candidates) == 1:
+        return candidates[0], {}
+    device = base.lm_head.weight.device
+    timers = {dt: propose_ms(_build(path, base, dt, 1, 256), base.config.hidden_size, device) for dt in candidates}
+    rounds: dict[torch.dtype, list[float]] = {dt: [] for dt in candidates}
+    for _ in range(_TIMING_ROUNDS):
+        for dt, timer in timers.items():
+            rounds[dt].append(next(timer))
+    for timer in timers.values():
+        timer.close()
+    ms = {dt: statistics.median(r) for dt, r in rounds.items()}
+    first, other = candidates
+    return (other if ms[other] < (1 - _TIMING_MARGIN) * ms[first] else first), ms
 
 
 def borrow(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -111,7 +161,7 @@ def borrow(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_draft_model(path: str | Path, base: CausalLM, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """The drafter at `path`, on the base's device, in `dtype` (None: `inference_dtype(base)`)."""
+    """The drafter at `path`, on the base's device, in `dtype` (None: the base model's)."""
     path = Path(path)
     kind, cfg = read_drafter_config(path)
     check_base(cfg, base, path)
@@ -121,14 +171,25 @@ def load_draft_model(path: str | Path, base: CausalLM, dtype: torch.dtype | None
     model = kind.model_cls(cfg)
     param = base.lm_head.weight
     model.load_state_dict(load_file(str(weights)))
-    model = model.to(device=param.device, dtype=dtype or inference_dtype(base)).attach_base(base).eval()
+    model = model.to(device=param.device, dtype=dtype or param.dtype).attach_base(base).eval()
     model.requires_grad_(False)
     return model
 
 
+def _build(path: str | Path, base: CausalLM, dtype: torch.dtype, max_slots: int, max_len: int) -> Drafter:
+    model = load_draft_model(path, base, dtype)
+    return drafter_kind(model.config.kind).drafter_cls(model, max_slots=max_slots, max_len=max_len)
+
+
 def load_drafter(path: str | Path, base: CausalLM, max_slots: int, max_len: int,
                  dtype: torch.dtype | None = None) -> Drafter:
-    model = load_draft_model(path, base, dtype)
-    kind = drafter_kind(model.config.kind)
-    log.info("drafter %s (%s) loaded, %s", path, model.config.kind, next(model.parameters()).dtype)
-    return kind.drafter_cls(model, max_slots=max_slots, max_len=max_len)
+    """The drafter at `path`, ready to propose for up to `max_slots` sequences of `max_len` tokens,
+    in `dtype`; None: the faster of `dtype_candidates(base)` (`fastest_dtype`)."""
+    timed: dict[torch.dtype, float] = {}
+    if dtype is None:
+        dtype, timed = fastest_dtype(path, base)
+    drafter = _build(path, base, dtype, max_slots, max_len)
+    how = ", ".join(f"{str(dt).removeprefix('torch.')} {ms:.2f}" for dt, ms in timed.items())
+    log.info("drafter %s (%s) loaded, %s%s", path, drafter.model.config.kind, str(dtype).removeprefix("torch."),
+             f" (the faster by a timed batch-1 propose, ms: {how})" if how else "")
+    return drafter

@@ -15,7 +15,9 @@ from drafter.candidates import Candidate
 from drafter.ctc import CTCDraftModel, CTCDrafter, CTCDrafterConfig
 from drafter.data import DistilledSet, build_distilled
 from drafter.hybrid import LookupHybridDrafter
-from drafter.loading import DrafterLoadError, inference_dtype, load_draft_model, load_drafter, save_drafter
+from drafter import loading
+from drafter.loading import (DrafterLoadError, dtype_candidates, fastest_dtype, load_draft_model, load_drafter,
+                             save_drafter)
 from drafter.medusa import MedusaConfig, MedusaHeads
 from drafter.train import TrainConfig, anchor_targets, anchors_per_conversation, train
 from server.engine.factory import build_drafter
@@ -163,21 +165,45 @@ def test_ctc_drafter_catches_up_on_recent_tokens_only_after_a_long_plain_run(bas
 
 
 @pytest.mark.parametrize("kind", ["ctc", "medusa"])
-def test_drafter_runs_in_bfloat16_beside_a_float32_base_where_the_cpu_has_it(base, tmp_path, kind):
+def test_drafter_runs_in_the_faster_dtype_beside_a_float32_base(base, tmp_path, kind, monkeypatch):
+    """On a CPU with native bfloat16 a float32 base allows a bfloat16 drafter; loading times a
+    propose in each and keeps the faster (float32, the base's, unless bfloat16 wins by 5%)."""
     path, model = base
     m = ctc_model(model, num_frames=4, num_labels=2) if kind == "ctc" else MedusaHeads(
         MedusaConfig.for_base(model.config, num_heads=2)).attach_base(model)
     save_drafter(m, tmp_path / "d")
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    expected = torch.bfloat16 if native else torch.float32
-    assert inference_dtype(model) == expected
-    drafter = load_drafter(tmp_path / "d", model, max_slots=1, max_len=32)
-    assert {p.dtype for p in drafter.model.parameters()} == {expected}
-    assert model.lm_head.weight.dtype == torch.float32  # the base keeps its own weights
-    drafter.start("a", [])
-    drafter.observe("a", [5, 6, 7], torch.randn(3, model.config.hidden_size))
-    (tree,) = drafter.propose([ProposeRequest("a", 8, budget=4)])
-    assert 1 <= tree.num_nodes <= 5
+    assert dtype_candidates(model) == ([torch.float32, torch.bfloat16] if native else [torch.float32])
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)  # both candidates, whatever this CPU has
+    chosen, ms = fastest_dtype(tmp_path / "d", model)
+    assert set(ms) == {torch.float32, torch.bfloat16} and all(t > 0 for t in ms.values())
+    assert chosen == (torch.bfloat16 if ms[torch.bfloat16] < 0.95 * ms[torch.float32] else torch.float32)
+    for dt in (torch.float32, torch.bfloat16):  # whichever the timing picks, it drafts
+        drafter = load_drafter(tmp_path / "d", model, max_slots=1, max_len=32, dtype=dt)
+        assert {p.dtype for p in drafter.model.parameters()} == {dt}
+        assert model.lm_head.weight.dtype == torch.float32  # the base keeps its own weights
+        drafter.start("a", [])
+        drafter.observe("a", [5, 6, 7], torch.randn(3, model.config.hidden_size))
+        (tree,) = drafter.propose([ProposeRequest("a", 8, budget=4)])
+        assert 1 <= tree.num_nodes <= 5
+
+
+def test_the_dtype_timing_keeps_the_base_dtype_unless_the_other_is_clearly_faster(base, tmp_path, monkeypatch):
+    path, model = base
+    save_drafter(ctc_model(model, num_frames=4, num_labels=2), tmp_path / "d")
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: True)
+    for fp32_ms, bf16_ms, want in [(1.0, 0.97, torch.float32), (1.0, 0.90, torch.bfloat16), (1.0, 1.3, torch.float32)]:
+        fake = {torch.float32: fp32_ms, torch.bfloat16: bf16_ms}
+
+        def timer(drafter, hidden_size, device, fake=fake):
+            dt = next(drafter.model.parameters()).dtype
+            while True:
+                yield fake[dt]
+
+        monkeypatch.setattr(loading, "propose_ms", timer)
+        assert fastest_dtype(tmp_path / "d", model) == (want, fake)
+    monkeypatch.setattr(loading, "_cpu_has_bf16", lambda: False)
+    assert fastest_dtype(tmp_path / "d", model) == (torch.float32, {})  # one candidate: nothing timed
 
 
 def test_checkpoint_round_trip_and_mismatch_refused(base, tmp_path):
