@@ -44,8 +44,8 @@ PHASES = ("propose", "verify", "accept", "finish")  # LLMEngine.phase_seconds' k
 @dataclass(frozen=True)
 class Variant:
     """One engine configuration under test: a drafter (none, ngram or a directory), the governor and,
-    when several are compared (--acceptance path,all-nodes; --path-ahead 0,2), the acceptance path
-    and the path walk's look-ahead.
+    when several are compared (--acceptance path,all-nodes; --path-ahead 0,2; --drafter-dtype
+    auto,bfloat16), the acceptance path, the path walk's look-ahead and the trained drafter's dtype.
     `control`: a second plain engine, run like the others; its ratio to the first shows how far
     two identical engines differ in one run (the machine's noise), which no speedup can be read
     more finely than."""
@@ -55,6 +55,7 @@ class Variant:
     control: bool = False
     acceptance: str | None = None  # None: --acceptance's first value; else named in the variant
     path_ahead: int | None = None  # None: --path-ahead's first value; else named in the variant
+    dtype: str | None = None  # None: --drafter-dtype's first value; else named in the variant
 
     @property
     def name(self) -> str:
@@ -63,6 +64,7 @@ class Variant:
         base = self.drafter if self.drafter.lower() in ("none", "ngram") else Path(self.drafter).name
         base = base if self.acceptance is None else f"{base} [{self.acceptance}]"
         base = base if self.path_ahead is None else f"{base} [ahead {self.path_ahead}]"
+        base = base if self.dtype is None else f"{base} [{self.dtype}]"
         return base if self.governor or base == "none" else f"{base} (no governor)"
 
 
@@ -384,6 +386,14 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def drafter_dtypes(text: str) -> list[str]:
+    names = text.split(",")
+    for name in names:
+        if name not in ("auto", "float32", "bfloat16", "float16"):
+            raise argparse.ArgumentTypeError(f"{name!r} is not auto, float32, bfloat16 or float16")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -428,6 +438,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--path-ahead", type=ints, default=[EngineConfig.path_ahead],
                    help="EngineConfig.path_ahead: nodes down each walk's likeliest branch that the path walk's LM-head "
                    "calls also decide; several (comma-separated): every drafter runs under each, interleaved in one run")
+    p.add_argument("--drafter-dtype", type=drafter_dtypes, default=["auto"],
+                   help="a trained drafter's dtype: auto (the server's: the base model's, or on a CPU with native bf16 "
+                   "beside a float32 base the faster of float32 and bfloat16 by a timed propose), float32 or bfloat16; "
+                   "several (comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--json-schema", type=Path, default=None,
                    help="constrain every timed request to this JSON schema (structured outputs)")
     p.add_argument("--max-model-len", type=int, default=1024, help="context length (KV cache positions per slot)")
@@ -450,8 +464,10 @@ def main(argv: list[str] | None = None) -> None:
     governors = {"on": [True], "off": [False], "both": [True, False]}[args.governor]
     accepts = args.acceptance if len(args.acceptance) > 1 else [None]  # several: each drafter under each
     aheads = args.path_ahead if len(args.path_ahead) > 1 else [None]
-    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n) for d in args.drafters.split(",")
-                                    if d and d.lower() != "none" for g in governors for a in accepts for n in aheads]
+    dtypes = args.drafter_dtype if len(args.drafter_dtype) > 1 else [None]
+    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n, dtype=t) for d in args.drafters.split(",")
+                                    if d and d.lower() != "none" for g in governors for a in accepts for n in aheads
+                                    for t in dtypes]
     if args.control:
         variants.insert(1, Variant("none", control=True))
     prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
@@ -460,7 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         sched = SchedulerConfig(max_batch_size=max_batch_size, max_tree_nodes=max_tree_nodes,
                                 spec_token_budget=args.spec_token_budget, governor=v.governor,
                                 prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
-        drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len)
+        dtype = v.dtype or args.drafter_dtype[0]
+        drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len,
+                                dtype=None if dtype == "auto" else getattr(torch, dtype))
         cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched,
                            acceptance=Acceptance(v.acceptance or args.acceptance[0]),
                            path_ahead=args.path_ahead[0] if v.path_ahead is None else v.path_ahead)

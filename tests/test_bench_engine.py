@@ -62,3 +62,15 @@ def test_prefill_itl_chunks_follow_the_step_ratio_rule(tmp_path, ratio, one_thre
         assert chunks == [64, 32]
     else:
         assert all(16 <= c <= 64 for c in chunks[:-1]) and 1 <= chunks[-1] <= 64
+
+
+def test_drafter_dtypes_run_as_variants_and_bad_names_are_refused(tmp_path, one_thread):
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--drafters", "models/demo-llama-ctc", "--drafter-dtype", "float32,bfloat16", "--num-prompts", "1",
+                       "--max-tokens", "8", "--temperatures", "0", "--concurrency", "", "--threads", "1",
+                       "--out", str(out)])
+    (b,) = json.loads(out.read_text())["batch1"]
+    assert list(b["variants"]) == ["none", "demo-llama-ctc [float32]", "demo-llama-ctc [bfloat16]"]
+    assert b["mismatches"] == []  # the drafter's dtype never changes the output
+    with pytest.raises(SystemExit):
+        bench_engine.parse_args(["--drafter-dtype", "auto,bf16"])

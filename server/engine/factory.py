@@ -31,9 +31,10 @@ from server.settings import HYBRID_SUFFIX
 log = logging.getLogger(__name__)
 
 
-def build_drafter(spec: str | None, model, max_slots: int, max_len: int) -> Drafter | None:
+def build_drafter(spec: str | None, model, max_slots: int, max_len: int, dtype=None) -> Drafter | None:
     """`none` -> no speculation; `ngram` -> prompt lookup; a directory -> a trained drafter;
-    `DIRECTORY+ngram` -> that trained drafter and prompt lookup merged in one tree (hybrid.py)."""
+    `DIRECTORY+ngram` -> that trained drafter and prompt lookup merged in one tree (hybrid.py).
+    A trained drafter runs in `dtype` (None: loading.load_drafter's choice)."""
     if spec is None or str(spec).lower() == "none":
         return None
     if str(spec).lower() == "ngram":
@@ -46,9 +47,10 @@ def build_drafter(spec: str | None, model, max_slots: int, max_len: int) -> Draf
     if spec.endswith(HYBRID_SUFFIX):
         from drafter.hybrid import LookupHybridDrafter
 
-        learned = load_drafter(Path(spec.removesuffix(HYBRID_SUFFIX)), model, max_slots=max_slots, max_len=max_len)
+        learned = load_drafter(Path(spec.removesuffix(HYBRID_SUFFIX)), model, max_slots=max_slots, max_len=max_len,
+                               dtype=dtype)
         return LookupHybridDrafter(learned)
-    return load_drafter(Path(spec), model, max_slots=max_slots, max_len=max_len)
+    return load_drafter(Path(spec), model, max_slots=max_slots, max_len=max_len, dtype=dtype)
 
 
 def plan_cache(settings, model: CausalLM, sched: SchedulerConfig) -> CachePlan:
