@@ -11,13 +11,14 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from drafter.base import Drafter
+from drafter.base import Drafter, ProposeRequest
 from server.runtime.model import CausalLM
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,9 @@ _TIMING_ROUNDS, _TIMING_CALLS, _TIMING_MARGIN = 5, 6, 0.05
 
 
 def propose_ms(drafter: Drafter, hidden_size: int, device: torch.device, rounds: int = _TIMING_ROUNDS,
-               calls: int = _TIMING_CALLS) -> list[float]:
+               calls: int = _TIMING_CALLS) -> Iterator[float]:
     """Milliseconds per batch-1 propose of `drafter` (budget 16), one figure per round; a
     generator so that several drafters' rounds can be interleaved."""
-    from drafter.base import ProposeRequest
-
     gen = torch.Generator(device="cpu").manual_seed(0)
     drafter.start("timing", [])
     try:
