@@ -440,7 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "calls also decide; several (comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--drafter-dtype", type=drafter_dtypes, default=["auto"],
                    help="a trained drafter's dtype: auto (the server's: the base model's, or on a CPU with native bf16 "
-                   "beside a float32 base the faster of float32 and bfloat16 by a timed propose), float32 or bfloat16; "
+                   "beside a float32 base the faster of float32 and bfloat16 by a timed propose), float32, bfloat16 or "
+                   "float16; "
                    "several (comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--json-schema", type=Path, default=None,
                    help="constrain every timed request to this JSON schema (structured outputs)")
