@@ -35,7 +35,7 @@ from server.engine.factory import build_drafter
 from server.engine.scheduler import SchedulerConfig
 from server.engine.speculate import Acceptance
 from server.engine.types import GrammarSpec, SamplingParams
-from server.runtime.loader import load_model, load_tokenizer
+from server.runtime.loader import DTYPES, load_model, load_tokenizer
 
 Requests = dict[str, tuple[list[int], SamplingParams]]
 PHASES = ("propose", "verify", "accept", "finish")  # LLMEngine.phase_seconds' keys
@@ -389,8 +389,8 @@ def markdown(res: dict) -> str:
 def drafter_dtypes(text: str) -> list[str]:
     names = text.split(",")
     for name in names:
-        if name not in ("auto", "float32", "bfloat16", "float16"):
-            raise argparse.ArgumentTypeError(f"{name!r} is not auto, float32, bfloat16 or float16")
+        if name != "auto" and name not in DTYPES:
+            raise argparse.ArgumentTypeError(f"{name!r} is not auto or one of {', '.join(DTYPES)}")
     return names
 
 
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                                 prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
         dtype = v.dtype or args.drafter_dtype[0]
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len,
-                                dtype=None if dtype == "auto" else getattr(torch, dtype))
+                                dtype=None if dtype == "auto" else DTYPES[dtype])
         cfg = EngineConfig(max_model_len=args.max_model_len, scheduler=sched,
                            acceptance=Acceptance(v.acceptance or args.acceptance[0]),
                            path_ahead=args.path_ahead[0] if v.path_ahead is None else v.path_ahead)

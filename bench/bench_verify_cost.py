@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from drafter.base import ProposeRequest
+from drafter.loading import propose_ms
 from server.engine import speculate
 from server.engine.factory import build_drafter
 from server.runtime.batch import ForwardItem
@@ -80,16 +80,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for spec in filter(None, args.drafters.split(",")):
         drafter = build_drafter(spec, model, max_slots=1, max_len=2048)
-        drafter.start("r", [])
-        drafter.observe("r", list(range(5, 5 + prefix)), torch.randn(prefix, model.config.hidden_size))
-        drafter.propose([ProposeRequest("r", 7, 16)])
-
-        def propose(drafter=drafter):
-            drafter.observe("r", [11, 12, 13], torch.randn(3, model.config.hidden_size))
-            drafter.propose([ProposeRequest("r", 7, 16)])
-
-        t = statistics.median(timed(propose, args.inner) for _ in range(args.repeats))
-        drafter.release("r")
+        t = statistics.median(propose_ms(drafter, model.config.hidden_size, model.lm_head.weight.device,
+                                         rounds=args.repeats, calls=args.inner, context=prefix))
         print(f"propose of {spec} (3 new tokens, budget 16): {t:.2f} ms = {t / ms[sizes[0]]:.2f} x plain step")
 
 

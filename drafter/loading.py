@@ -114,13 +114,14 @@ _TIMING_ROUNDS, _TIMING_CALLS, _TIMING_MARGIN = 5, 6, 0.05
 
 
 def propose_ms(drafter: Drafter, hidden_size: int, device: torch.device, rounds: int = _TIMING_ROUNDS,
-               calls: int = _TIMING_CALLS) -> Iterator[float]:
-    """Milliseconds per batch-1 propose of `drafter` (budget 16), one figure per round; a
-    generator so that several drafters' rounds can be interleaved."""
+               calls: int = _TIMING_CALLS, context: int = 64) -> Iterator[float]:
+    """Milliseconds per batch-1 propose of `drafter` (budget 16) after a `context`-token context,
+    each after 3 new committed tokens, one figure per round of `calls`; a generator so that several
+    drafters' rounds can be interleaved (bench/bench_verify_cost.py times one drafter with it)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     drafter.start("timing", [])
     try:
-        drafter.observe("timing", list(range(1, 65)), torch.randn(64, hidden_size, generator=gen).to(device))
+        drafter.observe("timing", list(range(1, context + 1)), torch.randn(context, hidden_size, generator=gen).to(device))
         drafter.propose([ProposeRequest("timing", 7, 16)])  # first-call costs stay out
         for _ in range(rounds):
             t0 = time.perf_counter()
