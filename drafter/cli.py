@@ -154,6 +154,7 @@ def cmd_eval(args) -> None:
         results[spec] = r
         print(f"{spec:40s} tau {r['tau']:.2f}  tau_spec {r['tau_spec']:.2f}  drafted/step "
               f"{r['draft_tokens_per_step']:.1f}  draft time / verify time {r['propose_share_of_verify']:.2f}")
+        print(f"{'':40s} steps by tokens emitted: " + "  ".join(f"{n}: {share:.0%}" for n, share in r["tokens_per_step"].items()))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -45,7 +45,7 @@ from drafter.candidates import (
 )
 from drafter.decoder import CachedContextDrafter, DecoderOverBase, DraftLayersConfig
 from server.runtime.batch import ForwardItem, build_batch
-from server.runtime.host import to_device, to_host
+from server.runtime.host import to_host
 from server.runtime.model import DecoderLayer, RMSNorm
 
 
@@ -139,8 +139,7 @@ class CTCDrafter(CachedContextDrafter):
         frames = m.frame_inputs(torch.stack([c[-1] if len(c) else st.last_input for c, st in zip(ctx, states)]))
         x = torch.cat([t for c, f in zip(ctx, frames) for t in (c, f)])  # (T, H) packed: n_b + N rows each
         y = m.run(x, batch.meta, self.cache)  # (T, H)
-        starts = to_device([o + n for o, n in zip(batch.offsets, lens)], device)  # first frame row
-        y = y[starts[:, None] + torch.arange(N, device=device)]  # (B, N, H)
+        y = torch.stack([y[end - N : end] for end in batch.offsets[1:]])  # (B, N, H): each item's last N rows
         for st, n, c in zip(states, lens, ctx):
             self.cache.advance(st.slot, n)
             st.tokens, st.hidden = [], []

@@ -5,7 +5,9 @@ verification steps depends on the drafter. Figures:
   tau      = generated tokens / decode steps: tokens per base forward (bonus included), over every
              step; the figure speed follows;
   tau_spec = 1 + accepted / drafted steps: the same over steps where the drafter proposed
-             something (Prometheus' acceptance length; equals tau for drafters that always draft).
+             something (Prometheus' acceptance length; equals tau for drafters that always draft);
+  tokens_per_step = the share of steps that emitted 1, 2, ... tokens: a pile-up at the deepest
+             draft the drafter can make says its drafts end too soon.
 propose_share_of_verify = time in the drafter (its forward and candidate search) / time in the
 base model's verification forwards, over the run.
 All prompts run in one engine batch with a fixed tree budget per sequence (adaptive shrinking off),
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +56,7 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p[: max_model_len - max_tokens], params)
     tokens = steps = drafted = accepted = draft_tokens = 0
+    per_step: Counter[int] = Counter()  # tokens a decode step emitted -> steps
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_work():
         for d in engine.step():
@@ -61,6 +65,7 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
             if outputs[d.request_id]:  # the first delta comes from prefill, not a decode step
                 steps += 1
                 tokens += len(d.token_ids)
+                per_step[len(d.token_ids)] += 1
             outputs[d.request_id] += d.token_ids
             if d.speculated:
                 drafted += 1
@@ -75,6 +80,8 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
         "tau_spec": 1 + accepted / max(drafted, 1),
         "draft_tokens_per_step": draft_tokens / max(drafted, 1),
         "decode_steps": steps,
+        # share of decode steps that emitted n tokens (bonus included): where the drafts end
+        "tokens_per_step": {n: per_step[n] / max(steps, 1) for n in sorted(per_step)},
         "generated_tokens": tokens + len(prompts),
         "outputs": [outputs[str(i)] for i in range(len(prompts))],
     }

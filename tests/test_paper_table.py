@@ -7,7 +7,8 @@ import math
 import pytest
 
 from bench import paper_table
-from drafter.evaluate import answer_questions, conversation_prompt, load_questions, run_requests
+from drafter.evaluate import acceptance, answer_questions, conversation_prompt, load_prompts, load_questions, run_requests
+from drafter.ngram import NgramDrafter
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.types import SamplingParams
 from server.runtime.loader import load_model, load_tokenizer
@@ -42,6 +43,19 @@ def test_second_turn_prompt_holds_the_models_own_first_answer(demo, one_thread):
     again = run_requests(LLMEngine(model, tok, EngineConfig(max_model_len=1024)), {"x": prompt},
                          SamplingParams(max_tokens=12, temperature=0))["x"]
     assert again.tokens == runs[1].tokens
+
+
+def test_acceptance_counts_steps_by_tokens_emitted(demo, one_thread):
+    """`ctc-drafter eval`'s figures: tau is the mean of the per-step histogram, which sums to 1 over
+    the decode steps and never exceeds the deepest draft + the bonus token."""
+    model, tok = demo
+    prompts = load_prompts(tok, PROMPTS, "gsm8k", limit=2)
+    r = acceptance(model, tok, NgramDrafter(max_depth=3), prompts, max_tokens=48, tree_nodes=8, batch=2)
+    hist = r["tokens_per_step"]
+    assert math.isclose(sum(hist.values()), 1.0)
+    assert min(hist) == 1 and 1 < max(hist) <= 3 + 1  # lookup drafted somewhere, never past its depth
+    assert math.isclose(sum(n * share for n, share in hist.items()), r["tau"])
+    assert sum(len(o) for o in r["outputs"]) == r["generated_tokens"]
 
 
 def test_spread_covers_every_category_first():
