@@ -135,6 +135,8 @@ def cmd_eval(args) -> None:
             cfg.prune_topk = args.prune_topk or cfg.prune_topk
         if args.lookup_skip is not None and learned is not drafter:
             set_lookup_skip(drafter, args.lookup_skip)
+        if args.lookup_weak_score is not None and learned is not drafter:
+            drafter.weak_score = args.lookup_weak_score
         if args.turns == "all":  # every user turn, the model's own earlier answers in the prompt
             questions = load_questions(args.prompts, args.source, args.num_prompts)
             r = conversation_acceptance(model, tok, drafter, questions, args.max_tokens, args.tree_nodes,
@@ -257,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--lookup-skip", type=int, metavar="N",
                    help="DIR+ngram drafters: skip the learned drafter where prompt lookup matched >= N tokens "
                         "(default 3; 0: always ask it)")
+    e.add_argument("--lookup-weak-score", type=float, metavar="S",
+                   help="DIR+ngram drafters: the score (a log-probability) of lookup candidates from a match "
+                        "shorter than 2 tokens, against the learned drafter's candidates (default -4.5)")
     e.add_argument("--out", type=Path, help="write the figures as JSON here")
     e.set_defaults(fn=cmd_eval)
     return ap

@@ -7,8 +7,10 @@ nothing. The learned drafter drafts everywhere, at the price of a forward pass. 
 step:
 
 - lookup runs first. Its candidates enter the trie ranked above the learned drafter's when they
-  come from a match of at least `lookup_min_ngram` tokens, below them otherwise (a one-token match
-  is weak evidence);
+  come from a match of at least `lookup_min_ngram` tokens. A shorter match is weak evidence: its
+  candidates get the score `weak_score`, a log-probability among the learned drafter's candidates'
+  (-4.5: the best of -3 to -6 for the demo model's acceptance, on GSM8K and on MT-bench:
+  BENCHMARKS.md, "Where a weak lookup match ranks");
 - when lookup matched at least `skip_learned_ngram` tokens, the learned drafter is not asked for
   this sequence this step: the text is repeating and lookup alone drafts it. Its context is not
   lost: a drafter with its own cache (CTC) catches up on every token it skipped in its next forward.
@@ -31,15 +33,16 @@ from drafter.base import Drafter, LookAhead, ProposeRequest
 from drafter.ngram import NgramDrafter
 from drafter.tree import TokenTree, build_trie
 
-# Lookup candidates ranked above every learned candidate get scores above any log-probability
-# (<= 0); weak ones sit at the log-probability of a roughly 1-in-20 guess.
-_STRONG, _WEAK = 1.0, -3.0
+# Lookup candidates ranked above every learned candidate get scores above any log-probability (<= 0).
+_STRONG = 1.0
+WEAK_SCORE = -4.5  # LookupHybridDrafter.weak_score's default (module docstring)
 
 
 class LookupHybridDrafter(Drafter):
     def __init__(self, learned: Drafter, lookup: NgramDrafter | None = None, lookup_min_ngram: int = 2,
-                 skip_learned_ngram: int | None = 3):
+                 skip_learned_ngram: int | None = 3, weak_score: float = WEAK_SCORE):
         self.learned = learned
+        self.weak_score = weak_score
         self.lookup = lookup if lookup is not None else NgramDrafter()
         self.lookup_min_ngram = lookup_min_ngram
         self.skip_learned_ngram = skip_learned_ngram
@@ -87,7 +90,7 @@ class LookupHybridDrafter(Drafter):
         learned = dict(zip(ask, self.learned.candidates([requests[i] for i in ask]))) if ask else {}
         trees = []
         for i, (r, (looked, n)) in enumerate(zip(requests, found)):
-            top = _STRONG if n >= self.lookup_min_ngram else _WEAK
+            top = _STRONG if n >= self.lookup_min_ngram else self.weak_score
             cands = list(looked)
             scores = [top - 0.01 * rank for rank in range(len(looked))]  # most recent occurrence first
             for c in learned.get(i, []):

@@ -469,6 +469,19 @@ def test_hybrid_ranks_strong_lookup_first_and_skips_the_learned_drafter_on_long_
     assert tree.tokens == [9, 70, 71, 72, 1] and tree.parents == [-1, 0, 1, 0, 0]  # best first
 
 
+def test_hybrid_ranks_a_weak_lookup_match_at_its_weak_score_among_learned_candidates():
+    """A 1-token match's candidate gets `weak_score` (a log-probability): learned candidates above
+    it take the budget first, those below it come after it."""
+    learned = _ScriptedDrafter([Candidate([70], -4.0), Candidate([72], -5.0)])
+    for weak, first in ((-4.5, [70, 1, 2]), (-3.0, [1, 2, 70]), (-6.0, [70, 72, 1])):
+        hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2, weak_score=weak)
+        hybrid.start("a", [])
+        hybrid.observe("a", [5, 9, 1, 2], None)  # pending 9: only the 1-gram "9" matches, then 1 2
+        tree = hybrid.propose([ProposeRequest("a", 9, budget=3)])[0]
+        assert tree.tokens == [9, *first], weak
+    assert LookupHybridDrafter(learned).weak_score == -4.5  # the default, BENCHMARKS.md
+
+
 def test_hybrid_that_never_skips_asks_the_learned_drafter_on_long_matches_too():
     from drafter.cli import set_lookup_skip
 
