@@ -133,10 +133,11 @@ def cmd_eval(args) -> None:
             cfg.candidates = args.ctc_candidates or cfg.candidates
             cfg.beam_width = args.beam_width or cfg.beam_width
             cfg.prune_topk = args.prune_topk or cfg.prune_topk
-        if args.lookup_skip is not None and learned is not drafter:
-            set_lookup_skip(drafter, args.lookup_skip)
-        if args.lookup_weak_score is not None and learned is not drafter:
-            drafter.weak_score = args.lookup_weak_score
+        if learned is not drafter:  # a lookup hybrid
+            if args.lookup_skip is not None:
+                set_lookup_skip(drafter, args.lookup_skip)
+            if args.lookup_weak_score is not None:
+                drafter.weak_score = args.lookup_weak_score
         if args.turns == "all":  # every user turn, the model's own earlier answers in the prompt
             questions = load_questions(args.prompts, args.source, args.num_prompts)
             r = conversation_acceptance(model, tok, drafter, questions, args.max_tokens, args.tree_nodes,

@@ -55,7 +55,7 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p[: max_model_len - max_tokens], params)
-    tokens = steps = drafted = accepted = draft_tokens = 0
+    drafted = accepted = draft_tokens = 0
     per_step: Counter[int] = Counter()  # tokens a decode step emitted -> steps
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_work():
@@ -63,14 +63,14 @@ def acceptance(model, tokenizer, drafter, prompts: list[list[int]], max_tokens: 
             if not d.token_ids:
                 continue
             if outputs[d.request_id]:  # the first delta comes from prefill, not a decode step
-                steps += 1
-                tokens += len(d.token_ids)
                 per_step[len(d.token_ids)] += 1
             outputs[d.request_id] += d.token_ids
             if d.speculated:
                 drafted += 1
                 accepted += d.num_accepted_tokens
                 draft_tokens += d.num_draft_tokens
+    steps = per_step.total()
+    tokens = sum(n * count for n, count in per_step.items())
     ph = engine.phase_seconds
     return {
         "tau": tokens / max(steps, 1),
