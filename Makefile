@@ -70,20 +70,27 @@ bench: install
 demo-model: install
 	$(PY) models/build_demo_model.py $(ARGS)
 
-# The demo model's drafters: self-distilled data, then the CTC drafter (on 2,000 more perturbed
-# conversations and for CTC_STEPS steps) and the Medusa baseline, then their acceptance on held-out
-# prompts, alone and with prompt lookup (see BENCHMARKS.md).
+# The demo model's drafters: self-distilled data, then the CTC drafter (CTC_STEPS steps on the first
+# 5,500 conversations, then CTC_MORE_STEPS more from those weights at a lower learning rate, with
+# 2,500 more conversations) and the Medusa baseline, then their acceptance on held-out prompts,
+# alone and with prompt lookup (see BENCHMARKS.md).
 DRAFT_WORK ?= models/.build/drafters
 DRAFT_STEPS ?= 3000
 CTC_STEPS ?= 5000
+CTC_MORE_STEPS ?= 2500
 demo-drafters: install
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed --regenerate --perturb-numbers --skip-conversations 1500 \
 		--max-conversations 2000 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed2 --regenerate --perturb-numbers --skip-conversations 3500 \
 		--max-conversations 2000 --max-new-tokens 256 --batch-size 48
+	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed3 --regenerate --perturb-numbers --skip-conversations 5500 \
+		--max-conversations 2500 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
-		--out models/demo-llama-ctc --layers 1 --frame-inputs anchored --anchors 96 --steps $(CTC_STEPS) --weight-decay 0.3
+		--out $(DRAFT_WORK)/ctc-5000 --layers 1 --frame-inputs anchored --anchors 96 --steps $(CTC_STEPS) --weight-decay 0.3
+	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
+		--data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-5000 --out models/demo-llama-ctc --layers 1 \
+		--frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 5e-4 --weight-decay 0.3
 	$(BIN)/ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed \
 		--out models/demo-llama-medusa --steps $(DRAFT_STEPS) --weight-decay 0.3
 	$(BIN)/ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \

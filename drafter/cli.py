@@ -91,7 +91,9 @@ def cmd_train(args) -> None:
 
     base = load_model(args.model, dtype=args.dtype, device=rank_device(args.device))
     base.requires_grad_(False)
-    if args.kind == "ctc":
+    if args.init is not None:
+        draft = init_from(args.init, args.kind, base)
+    elif args.kind == "ctc":
         cfg = CTCDrafterConfig.for_base(base.config, num_frames=args.frames, num_labels=args.labels,
                                         num_layers=args.layers, candidates=args.candidates,
                                         frame_inputs=args.frame_inputs)
@@ -108,11 +110,25 @@ def cmd_train(args) -> None:
                      anchors_per_conversation=args.anchors, lr=args.lr, weight_decay=args.weight_decay,
                      aux_weight=args.aux_weight, ctc_weight=args.ctc_weight, seed=args.seed,
                      max_tokens_per_batch=args.max_tokens_per_batch,
-                     hidden_states=HiddenStates(args.hidden_states), autocast_bf16=args.autocast == "bf16")
+                     hidden_states=HiddenStates(args.hidden_states), autocast_bf16=args.autocast == "bf16",
+                     init=None if args.init is None else str(args.init))
     online = tc.hidden_states == HiddenStates.ONLINE
     data = load_distilled(args.data, with_hidden=not online)
     metrics = train(draft, data, args.out, tc, base=base if online else None)
     logging.info("trained %s: %s", args.out, metrics)
+
+
+def init_from(path: Path, kind: str, base) -> torch.nn.Module:
+    """`train --init`: the drafter at `path`, float32 and trainable, after checking it is a `kind`."""
+    from drafter.loading import load_draft_model, read_drafter_config
+
+    _, cfg = read_drafter_config(path)
+    if cfg.kind != kind:
+        raise ValueError(f"--init {path} is a {cfg.kind} drafter, but --kind is {kind}")
+    draft = load_draft_model(path, base, torch.float32).train()
+    draft.requires_grad_(True)
+    logging.info("starting from %s", path)
+    return draft
 
 
 def cmd_eval(args) -> None:
@@ -138,6 +154,8 @@ def cmd_eval(args) -> None:
                 set_lookup_skip(drafter, args.lookup_skip)
             if args.lookup_weak_score is not None:
                 drafter.weak_score = args.lookup_weak_score
+            if args.lookup_extend is not None:
+                drafter.extend_depth = args.lookup_extend
         if args.turns == "all":  # every user turn, the model's own earlier answers in the prompt
             questions = load_questions(args.prompts, args.source, args.num_prompts)
             r = conversation_acceptance(model, tok, drafter, questions, args.max_tokens, args.tree_nodes,
@@ -207,6 +225,10 @@ def parser() -> argparse.ArgumentParser:
                    help="directory written by `distill`; repeat to train on several")
     t.add_argument("--out", type=Path, required=True, help="drafter directory to write (config.json + model.safetensors); resumes from out/.train")
     t.add_argument("--kind", choices=["ctc", "medusa", "hydra", "eagle"], default="ctc")
+    t.add_argument("--init", type=Path, default=None,
+                   help="start from this trained drafter's weights (its architecture; --kind must match, the "
+                        "shape flags are ignored): more steps or more data for a drafter, with a fresh "
+                        "learning-rate schedule (a lower --lr suits)")
     t.add_argument("--frames", type=int, default=6, help="CTC: N frames per draft")
     t.add_argument("--labels", type=int, default=4, help="K next base tokens to learn (Medusa: number of heads)")
     t.add_argument("--layers", type=int, default=1,
@@ -263,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--lookup-weak-score", type=float, metavar="S",
                    help="DIR+ngram drafters: the score (a log-probability) of lookup candidates from a match "
                         "shorter than 2 tokens, against the learned drafter's candidates (default -4.5)")
+    e.add_argument("--lookup-extend", type=int, metavar="N",
+                   help="DIR+ngram drafters: extend each learned candidate by up to N tokens of what followed its "
+                        "last tokens earlier in the text (default 8; 0: off)")
     e.add_argument("--out", type=Path, help="write the figures as JSON here")
     e.set_defaults(fn=cmd_eval)
     return ap

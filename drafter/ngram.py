@@ -69,6 +69,18 @@ class NgramDrafter(Drafter):
                 return cands, n
         return [], 0
 
+    def continuation(self, seq_id: str, draft: list[int], depth: int, min_ngram: int) -> list[int]:
+        """What followed, at its most recent earlier occurrence, the longest n-gram (n >= min_ngram)
+        ending the text extended by `draft` (the pending token and tokens drafted after it), up to
+        `depth` tokens; [] when none occurs."""
+        toks = self._tokens[seq_id]
+        context = toks[-self.max_ngram :] + draft
+        for n in range(min(self.max_ngram, len(context)), min_ngram - 1, -1):
+            for s in reversed(self._index[seq_id][n].get(tuple(context[-n:]), ())):
+                if s < len(toks):
+                    return toks[s : s + depth]
+        return []
+
     def release(self, seq_id: str) -> None:
         self._tokens.pop(seq_id, None)
         self._index.pop(seq_id, None)

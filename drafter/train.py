@@ -84,6 +84,7 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None  # per rank; None: conversations_per_step conversations
     hidden_states: HiddenStates = HiddenStates.STORED
     autocast_bf16: bool = False  # the drafter's forward under bf16 autocast (fp32 master weights)
+    init: str | None = None  # the drafter whose weights training started from (`train --init`); a record only
 
     def __post_init__(self) -> None:
         if self.anchors_per_conversation is not None and self.anchors_per_conversation < 0:

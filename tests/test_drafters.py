@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -341,6 +342,33 @@ def test_training_reduces_loss_and_resumes(base, tmp_path, kind):
     assert (tmp_path / kind / "model.safetensors").is_file()
 
 
+def test_train_init_starts_from_a_trained_drafter_and_keeps_its_architecture(base, tmp_path, caplog):
+    from drafter import cli
+
+    path, model = base
+    data = synthetic_data(model)
+    (tmp_path / "data").mkdir()
+    data.save(tmp_path / "data" / "shard-0000.safetensors")
+    start = ctc_model(model, num_frames=4, num_labels=3, frame_inputs="anchored")
+    save_drafter(start, tmp_path / "start")
+    common = ["train", "--model", str(path), "--data", str(tmp_path / "data"), "--init", str(tmp_path / "start"),
+              "--threads", str(torch.get_num_threads()), "--anchors", "8", "--conversations-per-step", "4",
+              "--weight-decay", "0"]
+    # --frames/--labels/--frame-inputs are the init's, whatever the flags say
+    assert cli.main(common + ["--out", str(tmp_path / "more"), "--steps", "30", "--lr", "1e-2", "--frames", "6"]) == 0
+    more = load_draft_model(tmp_path / "more", model, dtype=torch.float32)
+    assert (more.config.num_frames, more.config.num_labels, more.config.frame_inputs) == (4, 3, "anchored")
+    recorded = json.loads((tmp_path / "more" / "config.json").read_text())["training"]
+    assert recorded["init"] == str(tmp_path / "start") and recorded["steps"] == 30
+    assert fixed_loss(more, data) < 0.9 * fixed_loss(start, data)
+    # at learning rate 0 the weights it starts from are the init's, not a fresh draw
+    assert cli.main(common + ["--out", str(tmp_path / "same"), "--steps", "1", "--lr", "0"]) == 0
+    same = load_draft_model(tmp_path / "same", model, dtype=torch.float32)
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in start.state_dict().items())
+    assert cli.main(common + ["--out", str(tmp_path / "x"), "--steps", "1", "--kind", "medusa"]) == 2
+    assert "is a ctc drafter, but --kind is medusa" in caplog.text
+
+
 def test_anchors_per_conversation_defaults_by_kind_and_obeys_the_flag():
     # The per-anchor objectives sample 24 by default; the head drafters take every anchor (None).
     assert anchors_per_conversation("ctc", TrainConfig()) == 24
@@ -480,6 +508,28 @@ def test_hybrid_ranks_a_weak_lookup_match_at_its_weak_score_among_learned_candid
         tree = hybrid.propose([ProposeRequest("a", 9, budget=3)])[0]
         assert tree.tokens == [9, *first], weak
     assert LookupHybridDrafter(learned).weak_score == -4.5  # the default, BENCHMARKS.md
+
+
+def test_hybrid_extends_a_learned_candidate_by_what_followed_its_last_tokens_earlier():
+    learned = _ScriptedDrafter([Candidate([70, 71], -0.5), Candidate([72], -1.2)])
+    hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2)
+    hybrid.start("a", [])
+    hybrid.observe("a", [5, 70, 71, 40, 41, 42, 6, 9, 70, 71, 50], None)  # "70 71" occurred twice
+    # Pending 8: no lookup match. The candidate 8 70 71 ends in the 2-gram "70 71", followed most
+    # recently by 50 (then the text ends) and before that by 40 41 42 6: the most recent occurrence
+    # with a continuation wins, so 70 71 grows into 70 71 50; 72 has no 2-gram to continue.
+    tree = hybrid.propose([ProposeRequest("a", 8, budget=8)])[0]
+    paths = {tuple(tree.tokens[j] for j in tree.path_to(i)) for i in range(tree.num_nodes)}
+    assert (8, 70, 71, 50) in paths and (8, 72) in paths and len(paths) == 5
+    # Ranked EXTEND_PENALTY below its candidate: at budget 3 the other candidate (-1.2) comes first.
+    assert sorted(hybrid.propose([ProposeRequest("a", 8, budget=3)])[0].tokens) == [8, 70, 71, 72]
+    hybrid.observe("a", [8], None)
+    hybrid.extend_depth = 0  # `ctc-drafter eval --lookup-extend 0`
+    assert sorted(hybrid.propose([ProposeRequest("a", 3, budget=8)])[0].tokens) == [3, 70, 71, 72]
+    hybrid.extend_depth = 2  # at most 2 tokens: "71 40" occurs once, followed by 41 42 ...
+    learned.cands = [Candidate([70, 71, 40], -0.1)]
+    tree = hybrid.propose([ProposeRequest("a", 3, budget=8)])[0]
+    assert tree.tokens == [3, 70, 71, 40, 41, 42]
 
 
 def test_hybrid_that_never_skips_asks_the_learned_drafter_on_long_matches_too():
