@@ -110,8 +110,9 @@ class LookupHybridDrafter(Drafter):
             for c in learned.get(i, []):
                 cands.append(c.tokens)
                 scores.append(c.score)
+                # Its extension ranks below its own len(c.tokens) nodes: with no more room than those, none fits.
                 more = self.lookup.continuation(r.seq_id, [r.pending_token, *c.tokens], self.extend_depth,
-                                                EXTEND_MIN_NGRAM) if self.extend_depth else []
+                                                EXTEND_MIN_NGRAM) if self.extend_depth and len(c.tokens) < r.budget else []
                 if more:
                     cands.append(c.tokens + more)
                     scores.append(c.score + EXTEND_PENALTY)

@@ -523,6 +523,12 @@ def test_hybrid_extends_a_learned_candidate_by_what_followed_its_last_tokens_ear
     assert (8, 70, 71, 50) in paths and (8, 72) in paths and len(paths) == 5
     # Ranked EXTEND_PENALTY below its candidate: at budget 3 the other candidate (-1.2) comes first.
     assert sorted(hybrid.propose([ProposeRequest("a", 8, budget=3)])[0].tokens) == [8, 70, 71, 72]
+    # A candidate as long as the budget leaves its extension no room: not even looked up.
+    looked = []
+    hybrid.lookup.continuation = lambda *a, real=hybrid.lookup.continuation: looked.append(a[1]) or real(*a)
+    assert hybrid.propose([ProposeRequest("a", 8, budget=2)])[0].tokens == [8, 70, 71]
+    assert looked == [[8, 72]]
+    del hybrid.lookup.continuation
     hybrid.observe("a", [8], None)
     hybrid.extend_depth = 0  # `ctc-drafter eval --lookup-extend 0`
     assert sorted(hybrid.propose([ProposeRequest("a", 3, budget=8)])[0].tokens) == [3, 70, 71, 72]
