@@ -111,8 +111,10 @@ class LookupHybridDrafter(Drafter):
                 cands.append(c.tokens)
                 scores.append(c.score)
                 # Its extension ranks below its own len(c.tokens) nodes: with no more room than those, none fits.
+                if not self.extend_depth or len(c.tokens) >= r.budget:
+                    continue
                 more = self.lookup.continuation(r.seq_id, [r.pending_token, *c.tokens], self.extend_depth,
-                                                EXTEND_MIN_NGRAM) if self.extend_depth and len(c.tokens) < r.budget else []
+                                                EXTEND_MIN_NGRAM)
                 if more:
                     cands.append(c.tokens + more)
                     scores.append(c.score + EXTEND_PENALTY)

@@ -50,36 +50,38 @@ class NgramDrafter(Drafter):
         """Continuations of the longest matching n-gram, most recent occurrence first, and that n
         (0 and no candidates when nothing matches)."""
         toks = self._tokens[req.seq_id]
-        context = toks + [req.pending_token]
         depth = min(self.max_depth, req.budget)
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if len(context) < n:
-                continue
-            starts = self._index[req.seq_id][n].get(tuple(context[-n:]), [])
-            # Most recent occurrences first; an occurrence ending at len(toks)+1 is the suffix itself.
-            cands, seen = [], set()
-            for s in reversed(starts):
-                cont = tuple(toks[s : s + depth])
-                if cont and cont not in seen:
-                    seen.add(cont)
-                    cands.append(list(cont))
+        cands, seen, matched = [], set(), 0
+        for n, s in self._occurrences(req.seq_id, [req.pending_token], self.min_ngram):
+            if matched and n < matched:  # only the longest n-gram that matched
+                break
+            matched = n
+            cont = tuple(toks[s : s + depth])
+            if cont not in seen:
+                seen.add(cont)
+                cands.append(list(cont))
                 if len(cands) == self.max_candidates:
                     break
-            if cands:
-                return cands, n
-        return [], 0
+        return cands, matched
 
     def continuation(self, seq_id: str, draft: list[int], depth: int, min_ngram: int) -> list[int]:
         """What followed, at its most recent earlier occurrence, the longest n-gram (n >= min_ngram)
         ending the text extended by `draft` (the pending token and tokens drafted after it), up to
         `depth` tokens; [] when none occurs."""
-        toks = self._tokens[seq_id]
+        for _, s in self._occurrences(seq_id, draft, min_ngram):
+            return self._tokens[seq_id][s : s + depth]
+        return []
+
+    def _occurrences(self, seq_id: str, draft: list[int], min_ngram: int):
+        """(n, s) for the earlier occurrences of the n-grams ending the text extended by `draft`,
+        longest n first (down to min_ngram), most recent first, s the position right after one;
+        only occurrences followed by a token of the text (the text's own suffix is not)."""
+        toks, index = self._tokens[seq_id], self._index[seq_id]
         context = toks[-self.max_ngram :] + draft
         for n in range(min(self.max_ngram, len(context)), min_ngram - 1, -1):
-            for s in reversed(self._index[seq_id][n].get(tuple(context[-n:]), ())):
+            for s in reversed(index[n].get(tuple(context[-n:]), ())):
                 if s < len(toks):
-                    return toks[s : s + depth]
-        return []
+                    yield n, s
 
     def release(self, seq_id: str) -> None:
         self._tokens.pop(seq_id, None)
