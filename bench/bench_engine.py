@@ -56,6 +56,7 @@ class Variant:
     acceptance: str | None = None  # None: --acceptance's first value; else named in the variant
     path_ahead: int | None = None  # None: --path-ahead's first value; else named in the variant
     dtype: str | None = None  # None: --drafter-dtype's first value; else named in the variant
+    larger_margin: float | None = None  # None: --governor-larger-margin's first value; else named
 
     @property
     def name(self) -> str:
@@ -65,6 +66,7 @@ class Variant:
         base = base if self.acceptance is None else f"{base} [{self.acceptance}]"
         base = base if self.path_ahead is None else f"{base} [ahead {self.path_ahead}]"
         base = base if self.dtype is None else f"{base} [{self.dtype}]"
+        base = base if self.larger_margin is None else f"{base} [larger margin {self.larger_margin:g}]"
         return base if self.governor or base == "none" else f"{base} (no governor)"
 
 
@@ -422,6 +424,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--governor", choices=["on", "off", "both"], default="on" if SchedulerConfig.governor else "off",
                    help="SchedulerConfig.governor (speculate only while measured tokens/s beats plain steps); "
                         "both: every drafter twice, with and without it")
+    p.add_argument("--governor-larger-margin", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[SchedulerConfig.governor_larger_margin],
+                   help="SchedulerConfig.governor_larger_margin: a larger tree within this fraction of the best rate plays "
+                        "instead (batch 1; halved per batch-size bucket); several (comma-separated): every drafter runs "
+                        "under each, interleaved in one run")
     p.add_argument("--itl-prefill", type=int, default=0,
                    help="prompt tokens of a long prompt prefilled next to a streaming request (0 = skip that section)")
     p.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
@@ -466,9 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     accepts = args.acceptance if len(args.acceptance) > 1 else [None]  # several: each drafter under each
     aheads = args.path_ahead if len(args.path_ahead) > 1 else [None]
     dtypes = args.drafter_dtype if len(args.drafter_dtype) > 1 else [None]
-    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n, dtype=t) for d in args.drafters.split(",")
-                                    if d and d.lower() != "none" for g in governors for a in accepts for n in aheads
-                                    for t in dtypes]
+    margins = args.governor_larger_margin if len(args.governor_larger_margin) > 1 else [None]
+    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n, dtype=t, larger_margin=m)
+                                    for d in args.drafters.split(",") if d and d.lower() != "none" for g in governors
+                                    for a in accepts for n in aheads for t in dtypes for m in (margins if g else [None])]
     if args.control:
         variants.insert(1, Variant("none", control=True))
     prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
@@ -476,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     def make(v: Variant, max_batch_size: int = 1, max_tree_nodes: int = args.max_tree_nodes) -> LLMEngine:
         sched = SchedulerConfig(max_batch_size=max_batch_size, max_tree_nodes=max_tree_nodes,
                                 spec_token_budget=args.spec_token_budget, governor=v.governor,
+                                governor_larger_margin=args.governor_larger_margin[0] if v.larger_margin is None
+                                else v.larger_margin,
                                 prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
         dtype = v.dtype or args.drafter_dtype[0]
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len,

@@ -74,3 +74,14 @@ def test_drafter_dtypes_run_as_variants_and_bad_names_are_refused(tmp_path, one_
     assert b["mismatches"] == []  # the drafter's dtype never changes the output
     with pytest.raises(SystemExit):
         bench_engine.parse_args(["--drafter-dtype", "auto,bf16"])
+
+
+def test_governor_margins_run_as_variants_of_the_governed_engines_only(tmp_path, one_thread):
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--drafters", "ngram", "--governor", "both", "--governor-larger-margin", "0,0.1",
+                       "--num-prompts", "1", "--max-tokens", "8", "--temperatures", "0", "--concurrency", "",
+                       "--threads", "1", "--out", str(out)])
+    (b,) = json.loads(out.read_text())["batch1"]
+    assert list(b["variants"]) == ["none", "ngram [larger margin 0]", "ngram [larger margin 0.1]",
+                                   "ngram (no governor)"]
+    assert b["mismatches"] == []

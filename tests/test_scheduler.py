@@ -156,6 +156,8 @@ def test_scheduler_config_refuses_a_ratio_that_cannot_be_met():
         SchedulerConfig(prefill_step_ratio=1.0)
     with pytest.raises(ValueError, match="min_prefill_chunk"):
         SchedulerConfig(min_prefill_chunk=0)
+    with pytest.raises(ValueError, match="governor_larger_margin"):
+        SchedulerConfig(governor_larger_margin=-0.1)
 
 
 def decoding(s: Scheduler, n: int, **kw) -> list[Sequence]:
@@ -300,6 +302,16 @@ def test_unplayed_larger_tree_follows_the_played_ones_acceptance_at_its_ratio():
     for _ in range(10):  # now only 8 is played, and the text got easier: it accepts 3 per step
         g.record(1, 8, 1.0, [DraftOutcome(8, 8, [1, 2, 3])], 16)
     assert g.accepted[(B1, Option(8))] == pytest.approx(3.0, abs=0.01) and g.accepted[(B1, Option(16))] > 5.0  # ratio 2 kept
+
+
+def test_governor_gives_a_near_tie_to_the_larger_tree_less_so_the_larger_the_batch():
+    # Both trees accept a chain of 3 (4 tokens per step); 4 nodes cost 1.0 s, 8 nodes 5% or 15% more.
+    for batch, cost8, expected in ((1, 1.05, 8), (1, 1.15, 4), (8, 1.05, 4)):
+        g = SpeculationGovernor([4, 8], explore_every=1000, min_samples=2, larger_margin=0.1)
+        chosen = play(g, batch, 8, {8: cost8, 4: 1.0, 0: 1.0}, [1, 2, 3], 30)
+        assert chosen[:9] == [8] * 3 + [4] * 3 + [0] * 3  # warm-up
+        # batch 1: within 10% the larger tree plays; batch 8 (bucket 8-15): within 1.25% only
+        assert chosen[9:] == [expected] * 21, (batch, cost8)
 
 
 def test_governor_re_learns_cost_ratios_at_re_checks():

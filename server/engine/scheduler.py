@@ -55,10 +55,15 @@ class SchedulerConfig:
     governor: bool = True  # choose the tree budget (0 = plain decoding) by measured throughput (below)
     governor_budgets: tuple[int, ...] = (2, 4, 8)  # budgets it tries besides 0 and max_tree_nodes
     explore_every: int = 32  # steps between tries of a tree size the governor currently rejects
+    # A tree within this fraction of the best rate, and larger, plays instead at batch 1 (halved per
+    # batch-size bucket): SpeculationGovernor's docstring says why.
+    governor_larger_margin: float = 0.1
 
     def __post_init__(self):
         if self.prefill_step_ratio is not None and self.prefill_step_ratio <= 1:
             raise ValueError(f"prefill_step_ratio must be > 1 (or None), not {self.prefill_step_ratio}")
+        if self.governor_larger_margin < 0:
+            raise ValueError(f"governor_larger_margin must be >= 0, not {self.governor_larger_margin}")
         if self.min_prefill_chunk < 1:
             raise ValueError(f"min_prefill_chunk must be >= 1, not {self.min_prefill_chunk}")
 
@@ -139,6 +144,15 @@ class SpeculationGovernor:
     full cache) is re-checked every `explore_every` steps: it is untried, not behind. Which arms: plain decoding, the
     trees of the best's tier smaller than the best, and each tier's largest tree, whose steps
     refresh every budget's acceptance of that tier; the sizes between are priced by those.
+    A near tie between two trees of a tier goes to the larger one: the best is the largest tree whose
+    rate is within `larger_margin` of the highest (halved per bucket: a batch's estimates average
+    over its sequences, and a larger tree costs more there). The estimates favour smaller trees: while
+    a smaller tree plays, a larger one's acceptance is only scaled from it and its cost is the one
+    it had when it last played, and a step's cost swings with the text (more of the drafter's work
+    is skipped in a stretch it drafts well, the more so the smaller the tree), so a smaller tree
+    that played through an easy stretch keeps a cheap cost against a larger one priced in a hard
+    one. At batch 1 on a CPU this left the governor on 4-node trees for most of a run where 8 nodes
+    were 6% faster (BENCHMARKS.md, "The governor's near ties").
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
     catches up on every token it missed), so re-checks also keep to a budget: they start only
     while the time spent in them is at most `explore_share` of the bucket's decode time.
@@ -146,11 +160,13 @@ class SpeculationGovernor:
 
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
                  min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.05,
+                 larger_margin: float = 0.1,
                  explore_share: float = 0.01, long_ema: float = 0.002, revert_steps: float = 8.0, tiers: int = 1):
         self.budgets = sorted({x for x in budgets if x > 0}, reverse=True)
         self.tiers = tiers
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
+        self.larger_margin = larger_margin
         self.cost_ema, self.accept_ema, self.long_ema, self.revert_steps = cost_ema, accept_ema, long_ema, revert_steps
         self.cost: dict[Arm, float] = {}  # seconds per step
         self.cost_samples: dict[Arm, int] = {}  # steps whose cost counted
@@ -218,6 +234,9 @@ class SpeculationGovernor:
             if self.cost_samples.get((b, x), 0) < self.min_samples:
                 return x
         best = max(options, key=lambda x: (self.rate(b, x), -x.budget, x.tier))
+        if best != PLAIN:  # a near tie goes to the larger tree (the class docstring says why)
+            near = self.rate(b, best) / (1 + self.larger_margin * 0.5 ** (b[0] - 1))
+            best = max((x for x in options if x.tier == best.tier and self.rate(b, x) >= near), key=lambda x: x.budget)
         if best != PLAIN and self.rate(b, best) < (1 + self.margin) * self.rate(b, PLAIN):
             best = PLAIN
         top, n = self.rate(b, best), self.steps.get(b, 0)
@@ -321,7 +340,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes), config.explore_every,
-                                            tiers=tiers)
+                                            larger_margin=config.governor_larger_margin, tiers=tiers)
         self.prefill_budget = PrefillBudget(config.prefill_chunk, config.min_prefill_chunk, config.prefill_step_ratio)
 
     def add(self, seq: Sequence) -> None:
