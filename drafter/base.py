@@ -51,6 +51,9 @@ class Drafter(ABC):
     name: str = "drafter"
     needs_hidden: bool = False  # does observe() need the base model's hidden states?
     tiers: tuple[str, ...] = ("full",)  # ways to draft, dearest first: what ProposeRequest.tier indexes
+    # How the trie values a node from the scores of `candidates()` through it (tree.build_trie):
+    # "max" where every node's own path is a candidate, "sum" where candidates are whole drafts.
+    merge: str = "max"
 
     def start(self, seq_id: str, prompt_ids: list[int]) -> None:  # noqa: B027 - optional hook
         pass
@@ -61,7 +64,8 @@ class Drafter(ABC):
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         """One draft tree per request, rooted at its pending token (a root-only tree = no draft),
         within the request's node budget. By default the trie of `candidates()`."""
-        return [candidates_to_tree(r.pending_token, c, r.budget) for r, c in zip(requests, self.candidates(requests))]
+        return [candidates_to_tree(r.pending_token, c, r.budget, self.merge)
+                for r, c in zip(requests, self.candidates(requests))]
 
     def candidates(self, requests: list[ProposeRequest]) -> list[list[Candidate]]:
         """Scored draft sequences per request, before they are merged into a tree. Learned

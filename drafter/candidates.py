@@ -286,7 +286,9 @@ def ctc_prefix_beam_search(
 # ----------------------------------------------------------------------------- to a tree
 
 
-def candidates_to_tree(root_token: int, candidates: Sequence[Candidate], max_nodes: int) -> TokenTree:
+def candidates_to_tree(root_token: int, candidates: Sequence[Candidate], max_nodes: int,
+                       merge: str = "max") -> TokenTree:
     """Merge scored candidates into the verification trie under the pending token `root_token`,
-    keeping at most `max_nodes` draft nodes, those of the best candidates first (see `build_trie`)."""
-    return build_trie(root_token, [c.tokens for c in candidates], [c.score for c in candidates], max_nodes)
+    keeping at most `max_nodes` draft nodes, the most valuable first (see `build_trie`: `merge`
+    says how the scores of the candidates through a node make its value)."""
+    return build_trie(root_token, [c.tokens for c in candidates], [c.score for c in candidates], max_nodes, merge)

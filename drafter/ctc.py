@@ -121,6 +121,7 @@ class CTCDrafter(CachedContextDrafter):
     """Inference: one batched drafter forward per step for every sequence that asks for a draft."""
 
     name = "ctc"
+    merge = "sum"  # candidates are collapsed outputs: each the probability of being the whole draft
     model: CTCDraftModel
 
     def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int, catch_up: int = 48):

@@ -118,5 +118,5 @@ class LookupHybridDrafter(Drafter):
                 if more:
                     cands.append(c.tokens + more)
                     scores.append(c.score + EXTEND_PENALTY)
-            trees.append(build_trie(r.pending_token, cands, scores, max_nodes=r.budget))
+            trees.append(build_trie(r.pending_token, cands, scores, max_nodes=r.budget, merge=self.learned.merge))
         return trees

@@ -106,6 +106,7 @@ def medusa_candidates(packed: torch.Tensor, topk_per_head: list[int]) -> list[Ca
 
 class MedusaDrafter(LastHiddenDrafter):
     name = "medusa"
+    merge = "sum"  # candidates are whole combinations of the heads' tokens (their prefixes are not listed)
     model: MedusaHeads
 
     @torch.inference_mode()

@@ -119,13 +119,23 @@ def build_trie(
     candidates: Sequence[Sequence[int]],
     scores: Sequence[float] | None = None,
     max_nodes: int = 64,
+    merge: str = "max",
 ) -> TokenTree:
     """Merge candidate token sequences into a trie under `root_token`, keeping at most `max_nodes`
     non-root nodes.
 
-    Identical sequences and shared prefixes become one path. A node's value is the best score of
-    any candidate through it: value(v) = max{score(c) : v is on c's path}. Since every candidate
-    through a child also passes through its parent, value(parent) >= value(child); so taking the
+    Identical sequences and shared prefixes become one path. A node's value comes from the scores
+    (log-probabilities) of the candidates through it, by `merge`:
+    - "max": the best of them, value(v) = max{score(c) : v is on c's path}. Right where every
+      node's own path is a candidate scored with its probability (EAGLE's and Hydra's trees): then
+      the best candidate through v is v's own path;
+    - "sum": the log of the sum of their probabilities. Right where candidates are whole drafts,
+      each scored with the probability that it is exactly what follows (CTC's collapsed outputs,
+      Medusa's combinations of head tokens): those through v add up to (a lower bound of) the
+      probability that v's path is. There "max" ranks the deep nodes of the best draft above a
+      shallow node that several slightly less likely drafts share, though that one is likelier.
+    Either way every candidate through a child also passes through its parent, so value(parent)
+    >= value(child); so taking the
     `max_nodes` nodes of highest value (ties: shallower first, then first seen) always takes a
     node's parent before the node, i.e. the result is a valid trie (a kept node's whole prefix is
     kept), and it maximises the sum of the kept nodes' values. `scores=None` means the candidates
@@ -146,6 +156,8 @@ def build_trie(
         raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
     elif any(math.isnan(s) for s in scores):
         raise ValueError("scores must not be NaN")
+    if merge not in ("max", "sum"):
+        raise ValueError(f"merge must be 'max' or 'sum', got {merge!r}")
 
     # Full trie over temporary ids 1.. (0 = root): edges (parent, token) -> child.
     edges: dict[tuple[int, int], int] = {}
@@ -164,6 +176,8 @@ def build_trie(
                 tmp_token.append(int(tok))
                 tmp_depth.append(tmp_depth[node] + 1)
                 tmp_value.append(float(score))
+            elif merge == "sum":
+                tmp_value[child] = _log_add(tmp_value[child], float(score))
             elif score > tmp_value[child]:
                 tmp_value[child] = float(score)
             node = child
@@ -179,3 +193,9 @@ def build_trie(
         parents=[-1, *(new_index[tmp_parent[v]] for v in kept)],
         depths=[0, *(tmp_depth[v] for v in kept)],
     )
+
+
+def _log_add(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)), without overflow."""
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi if lo == -math.inf else hi + math.log1p(math.exp(lo - hi))

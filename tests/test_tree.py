@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -147,6 +148,21 @@ def test_build_trie_duplicate_takes_best_score() -> None:
     assert sequences(tree) == {(2,)}
 
 
+def test_build_trie_sum_merge_values_a_node_by_all_the_drafts_through_it() -> None:
+    # Three whole drafts: [1, 2, 3] at p 0.4, [4, 5] at 0.3 and [4, 6] at 0.3. Token 4 starts 0.6 of
+    # the probability: "sum" ranks it first, then the best draft's nodes (0.4 each), so a 3-node
+    # tree holds 4, 1, 2; "max" (each node its best draft's score) keeps the best draft whole.
+    cands, scores = [[1, 2, 3], [4, 5], [4, 6]], [math.log(0.4), math.log(0.3), math.log(0.3)]
+    assert build_trie(0, cands, scores, max_nodes=3).tokens[1:] == [1, 2, 3]
+    summed = build_trie(0, cands, scores, max_nodes=3, merge="sum")
+    assert_valid(summed)
+    assert summed.tokens[1:] == [4, 1, 2]
+    assert sequences(build_trie(0, cands, scores, max_nodes=100, merge="sum")) == \
+        sequences(build_trie(0, cands, scores, max_nodes=100))  # the budget decides, not the nodes
+    with pytest.raises(ValueError, match="merge"):
+        build_trie(0, cands, scores, merge="mean")
+
+
 def test_build_trie_zero_budget_and_bad_args() -> None:
     tree = build_trie(42, [[1, 2]], max_nodes=0)
     assert tree.tokens == [42] and tree.num_draft_tokens == 0
@@ -158,21 +174,23 @@ def test_build_trie_zero_budget_and_bad_args() -> None:
         build_trie(0, [[1]], [float("nan")])
 
 
-def test_build_trie_random_budget_is_valid_and_optimal() -> None:
+@pytest.mark.parametrize("merge", ["max", "sum"])
+def test_build_trie_random_budget_is_valid_and_optimal(merge: str) -> None:
     rng = random.Random(1)
     for _ in range(30):
         cands = [[rng.randrange(3) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 12))]
         scores = [rng.uniform(-5, 0) for _ in cands]
-        full = build_trie(0, cands, scores, max_nodes=1000)
+        full = build_trie(0, cands, scores, max_nodes=1000, merge=merge)
         budget = rng.randint(0, full.num_draft_tokens)
-        tree = build_trie(0, cands, scores, max_nodes=budget)
+        tree = build_trie(0, cands, scores, max_nodes=budget, merge=merge)
         assert_valid(tree)
         assert tree.num_draft_tokens == budget
         assert sequences(tree) <= sequences(full)
         # Every kept node is worth at least as much as every dropped one.
         def value(seq: tuple[int, ...]) -> float:
-            return max(s for c, s in zip(cands, scores) if tuple(c[: len(seq)]) == seq)
+            through = [s for c, s in zip(cands, scores) if tuple(c[: len(seq)]) == seq]
+            return max(through) if merge == "max" else math.log(sum(map(math.exp, through)))
 
         kept, dropped = sequences(tree), sequences(full) - sequences(tree)
         if kept and dropped:
-            assert min(map(value, kept)) >= max(map(value, dropped))
+            assert min(map(value, kept)) >= max(map(value, dropped)) - 1e-12
