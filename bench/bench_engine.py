@@ -139,6 +139,17 @@ def summarize(runs: list[RequestRun], wall_s: float, engine_steps: int, serial: 
     }
 
 
+def choices(engine: LLMEngine) -> dict[str, float]:
+    """What the speculation governor played: the share of the engine's decode steps per tree budget
+    (`/lookup`: the drafter's cheaper tier), all batch sizes together, largest share first."""
+    plays = Counter()
+    for counts in engine.scheduler.governor.plays.values():
+        plays.update(counts)
+    total = sum(plays.values()) or 1
+    return {f"{o.budget}{'/lookup' if o.tier else ''}" if o.budget else "plain": n / total
+            for o, n in plays.most_common()}
+
+
 def mismatches(outputs: dict[str, list[list[int]]], reference: str = "none") -> list[dict]:
     """Every (variant, prompt) whose tokens differ from the plain engine's, with the first differing index."""
     found = []
@@ -167,6 +178,7 @@ def bench_interleaved(engines: dict[str, LLMEngine], prompts: list[list[int]], a
     result = {n: summarize(rs, sum(r.wall_s for r in rs), steps[n], serial=True) for n, rs in runs.items()}
     for n in names:
         result[n]["speedup"] = result[n]["tokens_per_s"] / result["none"]["tokens_per_s"]
+        result[n]["choices"] = choices(engines[n])
     bad = mismatches({n: [r.tokens for r in rs] for n, rs in runs.items()})
     return {"temperature": temperature, "variants": result, "mismatches": bad}
 
@@ -193,6 +205,7 @@ def bench_concurrency(make: Callable[..., LLMEngine], variants: list[Variant], p
     result = {n: summarize(runs[n], walls[n], steps[n], serial=False) for n in names}
     for n in result:
         result[n]["speedup"] = result[n]["tokens_per_s"] / result["none"]["tokens_per_s"]
+        result[n]["choices"] = choices(engines[n])
     return {"concurrency": level, "requests": m, "variants": result, "mismatches": mismatches(outputs)}
 
 
@@ -360,6 +373,16 @@ def markdown(res: dict) -> str:
     if res["tree_sweep"]:
         out += ["", "**max_tree_nodes sweep** (batch 1, temperature 0; variant = drafter@max_tree_nodes)", ""]
         out += table(["variant"], ["tok/s", *_COMMON], [([n], v) for n, v in res["tree_sweep"]["variants"].items()])
+    sections = [(f"batch 1, temperature {b['temperature']}", b) for b in res["batch1"]]
+    sections += [(f"concurrency {c['concurrency']}", c) for c in res["concurrency"]]
+    sections += [("tree sweep", res["tree_sweep"])] if res["tree_sweep"] else []
+    played = [(where, n, v["choices"]) for where, sec in sections for n, v in sec["variants"].items()
+              if set(v.get("choices") or {"plain": 1}) != {"plain"}]
+    if played:
+        out += ["", "**Tree budgets played** (share of decode steps; /lookup: the drafter's lookup-only tier)", "",
+                "| section | drafter | budgets |", "| --- | --- | --- |"]
+        out += [f"| {where} | {n} | " + ", ".join(f"{k} {x:.0%}" for k, x in ch.items()) + " |"
+                for where, n, ch in played]
     if res.get("prefill_itl"):
         itl = res["prefill_itl"]
         out += ["", f"**Inter-token latency while a {itl['prompt_tokens']}-token prompt is prefilled alongside** "

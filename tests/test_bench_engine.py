@@ -85,3 +85,8 @@ def test_governor_margins_run_as_variants_of_the_governed_engines_only(tmp_path,
     assert list(b["variants"]) == ["none", "ngram [larger margin 0]", "ngram [larger margin 0.1]",
                                    "ngram (no governor)"]
     assert b["mismatches"] == []
+    # What each engine played, as shares of its decode steps: plain only without a drafter, every
+    # step a 16-node tree without a governor (the largest), and shares summing to 1 with one.
+    v = b["variants"]
+    assert v["none"]["choices"] == {"plain": 1.0} and v["ngram (no governor)"]["choices"] == {"16": 1.0}
+    assert sum(v["ngram [larger margin 0.1]"]["choices"].values()) == pytest.approx(1.0)

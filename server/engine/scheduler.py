@@ -31,7 +31,7 @@ governor's counterfactual acceptance with sequences that did not draft (BENCHMAR
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -183,6 +183,7 @@ class SpeculationGovernor:
         self.probe: dict[Bucket, Option] = {}  # the option being re-checked
         self.seconds: dict[Bucket, float] = {}  # decode seconds recorded
         self.probe_seconds: dict[Bucket, float] = {}  # of which in re-checks
+        self.plays: dict[Bucket, Counter[Option]] = {}  # decode steps recorded per option (for benchmarks, logs)
 
     @staticmethod
     def bucket(batch: int, sampled: bool = False) -> Bucket:
@@ -272,6 +273,7 @@ class SpeculationGovernor:
         played = Option(budget, tier if budget else 0)
         key = (b, played)
         self.last[key] = self.steps[b]
+        self.plays.setdefault(b, Counter())[played] += 1
         self.seconds[b] = self.seconds.get(b, 0.0) + seconds
         if self.probe.get(b) == played:
             self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
