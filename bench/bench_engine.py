@@ -311,12 +311,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sections(res: dict) -> list[tuple[str, dict]]:
+    """(name, section) for every section of the run that compares variants."""
+    out = [(f"batch 1, temperature {b['temperature']}", b) for b in res["batch1"]]
+    out += [(f"concurrency {c['concurrency']}", c) for c in res["concurrency"]]
+    return out + ([("tree sweep", res["tree_sweep"])] if res["tree_sweep"] else [])
+
+
 def all_mismatches(res: dict) -> list[tuple[str, dict]]:
     """(section, mismatch) over every section of the run."""
-    sections = [(f"batch 1, temperature {b['temperature']}", b) for b in res["batch1"]]
-    sections += [(f"concurrency {c['concurrency']}", c) for c in res["concurrency"]]
-    sections += [("tree sweep", res["tree_sweep"])] if res["tree_sweep"] else []
-    return [(name, x) for name, sec in sections for x in sec["mismatches"]]
+    return [(name, x) for name, sec in sections(res) for x in sec["mismatches"]]
 
 
 def _fmt(x: float | None, digits: int) -> str:
@@ -373,11 +377,8 @@ def markdown(res: dict) -> str:
     if res["tree_sweep"]:
         out += ["", "**max_tree_nodes sweep** (batch 1, temperature 0; variant = drafter@max_tree_nodes)", ""]
         out += table(["variant"], ["tok/s", *_COMMON], [([n], v) for n, v in res["tree_sweep"]["variants"].items()])
-    sections = [(f"batch 1, temperature {b['temperature']}", b) for b in res["batch1"]]
-    sections += [(f"concurrency {c['concurrency']}", c) for c in res["concurrency"]]
-    sections += [("tree sweep", res["tree_sweep"])] if res["tree_sweep"] else []
-    played = [(where, n, v["choices"]) for where, sec in sections for n, v in sec["variants"].items()
-              if set(v.get("choices") or {"plain": 1}) != {"plain"}]
+    played = [(where, n, v["choices"]) for where, sec in sections(res) for n, v in sec["variants"].items()
+              if set(v["choices"]) - {"plain"}]  # engines that drafted
     if played:
         out += ["", "**Tree budgets played** (share of decode steps; /lookup: the drafter's lookup-only tier)", "",
                 "| section | drafter | budgets |", "| --- | --- | --- |"]

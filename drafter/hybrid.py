@@ -18,7 +18,8 @@ step:
   drafter and 4.47 -> 4.28 for the longer EAGLE-style one, whose draft time it cuts by a fifth;
   BENCHMARKS.md, "The lookup hybrid's skip threshold");
 - otherwise the learned drafter's candidates join the trie, which keeps the best `budget` nodes
-  (`build_trie`: a node's value is the best score of any candidate through it);
+  (`build_trie`: a node's value comes from the scores of the candidates through it, by the
+  learned drafter's rule, `Drafter.merge`);
 - and lookup extends them: where a learned candidate's last tokens (with the text before it, an
   n-gram of at least 2 tokens) occurred earlier in the text, what followed there, up to
   `extend_depth` tokens, joins the trie as a longer candidate, ranked a little below the candidate
