@@ -11,12 +11,19 @@ step:
   candidates get the score `weak_score`, a log-probability among the learned drafter's candidates'
   (-4.5: the best of -3 to -6 for the demo model's acceptance, on GSM8K and on MT-bench:
   BENCHMARKS.md, "Where a weak lookup match ranks");
-- when lookup matched at least `skip_learned_ngram` tokens, the learned drafter is not asked for
-  this sequence this step: the text is repeating and lookup alone drafts it. Its context is not
-  lost: a drafter with its own cache (CTC) catches up on every token it skipped in its next forward.
-  (None: always ask. On the demo model the skip costs little acceptance, 3.61 -> 3.54 for the CTC
-  drafter and 4.47 -> 4.28 for the longer EAGLE-style one, whose draft time it cuts by a fifth;
-  BENCHMARKS.md, "The lookup hybrid's skip threshold");
+- the learned drafter is not asked for this sequence this step where lookup alone drafts it:
+  - where the strong candidates fill the budget (their trie has at least `budget` nodes). Every
+    learned node ranks below every strong one, so the learned drafter could not place a node of
+    its own (at most reorder lookup's among themselves): its forward would be wasted. Common
+    where budgets are small: one match drafts up to 8 tokens (`NgramDrafter.max_depth`), a whole
+    8-node tree (on the demo model at batch 1 with 8-node trees: XX of the step time saved at the
+    same acceptance; BENCHMARKS.md, "A draft nobody could use");
+  - where lookup matched at least `skip_learned_ngram` tokens: the text is repeating. This one
+    costs acceptance where the budget has room for both (None: never. On the demo model it costs
+    little, 3.61 -> 3.54 for the CTC drafter and 4.47 -> 4.28 for the longer EAGLE-style one,
+    whose draft time it cuts by a fifth; BENCHMARKS.md, "The lookup hybrid's skip threshold").
+  The learned drafter's context is not lost: a drafter with its own cache (CTC) catches up on
+  every token it skipped in its next forward;
 - otherwise the learned drafter's candidates join the trie, which keeps the best `budget` nodes
   (`build_trie`: a node's value comes from the scores of the candidates through it, by the
   learned drafter's rule, `Drafter.merge`);
@@ -38,7 +45,7 @@ import torch
 
 from drafter.base import Drafter, LookAhead, ProposeRequest
 from drafter.ngram import NgramDrafter
-from drafter.tree import TokenTree, build_trie
+from drafter.tree import TokenTree, build_trie, trie_size
 
 # Lookup candidates ranked above every learned candidate get scores above any log-probability (<= 0).
 _STRONG = 1.0
@@ -97,10 +104,17 @@ class LookupHybridDrafter(Drafter):
     def drop_look_ahead(self) -> None:
         self.learned.drop_look_ahead()
 
+    def _lookup_suffices(self, r: ProposeRequest, looked: list[list[int]], n: int) -> bool:
+        """Whether lookup alone drafts this step (module docstring): its strong candidates fill the
+        budget, or it matched `skip_learned_ngram` tokens."""
+        if n < self.lookup_min_ngram:
+            return False
+        skip = self.skip_learned_ngram
+        return (skip is not None and n >= skip) or trie_size(looked) >= r.budget
+
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         found = [self.lookup.lookup(r) for r in requests]
-        skip = self.skip_learned_ngram
-        ask = [i for i, (r, (_, n)) in enumerate(zip(requests, found)) if r.tier == 0 and (skip is None or n < skip)]
+        ask = [i for i, (r, (looked, n)) in enumerate(zip(requests, found)) if r.tier == 0 and not self._lookup_suffices(r, looked, n)]
         self.learned_skipped += sum(r.tier == 0 for r in requests) - len(ask)
         learned = dict(zip(ask, self.learned.candidates([requests[i] for i in ask]))) if ask else {}
         trees = []

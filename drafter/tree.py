@@ -195,6 +195,12 @@ def build_trie(
     )
 
 
+def trie_size(candidates: Sequence[Sequence[int]]) -> int:
+    """Draft nodes of the trie `build_trie` would make of `candidates` with no budget: their
+    distinct non-empty prefixes."""
+    return len({tuple(seq[:i]) for seq in candidates for i in range(1, len(seq) + 1)})
+
+
 def _log_add(a: float, b: float) -> float:
     """log(exp(a) + exp(b)), without overflow."""
     hi, lo = (a, b) if a >= b else (b, a)

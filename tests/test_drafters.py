@@ -20,6 +20,7 @@ from drafter import loading
 from drafter.loading import (DrafterLoadError, dtype_candidates, fastest_dtype, load_draft_model, load_drafter,
                              save_drafter)
 from drafter.medusa import MedusaConfig, MedusaHeads
+from drafter.tree import build_trie, trie_size
 from drafter.train import TrainConfig, anchor_targets, anchors_per_conversation, train
 from server.engine.factory import build_drafter
 from server.runtime.batch import ForwardItem, build_batch
@@ -495,6 +496,32 @@ def test_hybrid_ranks_strong_lookup_first_and_skips_the_learned_drafter_on_long_
     tree = hybrid.propose([ProposeRequest("a", 9, budget=4)])[0]
     assert learned.asked == ["a"]
     assert tree.tokens == [9, 70, 71, 72, 1] and tree.parents == [-1, 0, 1, 0, 0]  # best first
+
+
+def test_hybrid_skips_the_learned_drafter_where_strong_lookup_fills_the_budget():
+    learned = _ScriptedDrafter([Candidate([70, 71], -0.1), Candidate([72], -0.5)])
+    hybrid = LookupHybridDrafter(learned, lookup_min_ngram=2, skip_learned_ngram=None)  # no length rule
+    hybrid.start("a", [])
+    hybrid.observe("a", [5, 1, 2, 3, 4, 6, 7, 5], None)  # with the pending 1, "5 1" recurs (a 2-gram)
+
+    # Budget 4: lookup drafts 2 3 4 6, four strong nodes, and every learned node would rank below
+    # them: the learned drafter is not asked, and the tree is the one it would have made anyway.
+    tree = hybrid.propose([ProposeRequest("a", 1, budget=4)])[0]
+    assert learned.asked == [] and hybrid.learned_skipped == 1
+    asked_anyway = build_trie(1, [[2, 3, 4, 6], [70, 71], [72]], [1.0, -0.1, -0.5], max_nodes=4)
+    assert (tree.tokens, tree.parents) == (asked_anyway.tokens, asked_anyway.parents) == ([1, 2, 3, 4, 6], [-1, 0, 1, 2, 3])
+
+    # Budget 8: lookup's six nodes (the text ends there) leave room: the learned drafter is asked
+    # and its best nodes fill the rest.
+    tree = hybrid.propose([ProposeRequest("a", 1, budget=8)])[0]
+    assert learned.asked == ["a"]
+    assert tree.tokens == [1, 2, 3, 4, 6, 7, 5, 70, 71]
+
+
+def test_trie_size_counts_distinct_prefixes():
+    assert trie_size([]) == trie_size([[]]) == 0
+    assert trie_size([[1, 2, 3], [1, 2, 4], [1, 2, 3], [5]]) == 5  # 1, 12, 123, 124, 5
+    assert trie_size([[1, 2, 3], [1, 2, 4], [5]]) == len(build_trie(0, [[1, 2, 3], [1, 2, 4], [5]]).tokens) - 1
 
 
 def test_hybrid_ranks_a_weak_lookup_match_at_its_weak_score_among_learned_candidates():
