@@ -41,6 +41,9 @@ only, which costs about nothing, rather than with nothing.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from drafter.base import Drafter, LookAhead, ProposeRequest
@@ -104,17 +107,24 @@ class LookupHybridDrafter(Drafter):
     def drop_look_ahead(self) -> None:
         self.learned.drop_look_ahead()
 
-    def _lookup_suffices(self, r: ProposeRequest, looked: list[list[int]], n: int) -> bool:
-        """Whether lookup alone drafts this step (module docstring): its strong candidates fill the
-        budget, or it matched `skip_learned_ngram` tokens."""
+    def _lookup_fills(self, r: ProposeRequest, looked: list[list[int]], n: int) -> float:
+        """Up to how large a budget lookup alone drafts this step (module docstring): the nodes of
+        its strong candidates at their full depth (a budget-k tree of them then has k nodes: for
+        every k up to this, the learned drafter could not place one), everything where it matched
+        `skip_learned_ngram` tokens, nothing without a strong match."""
         if n < self.lookup_min_ngram:
-            return False
+            return 0
         skip = self.skip_learned_ngram
-        return (skip is not None and n >= skip) or trie_size(looked) >= r.budget
+        if skip is not None and n >= skip:
+            return math.inf
+        if r.budget < self.lookup.max_depth:  # `looked` was cut to the budget's depth
+            looked, _ = self.lookup.lookup(r, self.lookup.max_depth)
+        return trie_size(looked)
 
     def propose(self, requests: list[ProposeRequest]) -> list[TokenTree]:
         found = [self.lookup.lookup(r) for r in requests]
-        ask = [i for i, (r, (looked, n)) in enumerate(zip(requests, found)) if r.tier == 0 and not self._lookup_suffices(r, looked, n)]
+        fills = [self._lookup_fills(r, looked, n) for r, (looked, n) in zip(requests, found)]
+        ask = [i for i, (r, fill) in enumerate(zip(requests, fills)) if r.tier == 0 and fill < r.budget]
         self.learned_skipped += sum(r.tier == 0 for r in requests) - len(ask)
         learned = dict(zip(ask, self.learned.candidates([requests[i] for i in ask]))) if ask else {}
         trees = []
@@ -133,5 +143,6 @@ class LookupHybridDrafter(Drafter):
                 if more:
                     cands.append(c.tokens + more)
                     scores.append(c.score + EXTEND_PENALTY)
-            trees.append(build_trie(r.pending_token, cands, scores, max_nodes=r.budget, merge=self.learned.merge))
+            tree = build_trie(r.pending_token, cands, scores, max_nodes=r.budget, merge=self.learned.merge)
+            trees.append(dataclasses.replace(tree, forward_above=fills[i]))  # for the governor's prices
         return trees

@@ -46,11 +46,12 @@ class NgramDrafter(Drafter):
             trees.append(build_trie(r.pending_token, cands, max_nodes=r.budget))  # ranked by recency
         return trees
 
-    def lookup(self, req: ProposeRequest) -> tuple[list[list[int]], int]:
+    def lookup(self, req: ProposeRequest, depth: int | None = None) -> tuple[list[list[int]], int]:
         """Continuations of the longest matching n-gram, most recent occurrence first, and that n
-        (0 and no candidates when nothing matches)."""
+        (0 and no candidates when nothing matches); `depth` tokens at most (default: as many as
+        the budget could hold, up to `max_depth`)."""
         toks = self._tokens[req.seq_id]
-        depth = min(self.max_depth, req.budget)
+        depth = min(self.max_depth, req.budget if depth is None else depth)
         cands, seen, matched = [], set(), 0
         for n, s in self._occurrences(req.seq_id, [req.pending_token], self.min_ngram):
             if matched and n < matched:  # only the longest n-gram that matched

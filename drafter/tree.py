@@ -36,6 +36,11 @@ class TokenTree:
     tokens: list[int]
     parents: list[int]
     depths: list[int]
+    # The drafter's forward ran for this tree, and would for any budget, above this many nodes and
+    # not up to it: the lookup hybrid leaves its learned drafter out where lookup fills the budget
+    # (drafter/hybrid.py). What the speculation governor prices each budget's steps by. None: the
+    # same work whatever the budget.
+    forward_above: float | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)

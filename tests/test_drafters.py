@@ -510,12 +510,13 @@ def test_hybrid_skips_the_learned_drafter_where_strong_lookup_fills_the_budget()
     assert learned.asked == [] and hybrid.learned_skipped == 1
     asked_anyway = build_trie(1, [[2, 3, 4, 6], [70, 71], [72]], [1.0, -0.1, -0.5], max_nodes=4)
     assert (tree.tokens, tree.parents) == (asked_anyway.tokens, asked_anyway.parents) == ([1, 2, 3, 4, 6], [-1, 0, 1, 2, 3])
+    assert tree.forward_above == 6  # for the governor: lookup's full-depth draft fills budgets up to 6
 
     # Budget 8: lookup's six nodes (the text ends there) leave room: the learned drafter is asked
     # and its best nodes fill the rest.
     tree = hybrid.propose([ProposeRequest("a", 1, budget=8)])[0]
     assert learned.asked == ["a"]
-    assert tree.tokens == [1, 2, 3, 4, 6, 7, 5, 70, 71]
+    assert tree.tokens == [1, 2, 3, 4, 6, 7, 5, 70, 71] and tree.forward_above == 6
 
 
 def test_trie_size_counts_distinct_prefixes():

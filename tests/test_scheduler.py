@@ -377,3 +377,41 @@ def test_a_tree_whose_trees_were_all_cut_is_re_checked_soon_not_after_the_backof
     first16 = chosen.index(16)
     assert first16 <= 4 + 2 * 2 + 4  # warm-up of 4 and plain (2 steps each), then explore_every
     assert chosen.count(16) >= 24  # 8 tokens / 2 s beat 5 / 1.5 s: 16 from then on, but for re-checks
+
+
+def test_governor_prices_each_budget_by_the_share_of_steps_that_would_run_the_drafters_forward():
+    # The lookup hybrid's learned forward runs only where lookup does not fill the budget
+    # (TokenTree.forward_above): lookup fills 6 nodes on half the steps, none on the others. At
+    # budget 4 a step then costs 1.0 s without the forward and 2.0 s with it, so 4 plays at half
+    # its forward's share: 1.5 s. Budget 8 would run it on every step, and the steps of 4 say so.
+    g = SpeculationGovernor([4, 8], explore_every=1000, min_samples=1)
+    for i in range(40):
+        fill = 6 if i % 2 else 0
+        g.record(1, 4, 2.0 if fill < 4 else 1.0, [DraftOutcome(4, 4, [1], forward_above=fill)], 8)
+    assert g.forward_share[(B1, Option(4))] == pytest.approx(0.5, abs=0.05)
+    assert g.forward_share[(B1, Option(8))] == pytest.approx(1.0)  # 8 > 6: the forward every time
+    assert g.split_cost[((B1, Option(4)), True)] == pytest.approx(2.0)
+    assert g.split_cost[((B1, Option(4)), False)] == pytest.approx(1.0)
+    assert g.step_cost(B1, Option(4)) == pytest.approx(1.5, abs=0.05)
+    # A stretch where lookup always fills: the mixed average follows the cheap steps only, the price
+    # follows the share, with the cost of each kind of step kept from all of them.
+    for _ in range(60):
+        g.record(1, 4, 1.0, [DraftOutcome(4, 4, [1], forward_above=6)], 8)
+    assert g.forward_share[(B1, Option(4))] < 0.1 and g.forward_share[(B1, Option(8))] == pytest.approx(1.0)
+    assert g.split_cost[((B1, Option(4)), True)] == pytest.approx(2.0)
+    assert g.step_cost(B1, Option(4)) < 1.1
+    # Without the hybrid's information (None) a budget is priced by its steps' plain average.
+    h = SpeculationGovernor([4, 8], explore_every=1000, min_samples=1)
+    for _ in range(5):
+        h.record(1, 4, 2.0, [DraftOutcome(4, 4, [1])], 8)
+    assert h.step_cost(B1, Option(4)) == h.cost[(B1, Option(4))] == pytest.approx(2.0) and not h.forward_share
+
+
+def test_governor_re_checks_the_next_larger_tree_not_only_the_largest():
+    # 4 plays; 16 is far behind, 8 close behind: 8 must get re-checks of its own, or its cost would
+    # never be measured again (the steps of 16 price its acceptance, not its cost).
+    g = SpeculationGovernor([4, 8, 16], explore_every=4, min_samples=1, explore_share=1.0, larger_margin=0.0)
+    chosen = play(g, 1, 16, {16: 4.0, 8: 1.1, 4: 1.0, 0: 1.0}, [1, 2, 3], 120)
+    after_warm_up = chosen[8:]
+    assert after_warm_up.count(4) > after_warm_up.count(8) > 0  # 8 is re-checked...
+    assert after_warm_up.count(8) > after_warm_up.count(16)  # ...more often than 16, further behind

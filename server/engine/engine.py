@@ -254,7 +254,8 @@ class LLMEngine:
             try:
                 self.guard.observe(v.seq, [v.tree.tokens[i] for i in v.result.path], v.hidden)
                 if v.budget > 0:  # asked for a draft, even if the drafter found none
-                    outcomes.append(DraftOutcome(v.budget, v.tree.num_draft_tokens, v.result.path[1:]))
+                    outcomes.append(DraftOutcome(v.budget, v.tree.num_draft_tokens, v.result.path[1:],
+                                                 v.tree.forward_above))
                 delta = self._emit(v.seq, v.result.emitted, v.logprobs)
                 if v.tree.num_nodes > 1:
                     delta.speculated = True

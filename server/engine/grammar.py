@@ -177,7 +177,7 @@ def keep_nodes(tree: TokenTree, keep: list[bool]) -> TokenTree:
             tokens.append(tree.tokens[i])
             parents.append(index[tree.parents[i]] if i else -1)
             depths.append(tree.depths[i])
-    return TokenTree(tokens, parents, depths)
+    return TokenTree(tokens, parents, depths, tree.forward_above)
 
 
 def _eos_only(eos_ids: frozenset[int], words: int) -> bytes:

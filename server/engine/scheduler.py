@@ -90,6 +90,7 @@ class DraftOutcome:
     budget: int
     nodes: int
     accepted: list[int]
+    forward_above: float | None = None  # the tree's TokenTree.forward_above
 
     def accepted_within(self, k: int) -> int | None:
         """Draft tokens a budget-k tree would have accepted; None if this tree cannot tell (it was
@@ -125,6 +126,14 @@ class SpeculationGovernor:
       the drafter's). So an arm is always played at least twice in a row. A machine's speed drifts
       (other processes, clocks, a growing context), so the first counted step of a run moves its
       arm's average half-way to it: a re-check compares now with now, not with an hour ago.
+      Where the drafter's own forward runs at some steps of a budget and not at others (the lookup
+      hybrid leaves it out where lookup fills the budget: DraftOutcome.forward_above), a step's
+      cost is bimodal and the mix moves with the text, the more so the smaller the budget. There
+      each budget of the drafter's full tier keeps two averages, of its steps with and without the
+      forward, and is priced at the share of recent steps that would run the forward at that
+      budget, which every step tells for every budget, played or not (`step_cost`): a smaller tree
+      that played through an easy stretch no longer keeps a cheap price against a larger one
+      priced in a hard one.
     - Acceptance comes in bursts (a stretch of arithmetic the drafter knows, then prose it does
       not), and a plain step teaches nothing about it: a governor that stopped drafting in a dry
       spell would go on believing in it. So an estimate nothing has updated for a while drifts
@@ -142,17 +151,17 @@ class SpeculationGovernor:
     far behind (a large tree at a large batch on a CPU) rarely. A tree whose acceptance is still
     unknown (every one of its steps so far was cut shorter: a request a few tokens from its end, a
     full cache) is re-checked every `explore_every` steps: it is untried, not behind. Which arms: plain decoding, the
-    trees of the best's tier smaller than the best, and each tier's largest tree, whose steps
-    refresh every budget's acceptance of that tier; the sizes between are priced by those.
+    trees of the best's tier smaller than the best, each tier's largest tree, whose steps refresh
+    every budget's acceptance of that tier, and the next larger tree of the best's tier, whose cost
+    only its own steps measure (without its re-checks, a middle size that looked dear once was
+    never measured again: at batch 1 on a CPU 8-node trees played 4 steps of 2,000 while 4-node
+    trees, 6% slower, played the rest; BENCHMARKS.md, "A draft nobody could use").
     A near tie between two trees of a tier goes to the larger one: the best is the largest tree whose
     rate is within `larger_margin` of the highest (halved per bucket: a batch's estimates average
     over its sequences, and a larger tree costs more there). The estimates favour smaller trees: while
     a smaller tree plays, a larger one's acceptance is only scaled from it and its cost is the one
-    it had when it last played, and a step's cost swings with the text (more of the drafter's work
-    is skipped in a stretch it drafts well, the more so the smaller the tree), so a smaller tree
-    that played through an easy stretch keeps a cheap cost against a larger one priced in a hard
-    one. At batch 1 on a CPU this left the governor on 4-node trees for most of a run where 8 nodes
-    were 6% faster (BENCHMARKS.md, "The governor's near ties").
+    it had when it last played. At batch 1 on a CPU this once left the governor on 4-node trees for
+    most of a run where 8 nodes were 6% faster (BENCHMARKS.md, "The governor's near ties").
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
     catches up on every token it missed), so re-checks also keep to a budget: they start only
     while the time spent in them is at most `explore_share` of the bucket's decode time.
@@ -184,6 +193,11 @@ class SpeculationGovernor:
         self.seconds: dict[Bucket, float] = {}  # decode seconds recorded
         self.probe_seconds: dict[Bucket, float] = {}  # of which in re-checks
         self.plays: dict[Bucket, Counter[Option]] = {}  # decode steps recorded per option (for benchmarks, logs)
+        # Where a tier-0 step's work depends on the budget (DraftOutcome.forward_above):
+        self.split_cost: dict[tuple[Arm, bool], float] = {}  # seconds per step with / without the forward
+        self.split_samples: dict[tuple[Arm, bool], int] = {}
+        self.forward_share: dict[Arm, float] = {}  # the share of recent steps that would run it
+        self.share_samples: dict[Arm, int] = {}
 
     @staticmethod
     def bucket(batch: int, sampled: bool = False) -> Bucket:
@@ -214,9 +228,21 @@ class SpeculationGovernor:
         half_life = self.revert_steps * 2 ** (bucket[0] - 1)
         return self.accepted_long[key] + (recent - self.accepted_long[key]) * 0.5 ** (age / half_life)
 
+    def step_cost(self, bucket: Bucket, option: Option) -> float | None:
+        """Estimated seconds per step of `option`: where the drafter's forward runs at some steps
+        and not at others, its cost with and without the forward, weighted by the share of recent
+        steps that would run it at this budget; else the average of the steps it played."""
+        key = (bucket, option)
+        share = self.forward_share.get(key)
+        if share is not None:
+            with_forward, without = self.split_cost.get((key, True)), self.split_cost.get((key, False))
+            if with_forward is not None and without is not None:
+                return share * with_forward + (1.0 - share) * without
+        return self.cost.get(key)
+
     def rate(self, bucket: Bucket, option: Option) -> float:
         """Estimated tokens per second and sequence of steps playing `option` (0 before it is known)."""
-        cost = self.cost.get((bucket, option))
+        cost = self.step_cost(bucket, option)
         acc = 0.0 if option == PLAIN else self.acceptance(bucket, option)
         if not cost or acc is None:
             return 0.0
@@ -244,9 +270,12 @@ class SpeculationGovernor:
         largest: dict[int, Option] = {}  # each tier's largest tree
         for x in options[:-1]:
             largest.setdefault(x.tier, x)
+        larger = [x for x in options if x.tier == best.tier and x.budget > best.budget]
+        next_larger = larger[-1] if best != PLAIN and larger else None  # (options list trees largest first)
         overdue = []
         for x in options:
-            if x != best and (x == PLAIN or x == largest[x.tier] or (x.tier == best.tier and x.budget < best.budget)):
+            if x != best and (x == PLAIN or x == largest[x.tier] or x == next_larger
+                              or (x.tier == best.tier and x.budget < best.budget)):
                 r = self.rate(b, x)
                 if x != PLAIN and self.acceptance(b, x) is None:
                     behind = 1.0  # never measured (its trees were all cut shorter): unknown, not behind
@@ -277,19 +306,28 @@ class SpeculationGovernor:
         self.seconds[b] = self.seconds.get(b, 0.0) + seconds
         if self.probe.get(b) == played:
             self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
+        above = [o.forward_above for o in outcomes]
+        split = bool(above) and None not in above  # the forward's share of the work varies by budget
         if self.previous == key:
             old = self.cost.get(key)
             # The first sample of a run meets an average that may be stale (the arm was last played
             # a while ago, the machine has drifted since): it counts as much as all of them.
             weight = 0.5 if self.previous != self.before else self.cost_ema
-            _average(self.cost, self.cost_samples, key, seconds if old is None else min(seconds, self.clip * old),
-                     weight)
+            seconds_clipped = seconds if old is None else min(seconds, self.clip * old)
+            _average(self.cost, self.cost_samples, key, seconds_clipped, weight)
+            if split and played.tier == 0:
+                ran = any(budget > a for a in above)
+                _average(self.split_cost, self.split_samples, (key, ran), seconds_clipped, weight)
         self.before = self.previous
         self.previous = key
         if not outcomes:
             return
-        base = self.accepted.get(key)  # before this step: the ratio base for larger budgets
         sizes = self.sizes(cap if cap is not None else self.budgets[0])
+        if split:  # what every tier-0 budget would have run this step, whichever tier played
+            for x in sizes:
+                _average(self.forward_share, self.share_samples, (b, Option(x, 0)),
+                         float(any(x > a for a in above)), self.accept_ema)
+        base = self.accepted.get(key)  # before this step: the ratio base for larger budgets
         for x in sorted(Option(s, played.tier) for s in sizes):  # ascending: the played one before larger ones
             if x.budget > budget:
                 # Unseen: keep its ratio to the played budget's acceptance but move it with the text
