@@ -16,7 +16,7 @@ step:
     learned node ranks below every strong one, so the learned drafter could not place a node of
     its own (at most reorder lookup's among themselves): its forward would be wasted. Common
     where budgets are small: one match drafts up to 8 tokens (`NgramDrafter.max_depth`), a whole
-    8-node tree (on the demo model at batch 1 with 8-node trees: XX of the step time saved at the
+    8-node tree (on the demo model at batch 1 with 8-node trees: 1.84-1.85x -> 1.87-1.90x at the
     same acceptance; BENCHMARKS.md, "A draft nobody could use");
   - where lookup matched at least `skip_learned_ngram` tokens: the text is repeating. This one
     costs acceptance where the budget has room for both (None: never. On the demo model it costs

@@ -154,8 +154,9 @@ class SpeculationGovernor:
     trees of the best's tier smaller than the best, each tier's largest tree, whose steps refresh
     every budget's acceptance of that tier, and the next larger tree of the best's tier, whose cost
     only its own steps measure (without its re-checks, a middle size that looked dear once was
-    never measured again: at batch 1 on a CPU 8-node trees played 4 steps of 2,000 while 4-node
-    trees, 6% slower, played the rest; BENCHMARKS.md, "A draft nobody could use").
+    never measured again: at batch 1 on a CPU, near-tie margin off, 8-node trees played 4 steps
+    of 2,100 while 4-node trees, 6% slower, played the rest; BENCHMARKS.md, "A draft nobody could
+    use").
     A near tie between two trees of a tier goes to the larger one: the best is the largest tree whose
     rate is within `larger_margin` of the highest (halved per bucket: a batch's estimates average
     over its sequences, and a larger tree costs more there). The estimates favour smaller trees: while
