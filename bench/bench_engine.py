@@ -32,7 +32,7 @@ import torch
 
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.factory import build_drafter
-from server.engine.scheduler import SchedulerConfig
+from server.engine.scheduler import SchedulerConfig, default_tree_nodes
 from server.engine.speculate import Acceptance
 from server.engine.types import GrammarSpec, SamplingParams
 from server.runtime.loader import DTYPES, load_model, load_tokenizer
@@ -441,8 +441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-temperature", type=float, default=0.0, help="temperature of the concurrency runs")
     p.add_argument("--tree-budgets", type=ints, default=[],
                    help="comma-separated max_tree_nodes values to sweep at batch 1, temperature 0; empty = no sweep")
-    p.add_argument("--max-tree-nodes", type=int, default=SchedulerConfig.max_tree_nodes,
-                   help="SchedulerConfig.max_tree_nodes: draft nodes per sequence at batch 1")
+    p.add_argument("--max-tree-nodes", type=int, default=None,
+                   help="SchedulerConfig.max_tree_nodes: draft nodes per sequence at batch 1 (default: the "
+                        "server's on this device, 8 on a CPU, 16 on a GPU)")
     p.add_argument("--spec-token-budget", type=int, default=SchedulerConfig.spec_token_budget,
                    help="SchedulerConfig.spec_token_budget: draft nodes per step shared by all sequences")
     p.add_argument("--governor", choices=["on", "off", "both"], default="on" if SchedulerConfig.governor else "off",
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.max_tree_nodes is None:
+        args.max_tree_nodes = default_tree_nodes(model.lm_head.weight.device)
     tokenizer = load_tokenizer(args.model)
     rss_after_load = peak_rss_mib()
     governors = {"on": [True], "off": [False], "both": [True, False]}[args.governor]

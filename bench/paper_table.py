@@ -40,7 +40,7 @@ from bench.bench_engine import machine
 from drafter.evaluate import DEFAULT_PROMPTS, TurnRun, answer_questions, load_questions
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.factory import build_drafter
-from server.engine.scheduler import SchedulerConfig
+from server.engine.scheduler import SchedulerConfig, default_tree_nodes
 from server.runtime.loader import load_model, load_tokenizer
 from server.settings import HYBRID_SUFFIX
 
@@ -94,7 +94,8 @@ def spread(questions: list[dict], n: int) -> list[dict]:
 
 def make_engine(row: Row, model, tokenizer, args: argparse.Namespace) -> LLMEngine:
     """A batch-1 engine with the server's default scheduler (governor as --governor says)."""
-    sched = SchedulerConfig(max_batch_size=1, governor=args.governor == "on")
+    sched = SchedulerConfig(max_batch_size=1, governor=args.governor == "on",
+                            max_tree_nodes=default_tree_nodes(model.lm_head.weight.device))
     drafter = build_drafter(row.spec, model, 1, args.max_model_len)
     if row.candidates:
         learned = getattr(drafter, "learned", drafter)

@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(
         1024, ge=1, description="max_tokens of requests that set none (lowered to what fits in max_model_len)."
     )
-    max_tree_nodes: int = Field(
-        16, ge=0, le=256, description="Draft tokens verified per sequence and step at low load (0: no speculation)."
+    max_tree_nodes: int | None = Field(
+        None, ge=0, le=256, description="Draft tokens verified per sequence and step at low load (0: no speculation). "
+        "Default: 16 on a GPU, 8 on a CPU, where every tree token is compute."
     )
     spec_token_budget: int = Field(
         48, ge=0, description="Draft tokens per step shared by all sequences: trees shrink as the batch grows."

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.prefill_budget import PrefillBudget
 from server.engine.scheduler import (PLAIN, DraftOutcome, Option, Plan, Scheduler, SchedulerConfig,
-                                     SpeculationGovernor)
+                                     SpeculationGovernor, default_tree_nodes)
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
 
@@ -415,3 +416,8 @@ def test_governor_re_checks_the_next_larger_tree_not_only_the_largest():
     after_warm_up = chosen[8:]
     assert after_warm_up.count(4) > after_warm_up.count(8) > 0  # 8 is re-checked...
     assert after_warm_up.count(8) > after_warm_up.count(16)  # ...more often than 16, further behind
+
+
+def test_default_tree_nodes_are_smaller_on_a_cpu():
+    assert default_tree_nodes("cpu") == 8 and default_tree_nodes(torch.device("cpu")) == 8
+    assert default_tree_nodes("cuda") == 16  # (no CUDA needed to ask)

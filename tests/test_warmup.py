@@ -83,3 +83,12 @@ def test_build_engine_warms_up_and_nothing_writes_under_the_model_dirs(tmp_path:
     assert any(r.getMessage().startswith(f"warmed up: {MAX_TOKENS} tokens") for r in caplog.records)
     assert greedy(engine, engine.tokenizer.encode("How many legs does a spider have?"))
     assert snapshot(tmp_path) == before
+
+
+def test_build_engine_defaults_to_eight_tree_nodes_on_a_cpu() -> None:
+    # The server's default tree budget is the device's (scheduler.default_tree_nodes); a set one stays.
+    engine = build_engine(Settings(model=DEMO_MODEL, drafter="ngram", device="cpu", max_model_len=256, max_batch_size=1))
+    assert engine.config.scheduler.max_tree_nodes == 8
+    engine = build_engine(Settings(model=DEMO_MODEL, drafter="ngram", device="cpu", max_model_len=256, max_batch_size=1,
+                                   max_tree_nodes=12))
+    assert engine.config.scheduler.max_tree_nodes == 12

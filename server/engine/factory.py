@@ -12,7 +12,7 @@ from pathlib import Path
 
 from drafter.base import Drafter
 from server.engine.engine import EngineConfig, LLMEngine
-from server.engine.scheduler import SchedulerConfig
+from server.engine.scheduler import SchedulerConfig, default_tree_nodes
 from server.engine.speculate import Acceptance
 from server.engine.types import EngineError
 from server.engine.warmup import warm_up
@@ -93,7 +93,10 @@ def build_engine(settings, workers: WorkerGroup | None = None) -> LLMEngine:
     else:
         model = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     tokenizer = load_tokenizer(settings.model)
-    sched = SchedulerConfig(max_batch_size=settings.max_batch_size, max_tree_nodes=settings.max_tree_nodes,
+    tree_nodes = settings.max_tree_nodes
+    if tree_nodes is None:
+        tree_nodes = default_tree_nodes(model.lm_head.weight.device)
+    sched = SchedulerConfig(max_batch_size=settings.max_batch_size, max_tree_nodes=tree_nodes,
                             spec_token_budget=settings.spec_token_budget, governor=settings.governor,
                             prefill_step_ratio=settings.prefill_step_ratio or None)
     plan = plan_cache(settings, model, sched)

@@ -36,14 +36,24 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from server.engine.prefill_budget import PrefillBudget
 from server.engine.sequence import Sequence, Status
+
+
+def default_tree_nodes(device: torch.device | str) -> int:
+    """The server's default `max_tree_nodes` on `device`: 16 on an accelerator, where a verify
+    forward costs about the same for 1 or 17 tokens; 8 on a CPU, where every tree token is compute:
+    at batch 1 a 16-node tree there is 4-6% slower than an 8-node one, and a governor offered both
+    wandered to it on text where it drafted well for a while (BENCHMARKS.md, "Eight nodes on a CPU")."""
+    return 8 if torch.device(device).type == "cpu" else 16
 
 
 @dataclass
 class SchedulerConfig:
     max_batch_size: int = 16
-    max_tree_nodes: int = 16  # draft nodes per sequence at batch size 1
+    max_tree_nodes: int = 16  # draft nodes per sequence at batch size 1 (the server: default_tree_nodes)
     spec_token_budget: int = 48  # draft nodes per step, shared by all decoding sequences
     prefill_chunk: int = 256  # most prompt tokens per step, all prefilling sequences together
     # While sequences decode, a step that also prefills is sized to cost at most this many times a
