@@ -271,13 +271,14 @@ class SpeculationGovernor:
         for x in options:
             if self.cost_samples.get((b, x), 0) < self.min_samples:
                 return x
-        best = max(options, key=lambda x: (self.rate(b, x), -x.budget, x.tier))
+        rate = {x: self.rate(b, x) for x in options}  # (once per step: this runs at every decode step)
+        best = max(options, key=lambda x: (rate[x], -x.budget, x.tier))
         if best != PLAIN:  # a near tie goes to the larger tree (the class docstring says why)
-            near = self.rate(b, best) / (1 + self.larger_margin * 0.5 ** (b[0] - 1))
-            best = max((x for x in options if x.tier == best.tier and self.rate(b, x) >= near), key=lambda x: x.budget)
-        if best != PLAIN and self.rate(b, best) < (1 + self.margin) * self.rate(b, PLAIN):
+            near = rate[best] / (1 + self.larger_margin * 0.5 ** (b[0] - 1))
+            best = max((x for x in options if x.tier == best.tier and rate[x] >= near), key=lambda x: x.budget)
+        if best != PLAIN and rate[best] < (1 + self.margin) * rate[PLAIN]:
             best = PLAIN
-        top, n = self.rate(b, best), self.steps.get(b, 0)
+        top, n = rate[best], self.steps.get(b, 0)
         largest: dict[int, Option] = {}  # each tier's largest tree
         for x in options[:-1]:
             largest.setdefault(x.tier, x)
@@ -287,7 +288,7 @@ class SpeculationGovernor:
         for x in options:
             if x != best and (x == PLAIN or x == largest[x.tier] or x == next_larger
                               or (x.tier == best.tier and x.budget < best.budget)):
-                r = self.rate(b, x)
+                r = rate[x]
                 if x != PLAIN and self.acceptance(b, x) is None:
                     behind = 1.0  # never measured (its trees were all cut shorter): unknown, not behind
                 else:
