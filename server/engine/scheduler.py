@@ -320,6 +320,8 @@ class SpeculationGovernor:
             self.probe_seconds[b] = self.probe_seconds.get(b, 0.0) + seconds
         above = [o.forward_above for o in outcomes]
         split = bool(above) and None not in above  # the forward's share of the work varies by budget
+        # The step's batch ran (or would run) the forward at a budget above any sequence's mark.
+        lowest = min(above) if split else None
         if self.previous == key:
             old = self.cost.get(key)
             # The first sample of a run meets an average that may be stale (the arm was last played
@@ -328,8 +330,7 @@ class SpeculationGovernor:
             seconds_clipped = seconds if old is None else min(seconds, self.clip * old)
             _average(self.cost, self.cost_samples, key, seconds_clipped, weight)
             if split and played.tier == 0:
-                ran = any(budget > a for a in above)
-                _average(self.split_cost, self.split_samples, (key, ran), seconds_clipped, weight)
+                _average(self.split_cost, self.split_samples, (key, budget > lowest), seconds_clipped, weight)
         self.before = self.previous
         self.previous = key
         if not outcomes:
@@ -337,8 +338,7 @@ class SpeculationGovernor:
         sizes = self.sizes(cap if cap is not None else self.budgets[0])
         if split:  # what every tier-0 budget would have run this step, whichever tier played
             for x in sizes:
-                _average(self.forward_share, self.share_samples, (b, Option(x, 0)),
-                         float(any(x > a for a in above)), self.accept_ema)
+                _average(self.forward_share, self.share_samples, (b, Option(x, 0)), float(x > lowest), self.accept_ema)
         base = self.accepted.get(key)  # before this step: the ratio base for larger budgets
         for x in sorted(Option(s, played.tier) for s in sizes):  # ascending: the played one before larger ones
             if x.budget > budget:
