@@ -257,7 +257,7 @@ def test_governor_clips_outlier_step_times():
 
 
 def test_plan_uses_the_governors_budget():
-    s = Scheduler(SchedulerConfig(max_tree_nodes=16, governor_budgets=(4,)))
+    s = Scheduler(SchedulerConfig(max_tree_nodes=16, governor_budgets=(4,), governor_choices_from=1))
     decoding(s, 1)
     plan = s.plan(True)
     assert plan.budget == 16 and plan.decode[0][1] == 16 and plan.cap == 16  # the largest tree first
@@ -421,3 +421,25 @@ def test_governor_re_checks_the_next_larger_tree_not_only_the_largest():
 def test_default_tree_nodes_are_smaller_on_a_cpu():
     assert default_tree_nodes("cpu") == 8 and default_tree_nodes(torch.device("cpu")) == 8
     assert default_tree_nodes("cuda") == 16  # (no CUDA needed to ask)
+
+
+def test_below_choices_from_the_governor_weighs_only_the_full_tree_and_plain_decoding():
+    # At batch 1 (the server's default, choices_from=2) a smaller tree or the cheaper tier would win
+    # here by its estimates, but the choice is the full tree or plain; from batch 2 on, every arm.
+    g = SpeculationGovernor([2, 4, 8], explore_every=4, min_samples=2, explore_share=1.0, tiers=2, choices_from=2)
+    assert g.options(8, g.bucket(1)) == [Option(8), PLAIN]
+    assert g.options(8, g.bucket(1, sampled=True)) == [Option(8), PLAIN]
+    assert g.options(8, g.bucket(2)) == g.options(8) == [Option(8, 0), Option(4, 0), Option(2, 0),
+                                                         Option(8, 1), Option(4, 1), Option(2, 1), PLAIN]
+    cost = {8: 3.0, 4: 1.2, 2: 1.1, 0: 1.0}
+    assert set(play(g, 1, 8, cost, [1, 2], 60)) == {8, 0}
+    assert 4 in play(g, 2, 8, cost, [1, 2], 60)  # the same costs at batch 2: the smaller tree plays
+    # 1 restores every arm at every batch size
+    assert SpeculationGovernor([4, 8], explore_every=4, choices_from=1).options(8, B1) == [Option(8), Option(4), PLAIN]
+
+
+def test_the_scheduler_passes_governor_choices_from_and_checks_it():
+    assert Scheduler(SchedulerConfig(max_tree_nodes=8)).governor.options(8, B1) == [Option(8), PLAIN]
+    assert len(Scheduler(SchedulerConfig(max_tree_nodes=8, governor_choices_from=1)).governor.options(8, B1)) > 2
+    with pytest.raises(ValueError, match="governor_choices_from"):
+        SchedulerConfig(governor_choices_from=0)

@@ -68,12 +68,18 @@ class SchedulerConfig:
     # A tree within this fraction of the best rate, and larger, plays instead at batch 1 (halved per
     # batch-size bucket): SpeculationGovernor's docstring says why.
     governor_larger_margin: float = 0.1
+    # Below this batch size the governor only chooses between the full tree (the largest budget,
+    # the drafter's full way) and plain decoding; smaller trees and cheaper drafter tiers are
+    # weighed from it on (SpeculationGovernor's docstring says why). 1: weigh them at every size.
+    governor_choices_from: int = 2
 
     def __post_init__(self):
         if self.prefill_step_ratio is not None and self.prefill_step_ratio <= 1:
             raise ValueError(f"prefill_step_ratio must be > 1 (or None), not {self.prefill_step_ratio}")
         if self.governor_larger_margin < 0:
             raise ValueError(f"governor_larger_margin must be >= 0, not {self.governor_larger_margin}")
+        if self.governor_choices_from < 1:
+            raise ValueError(f"governor_choices_from must be >= 1, not {self.governor_choices_from}")
         if self.min_prefill_chunk < 1:
             raise ValueError(f"min_prefill_chunk must be >= 1, not {self.min_prefill_chunk}")
 
@@ -173,6 +179,16 @@ class SpeculationGovernor:
     a smaller tree plays, a larger one's acceptance is only scaled from it and its cost is the one
     it had when it last played. At batch 1 on a CPU this once left the governor on 4-node trees for
     most of a run where 8 nodes were 6% faster (BENCHMARKS.md, "The governor's near ties").
+    At batch 1 (below `choices_from`, the scheduler's `governor_choices_from`) the choice is only
+    the full tree (the largest budget of the drafter's full tier) or plain decoding. There every
+    estimate follows one sequence's text, whose acceptance comes in bursts shorter than the
+    averages' memory, so a smaller tree or the lookup-only tier won its near ties in the dry
+    stretches and kept playing into the next rich one: on the CPU, 8-node trees of the lookup hybrid
+    played alone (plain only where drafting does not pay) were 1.5-2% faster than the governor with
+    every arm, on GSM8K and on MT-bench, and the hybrid already leaves its learned forward out where
+    lookup fills the tree (BENCHMARKS.md, "The full tree or nothing at batch 1"). A batch averages
+    over its sequences, and the smaller trees and the cheaper tier are what keeps drafting paying
+    under load.
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
     catches up on every token it missed), so re-checks also keep to a budget: they start only
     while the time spent in them is at most `explore_share` of the bucket's decode time.
@@ -181,9 +197,11 @@ class SpeculationGovernor:
     def __init__(self, budgets: Seq[int], explore_every: int, cost_ema: float = 0.1, accept_ema: float = 0.05,
                  min_samples: int = 3, clip: float = 3.0, max_backoff: float = 8.0, margin: float = 0.05,
                  larger_margin: float = 0.1,
-                 explore_share: float = 0.01, long_ema: float = 0.002, revert_steps: float = 8.0, tiers: int = 1):
+                 explore_share: float = 0.01, long_ema: float = 0.002, revert_steps: float = 8.0, tiers: int = 1,
+                 choices_from: int = 1):
         self.budgets = sorted({x for x in budgets if x > 0}, reverse=True)
         self.tiers = tiers
+        self.choices_from = self.bucket(choices_from)[0]  # the first batch-size class that weighs every option
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
         self.larger_margin = larger_margin
@@ -223,8 +241,11 @@ class SpeculationGovernor:
         share their arms instead of each warming up its own."""
         return [x for x in self.budgets if x <= cap] or [cap]
 
-    def options(self, cap: int) -> list[Option]:
-        """Every tier's trees, largest first, then plain decoding."""
+    def options(self, cap: int, bucket: Bucket | None = None) -> list[Option]:
+        """Every tier's trees, largest first, then plain decoding; in a bucket below
+        `choices_from`, the full tree and plain decoding only."""
+        if bucket is not None and bucket[0] < self.choices_from:
+            return [Option(self.sizes(cap)[0]), PLAIN]
         return [Option(x, t) for t in range(self.tiers) for x in self.sizes(cap)] + [PLAIN]
 
     def acceptance(self, bucket: Bucket, option: Option) -> float | None:
@@ -263,7 +284,7 @@ class SpeculationGovernor:
         """Tree budget (at most `cap`) and tier for a decode step of `batch` sequences; `sampled`:
         some of them sample (temperature > 0)."""
         b = self.bucket(batch, sampled)
-        options = self.options(cap)
+        options = self.options(cap, b)
         again = self.again.pop(b, None)
         if again in options:
             return again
@@ -392,7 +413,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.governor = SpeculationGovernor((*config.governor_budgets, config.max_tree_nodes), config.explore_every,
-                                            larger_margin=config.governor_larger_margin, tiers=tiers)
+                                            larger_margin=config.governor_larger_margin, tiers=tiers,
+                                            choices_from=config.governor_choices_from)
         self.prefill_budget = PrefillBudget(config.prefill_chunk, config.min_prefill_chunk, config.prefill_step_ratio)
 
     def add(self, seq: Sequence) -> None:
