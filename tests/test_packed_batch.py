@@ -111,3 +111,15 @@ def test_packed_step_equals_each_item_alone(model):
         span = (slice(None), it.slot, slice(None), slice(it.cache_len, it.cache_len + len(it.tokens)))
         torch.testing.assert_close(cache.k[span], alone.k[span], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.v[span], alone.v[span], rtol=1e-5, atol=1e-5)
+
+
+def test_a_tree_items_mask_is_ancestor_or_self_and_a_chains_is_causal():
+    from drafter.tree import TokenTree
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 9, 17):
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+        tree = TokenTree.from_parents(list(range(n)), parents)
+        got = ForwardItem(0, 5, tree.tokens, parents).mask()
+        assert got.dtype == torch.bool and torch.equal(got, tree.ancestor_mask())
+    assert torch.equal(ForwardItem(0, 5, [1, 2, 3]).mask(), torch.ones(3, 3, dtype=torch.bool).tril())

@@ -50,10 +50,14 @@ class ForwardItem:
         n = len(self.tokens)
         if self.parents is None:
             return torch.ones(n, n, dtype=torch.bool).tril_()
-        mask = torch.eye(n, dtype=torch.bool)
-        for i in range(1, n):
-            mask[i] |= mask[self.parents[i]]
-        return mask
+        # Row i = its parent's row + itself, built on the host and made a tensor once (a torch op
+        # per node cost 3x as much: a tree's verify step builds this every step).
+        rows: list[list[bool]] = []
+        for i, p in enumerate(self.parents):
+            row = rows[p].copy() if p >= 0 else [False] * n
+            row[i] = True
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.bool)
 
 
 @dataclass
