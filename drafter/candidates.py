@@ -26,9 +26,9 @@ The copy's size depends on N, k and the batch, never on V (a 128k vocabulary wou
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
+from operator import itemgetter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,6 +37,7 @@ import torch
 from drafter.collapse import ctc_collapse
 from drafter.tree import TokenTree, build_trie
 
+_first = itemgetter(0)
 _EXACT_IDS_FLOAT32 = 1 << 24  # float32 represents every integer below this exactly
 
 
@@ -193,26 +194,31 @@ def _prefix_beam_search(
     beam: dict[tuple[int, ...], tuple[float, float]] = {(): (1.0, 0.0)}  # prefix -> (p_b, p_nb)
     for row, ext in zip(probs, extensions):
         nxt: dict[tuple[int, ...], list[float]] = {}
+        get = nxt.get
         p_blank = row[blank_col]
+        grows = [(c, row[column[c]]) for c in ext]  # (symbol, p_t(symbol)), read once per frame
         for prefix, (pb, pnb) in beam.items():
             total = pb + pnb
-            entry = nxt.get(prefix)
+            entry = get(prefix)
             if entry is None:
                 entry = nxt[prefix] = [0.0, 0.0]
             entry[0] += total * p_blank
             last = prefix[-1] if prefix else None
             if last is not None:
                 entry[1] += pnb * row[column[last]]
-            for c in ext:
+            for c, p in grows:
                 key = prefix + (c,)
-                grown = nxt.get(key)
+                grown = get(key)
                 if grown is None:
-                    grown = nxt[key] = [0.0, 0.0]
-                grown[1] += (pb if c == last else total) * row[column[c]]
+                    nxt[key] = [0.0, (pb if c == last else total) * p]  # (0.0 + x is x: the same sums)
+                else:
+                    grown[1] += (pb if c == last else total) * p
         # Impossible prefixes (e.g. "a a" after 2 frames) have probability 0 and are dropped.
         alive = [(pb + pnb, prefix) for prefix, (pb, pnb) in nxt.items() if pb + pnb > 0.0]
-        best = heapq.nlargest(beam_width, alive, key=lambda x: x[0]) if len(alive) > beam_width else alive
-        beam = {prefix: tuple(nxt[prefix]) for _, prefix in best}
+        if len(alive) > beam_width:  # the best beam_width, ties in insertion order (a stable sort)
+            alive.sort(key=_first, reverse=True)
+            del alive[beam_width:]
+        beam = {prefix: tuple(nxt[prefix]) for _, prefix in alive}
     final = [Candidate(list(prefix), math.log(pb + pnb)) for prefix, (pb, pnb) in beam.items() if prefix]
     final.sort(key=lambda c: -c.score)
     return final
