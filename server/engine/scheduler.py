@@ -68,9 +68,9 @@ class SchedulerConfig:
     # A tree within this fraction of the best rate, and larger, plays instead at batch 1 (halved per
     # batch-size bucket): SpeculationGovernor's docstring says why.
     governor_larger_margin: float = 0.1
-    # Below this batch size the governor only chooses between the full tree (the largest budget,
-    # the drafter's full way) and plain decoding; smaller trees and cheaper drafter tiers are
-    # weighed from it on (SpeculationGovernor's docstring says why). 1: weigh them at every size.
+    # Below this batch size the governor chooses only among each drafter tier's largest tree and
+    # plain decoding; smaller trees are weighed from it on (SpeculationGovernor's docstring says
+    # why). 1: weigh them at every batch size.
     governor_choices_from: int = 2
 
     def __post_init__(self):
@@ -180,14 +180,14 @@ class SpeculationGovernor:
     it had when it last played. At batch 1 on a CPU this once left the governor on 4-node trees for
     most of a run where 8 nodes were 6% faster (BENCHMARKS.md, "The governor's near ties").
     At batch 1 (below `choices_from`, the scheduler's `governor_choices_from`) the choice is only
-    the full tree (the largest budget of the drafter's full tier) or plain decoding. There every
-    estimate follows one sequence's text, whose acceptance comes in bursts shorter than the
-    averages' memory, so a smaller tree or the lookup-only tier won its near ties in the dry
-    stretches and kept playing into the next rich one: on the CPU, 8-node trees of the lookup hybrid
-    played alone (plain only where drafting does not pay) were 1.5-2% faster than the governor with
-    every arm, on GSM8K and on MT-bench, and the hybrid already leaves its learned forward out where
-    lookup fills the tree (BENCHMARKS.md, "The full tree or nothing at batch 1"). A batch averages
-    over its sequences, and the smaller trees and the cheaper tier are what keeps drafting paying
+    among each drafter tier's largest tree and plain decoding. There every estimate follows one
+    sequence's text, whose acceptance comes in bursts shorter than the averages' memory, so a
+    smaller tree won its near ties in the dry stretches and kept playing into the next rich one: on
+    the CPU, the lookup hybrid's 8-node trees were 1-2% faster played alone (plain only where
+    drafting does not pay) than under the governor with every size, on GSM8K and on MT-bench
+    (BENCHMARKS.md, "The largest tree at batch 1"). The tiers stay: where the learned forward
+    costs more than it adds (the EAGLE-style drafter on a CPU), lookup alone is what pays at batch
+    1 too. A batch averages over its sequences, and smaller trees are what keeps drafting paying
     under load.
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
     catches up on every token it missed), so re-checks also keep to a budget: they start only
@@ -243,9 +243,9 @@ class SpeculationGovernor:
 
     def options(self, cap: int, bucket: Bucket | None = None) -> list[Option]:
         """Every tier's trees, largest first, then plain decoding; in a bucket below
-        `choices_from`, the full tree and plain decoding only."""
+        `choices_from`, each tier's largest tree and plain decoding only."""
         if bucket is not None and bucket[0] < self.choices_from:
-            return [Option(self.sizes(cap)[0]), PLAIN]
+            return [Option(self.sizes(cap)[0], t) for t in range(self.tiers)] + [PLAIN]
         return [Option(x, t) for t in range(self.tiers) for x in self.sizes(cap)] + [PLAIN]
 
     def acceptance(self, bucket: Bucket, option: Option) -> float | None:
