@@ -57,6 +57,7 @@ class Variant:
     path_ahead: int | None = None  # None: --path-ahead's first value; else named in the variant
     dtype: str | None = None  # None: --drafter-dtype's first value; else named in the variant
     larger_margin: float | None = None  # None: --governor-larger-margin's first value; else named
+    choices_from: int | None = None  # None: --governor-choices-from's first value; else named
 
     @property
     def name(self) -> str:
@@ -67,6 +68,7 @@ class Variant:
         base = base if self.path_ahead is None else f"{base} [ahead {self.path_ahead}]"
         base = base if self.dtype is None else f"{base} [{self.dtype}]"
         base = base if self.larger_margin is None else f"{base} [larger margin {self.larger_margin:g}]"
+        base = base if self.choices_from is None else f"{base} [all sizes from batch {self.choices_from}]"
         return base if self.governor or base == "none" else f"{base} (no governor)"
 
 
@@ -454,6 +456,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SchedulerConfig.governor_larger_margin: a larger tree within this fraction of the best rate plays "
                         "instead (batch 1; halved per batch-size bucket); several (comma-separated): every drafter runs "
                         "under each, interleaved in one run")
+    p.add_argument("--governor-choices-from", type=ints, default=[SchedulerConfig.governor_choices_from],
+                   help="SchedulerConfig.governor_choices_from: below this batch size the governor weighs only each "
+                        "drafter tier's largest tree and plain decoding (1: every tree size at every batch size); "
+                        "several (comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--itl-prefill", type=int, default=0,
                    help="prompt tokens of a long prompt prefilled next to a streaming request (0 = skip that section)")
     p.add_argument("--prefill-chunk", type=int, default=SchedulerConfig.prefill_chunk,
@@ -501,9 +507,11 @@ def main(argv: list[str] | None = None) -> None:
     aheads = args.path_ahead if len(args.path_ahead) > 1 else [None]
     dtypes = args.drafter_dtype if len(args.drafter_dtype) > 1 else [None]
     margins = args.governor_larger_margin if len(args.governor_larger_margin) > 1 else [None]
-    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n, dtype=t, larger_margin=m)
+    froms = args.governor_choices_from if len(args.governor_choices_from) > 1 else [None]
+    variants = [Variant("none")] + [Variant(d, g, acceptance=a, path_ahead=n, dtype=t, larger_margin=m, choices_from=c)
                                     for d in args.drafters.split(",") if d and d.lower() != "none" for g in governors
-                                    for a in accepts for n in aheads for t in dtypes for m in (margins if g else [None])]
+                                    for a in accepts for n in aheads for t in dtypes for m in (margins if g else [None])
+                                    for c in (froms if g else [None])]
     if args.control:
         variants.insert(1, Variant("none", control=True))
     prompts = load_prompts(args.prompts, args.source, args.num_prompts, tokenizer)
@@ -513,6 +521,8 @@ def main(argv: list[str] | None = None) -> None:
                                 spec_token_budget=args.spec_token_budget, governor=v.governor,
                                 governor_larger_margin=args.governor_larger_margin[0] if v.larger_margin is None
                                 else v.larger_margin,
+                                governor_choices_from=args.governor_choices_from[0] if v.choices_from is None
+                                else v.choices_from,
                                 prefill_chunk=args.prefill_chunk, prefill_step_ratio=args.prefill_step_ratio or None)
         dtype = v.dtype or args.drafter_dtype[0]
         drafter = build_drafter(v.drafter, model, max_batch_size, args.max_model_len,

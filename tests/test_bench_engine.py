@@ -91,3 +91,15 @@ def test_governor_margins_run_as_variants_of_the_governed_engines_only(tmp_path,
     v = b["variants"]
     assert v["none"]["choices"] == {"plain": 1.0} and v["ngram (no governor)"]["choices"] == {"8": 1.0}
     assert sum(v["ngram [larger margin 0.1]"]["choices"].values()) == pytest.approx(1.0)
+
+
+def test_governor_choices_from_runs_as_variants_and_reaches_the_scheduler(tmp_path, one_thread):
+    out = tmp_path / "engine.json"
+    bench_engine.main(["--drafters", "ngram", "--governor-choices-from", "1,2", "--num-prompts", "1",
+                       "--max-tokens", "8", "--temperatures", "0", "--concurrency", "", "--threads", "1",
+                       "--out", str(out)])
+    (b,) = json.loads(out.read_text())["batch1"]
+    assert list(b["variants"]) == ["none", "ngram [all sizes from batch 1]", "ngram [all sizes from batch 2]"]
+    assert b["mismatches"] == []
+    # from batch 2: at batch 1 only the largest tree (8 on a CPU) or plain decoding ever plays
+    assert set(b["variants"]["ngram [all sizes from batch 2]"]["choices"]) <= {"8", "plain"}
