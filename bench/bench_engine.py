@@ -457,8 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instead (batch 1; halved per batch-size bucket); several (comma-separated): every drafter runs "
                         "under each, interleaved in one run")
     p.add_argument("--governor-choices-from", type=ints, default=[SchedulerConfig.governor_choices_from],
-                   help="SchedulerConfig.governor_choices_from: below this batch size the governor weighs only each "
-                        "drafter tier's largest tree and plain decoding (1: every tree size at every batch size); "
+                   help="SchedulerConfig.governor_choices_from: below this batch size the governor offers only the "
+                        "largest tree of the drafter's full tier (1: every tree size at every batch size); "
                         "several (comma-separated): every drafter runs under each, interleaved in one run")
     p.add_argument("--itl-prefill", type=int, default=0,
                    help="prompt tokens of a long prompt prefilled next to a streaming request (0 = skip that section)")

@@ -101,5 +101,5 @@ def test_governor_choices_from_runs_as_variants_and_reaches_the_scheduler(tmp_pa
     (b,) = json.loads(out.read_text())["batch1"]
     assert list(b["variants"]) == ["none", "ngram [all sizes from batch 1]", "ngram [all sizes from batch 2]"]
     assert b["mismatches"] == []
-    # from batch 2: at batch 1 only the largest tree (8 on a CPU) or plain decoding ever plays
+    # from batch 2: at batch 1 only the largest tree (8 on a CPU) or plain decoding ever plays (ngram has one tier)
     assert set(b["variants"]["ngram [all sizes from batch 2]"]["choices"]) <= {"8", "plain"}

@@ -423,11 +423,13 @@ def test_default_tree_nodes_are_smaller_on_a_cpu():
     assert default_tree_nodes("cuda") == 16  # (no CUDA needed to ask)
 
 
-def test_below_choices_from_the_governor_weighs_only_each_tiers_largest_tree_and_plain_decoding():
-    # At batch 1 (the server's default, choices_from=2) a smaller tree would win here by its
-    # estimates, but the choice is among each tier's largest tree and plain; from batch 2 on, every arm.
+def test_below_choices_from_the_full_tier_offers_only_its_largest_tree():
+    # At batch 1 (the server's default, choices_from=2) a smaller tree of the full tier would win
+    # here by its estimates, but only its largest plays; the cheaper tier keeps every size, and from
+    # batch 2 on every arm is weighed.
     g = SpeculationGovernor([2, 4, 8], explore_every=4, min_samples=2, explore_share=1.0, tiers=2, choices_from=2)
-    assert g.options(8, g.bucket(1)) == g.options(8, g.bucket(1, sampled=True)) == [Option(8, 0), Option(8, 1), PLAIN]
+    assert g.options(8, g.bucket(1)) == g.options(8, g.bucket(1, sampled=True)) == [
+        Option(8, 0), Option(8, 1), Option(4, 1), Option(2, 1), PLAIN]
     assert g.options(8, g.bucket(2)) == g.options(8) == [Option(8, 0), Option(4, 0), Option(2, 0),
                                                          Option(8, 1), Option(4, 1), Option(2, 1), PLAIN]
     h = SpeculationGovernor([2, 4, 8], explore_every=4, min_samples=2, explore_share=1.0, choices_from=2)
@@ -441,13 +443,13 @@ def test_below_choices_from_the_governor_weighs_only_each_tiers_largest_tree_and
         x = k.choose(1, 8)
         outcomes = [DraftOutcome(8, 8, [1, 2] if x.tier == 0 else [1])] if x.budget else []
         k.record(1, x.budget, {0: 3.0, 1: 1.2}[x.tier] if x.budget else 1.0, outcomes, 8, tier=x.tier)
-    assert x == Option(8, 1) and k.plays[B1][Option(8, 1)] > 20 and Option(4, 1) not in k.plays[B1]
+    assert x == Option(8, 1) and k.plays[B1][Option(8, 1)] > 20 and Option(4, 0) not in k.plays[B1]
     # 1 restores every arm at every batch size
     assert SpeculationGovernor([4, 8], explore_every=4, choices_from=1).options(8, B1) == [Option(8), Option(4), PLAIN]
 
 
 def test_the_scheduler_passes_governor_choices_from_and_checks_it():
-    assert Scheduler(SchedulerConfig(max_tree_nodes=8)).governor.options(8, B1) == [Option(8), PLAIN]
+    assert Scheduler(SchedulerConfig(max_tree_nodes=8)).governor.options(8, B1) == [Option(8), PLAIN]  # one tier
     assert len(Scheduler(SchedulerConfig(max_tree_nodes=8, governor_choices_from=1)).governor.options(8, B1)) > 2
     with pytest.raises(ValueError, match="governor_choices_from"):
         SchedulerConfig(governor_choices_from=0)

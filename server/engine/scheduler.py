@@ -68,9 +68,9 @@ class SchedulerConfig:
     # A tree within this fraction of the best rate, and larger, plays instead at batch 1 (halved per
     # batch-size bucket): SpeculationGovernor's docstring says why.
     governor_larger_margin: float = 0.1
-    # Below this batch size the governor chooses only among each drafter tier's largest tree and
-    # plain decoding; smaller trees are weighed from it on (SpeculationGovernor's docstring says
-    # why). 1: weigh them at every batch size.
+    # Below this batch size the governor's only tree of the drafter's full tier is its largest (the
+    # cheaper tiers keep every size); from it on, every size of every tier (SpeculationGovernor's
+    # docstring says why). 1: every size at every batch size.
     governor_choices_from: int = 2
 
     def __post_init__(self):
@@ -179,16 +179,17 @@ class SpeculationGovernor:
     a smaller tree plays, a larger one's acceptance is only scaled from it and its cost is the one
     it had when it last played. At batch 1 on a CPU this once left the governor on 4-node trees for
     most of a run where 8 nodes were 6% faster (BENCHMARKS.md, "The governor's near ties").
-    At batch 1 (below `choices_from`, the scheduler's `governor_choices_from`) the choice is only
-    among each drafter tier's largest tree and plain decoding. There every estimate follows one
-    sequence's text, whose acceptance comes in bursts shorter than the averages' memory, so a
-    smaller tree won its near ties in the dry stretches and kept playing into the next rich one: on
-    the CPU, the lookup hybrid's 8-node trees were 1-2% faster played alone (plain only where
-    drafting does not pay) than under the governor with every size, on GSM8K and on MT-bench
-    (BENCHMARKS.md, "The largest tree at batch 1"). The tiers stay: where the learned forward
-    costs more than it adds (the EAGLE-style drafter on a CPU), lookup alone is what pays at batch
-    1 too. A batch averages over its sequences, and smaller trees are what keeps drafting paying
-    under load.
+    At batch 1 (below `choices_from`, the scheduler's `governor_choices_from`) the drafter's full
+    tier offers only its largest tree. Its smaller trees cost the same drafter forward and a few
+    verified nodes less, so their rates near-tie the largest's in a dry stretch; at batch 1 every
+    estimate follows one sequence's text, whose acceptance comes in bursts shorter than the
+    averages' memory, so a smaller tree won those ties and kept playing into the next rich stretch:
+    on the CPU, the CTC hybrid's 8-node trees played alone were 1-2% faster than under the governor
+    with every size, on GSM8K and on MT-bench. The cheaper tiers keep every size: the EAGLE-style
+    hybrid pays with lookup alone, and with lookup's 8-node trees as its only cheap arm it decoded
+    plainly through dry stretches (10-20% slower in some runs; lookup's smaller trees keep drafting
+    there). BENCHMARKS.md, "The largest tree at batch 1". A batch averages over its sequences, and
+    the smaller trees are what keeps drafting paying under load.
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
     catches up on every token it missed), so re-checks also keep to a budget: they start only
     while the time spent in them is at most `explore_share` of the bucket's decode time.
@@ -243,9 +244,10 @@ class SpeculationGovernor:
 
     def options(self, cap: int, bucket: Bucket | None = None) -> list[Option]:
         """Every tier's trees, largest first, then plain decoding; in a bucket below
-        `choices_from`, each tier's largest tree and plain decoding only."""
-        if bucket is not None and bucket[0] < self.choices_from:
-            return [Option(self.sizes(cap)[0], t) for t in range(self.tiers)] + [PLAIN]
+        `choices_from`, of the full tier (0) its largest tree only."""
+        if bucket is not None and bucket[0] < self.choices_from:  # the full tier's largest tree only
+            sizes = self.sizes(cap)
+            return [Option(sizes[0], 0)] + [Option(x, t) for t in range(1, self.tiers) for x in sizes] + [PLAIN]
         return [Option(x, t) for t in range(self.tiers) for x in self.sizes(cap)] + [PLAIN]
 
     def acceptance(self, bucket: Bucket, option: Option) -> float | None:
