@@ -64,12 +64,17 @@ def test_prefill_itl_chunks_follow_the_step_ratio_rule(tmp_path, ratio, one_thre
         assert all(16 <= c <= 64 for c in chunks[:-1]) and 1 <= chunks[-1] <= 64
 
 
-def test_drafter_dtypes_run_as_variants_and_bad_names_are_refused(tmp_path, one_thread):
+def batch1(tmp_path, drafters: str, *flags: str) -> dict:
+    """The batch-1 section of a one-prompt, 8-token run of `drafters` with `flags`."""
     out = tmp_path / "engine.json"
-    bench_engine.main(["--drafters", "models/demo-llama-ctc", "--drafter-dtype", "float32,bfloat16", "--num-prompts", "1",
-                       "--max-tokens", "8", "--temperatures", "0", "--concurrency", "", "--threads", "1",
-                       "--out", str(out)])
+    bench_engine.main(["--drafters", drafters, *flags, "--num-prompts", "1", "--max-tokens", "8", "--temperatures", "0",
+                       "--concurrency", "", "--threads", "1", "--out", str(out)])
     (b,) = json.loads(out.read_text())["batch1"]
+    return b
+
+
+def test_drafter_dtypes_run_as_variants_and_bad_names_are_refused(tmp_path, one_thread):
+    b = batch1(tmp_path, "models/demo-llama-ctc", "--drafter-dtype", "float32,bfloat16")
     assert list(b["variants"]) == ["none", "demo-llama-ctc [float32]", "demo-llama-ctc [bfloat16]"]
     assert b["mismatches"] == []  # the drafter's dtype never changes the output
     with pytest.raises(SystemExit):
@@ -77,11 +82,7 @@ def test_drafter_dtypes_run_as_variants_and_bad_names_are_refused(tmp_path, one_
 
 
 def test_governor_margins_run_as_variants_of_the_governed_engines_only(tmp_path, one_thread):
-    out = tmp_path / "engine.json"
-    bench_engine.main(["--drafters", "ngram", "--governor", "both", "--governor-larger-margin", "0,0.1",
-                       "--num-prompts", "1", "--max-tokens", "8", "--temperatures", "0", "--concurrency", "",
-                       "--threads", "1", "--out", str(out)])
-    (b,) = json.loads(out.read_text())["batch1"]
+    b = batch1(tmp_path, "ngram", "--governor", "both", "--governor-larger-margin", "0,0.1")
     assert list(b["variants"]) == ["none", "ngram [larger margin 0]", "ngram [larger margin 0.1]",
                                    "ngram (no governor)"]
     assert b["mismatches"] == []
@@ -94,11 +95,7 @@ def test_governor_margins_run_as_variants_of_the_governed_engines_only(tmp_path,
 
 
 def test_governor_choices_from_runs_as_variants_and_reaches_the_scheduler(tmp_path, one_thread):
-    out = tmp_path / "engine.json"
-    bench_engine.main(["--drafters", "ngram", "--governor-choices-from", "1,2", "--num-prompts", "1",
-                       "--max-tokens", "8", "--temperatures", "0", "--concurrency", "", "--threads", "1",
-                       "--out", str(out)])
-    (b,) = json.loads(out.read_text())["batch1"]
+    b = batch1(tmp_path, "ngram", "--governor-choices-from", "1,2")
     assert list(b["variants"]) == ["none", "ngram [all sizes from batch 1]", "ngram [all sizes from batch 2]"]
     assert b["mismatches"] == []
     # from batch 2: at batch 1 only the largest tree (8 on a CPU) or plain decoding ever plays (ngram has one tier)
