@@ -187,8 +187,8 @@ class SpeculationGovernor:
     on the CPU, the CTC hybrid's 8-node trees played alone were 1-2% faster than under the governor
     with every size, on GSM8K and on MT-bench. The cheaper tiers keep every size: the EAGLE-style
     hybrid pays with lookup alone, and with lookup's 8-node trees as its only cheap arm it decoded
-    plainly through dry stretches (10-20% slower in some runs; lookup's smaller trees keep drafting
-    there). BENCHMARKS.md, "The largest tree at batch 1". A batch averages over its sequences, and
+    plainly through dry stretches (8-11% slower in two runs of three; lookup's smaller trees keep
+    drafting there). BENCHMARKS.md, "The largest tree at batch 1". A batch averages over its sequences, and
     the smaller trees are what keeps drafting paying under load.
     Re-checking a tree after a run of plain steps is dear (a drafter with its own cache first
     catches up on every token it missed), so re-checks also keep to a budget: they start only
@@ -202,7 +202,7 @@ class SpeculationGovernor:
                  choices_from: int = 1):
         self.budgets = sorted({x for x in budgets if x > 0}, reverse=True)
         self.tiers = tiers
-        self.choices_from = self.bucket(choices_from)[0]  # the first batch-size class that weighs every option
+        self.choices_from_bucket = self.bucket(choices_from)[0]  # the first batch-size class offered every size
         self.explore_every, self.min_samples, self.clip = explore_every, min_samples, clip
         self.max_backoff, self.margin, self.explore_share = max_backoff, margin, explore_share
         self.larger_margin = larger_margin
@@ -245,10 +245,10 @@ class SpeculationGovernor:
     def options(self, cap: int, bucket: Bucket | None = None) -> list[Option]:
         """Every tier's trees, largest first, then plain decoding; in a bucket below
         `choices_from`, of the full tier (0) its largest tree only."""
-        if bucket is not None and bucket[0] < self.choices_from:  # the full tier's largest tree only
-            sizes = self.sizes(cap)
-            return [Option(sizes[0], 0)] + [Option(x, t) for t in range(1, self.tiers) for x in sizes] + [PLAIN]
-        return [Option(x, t) for t in range(self.tiers) for x in self.sizes(cap)] + [PLAIN]
+        sizes = self.sizes(cap)
+        largest_only = bucket is not None and bucket[0] < self.choices_from_bucket
+        return [Option(x, t) for t in range(self.tiers)
+                for x in (sizes[:1] if largest_only and t == 0 else sizes)] + [PLAIN]
 
     def acceptance(self, bucket: Bucket, option: Option) -> float | None:
         """Expected accepted drafts per sequence and step: the recent average, drifting back to the
