@@ -148,22 +148,25 @@ def pack_items(items: list[ForwardItem], max_model_len: int) -> PackedItems:
 
 
 def build_batch(items: list[ForwardItem], max_model_len: int, device: torch.device | str = "cpu") -> ForwardBatch:
+    """The items packed and on `device`, in two copies queued without waiting (a look-ahead builds
+    its batch mid-step): every integer field in one int64 tensor, cut into views there, and the
+    visibility masks. Nine small tensors made one by one cost 38 us on the CPU for a one-token
+    decode, one made and cut 16 (2 threads; every forward builds one, a speculative step two)."""
     p = pack_items(items, max_model_len)
-
-    def t(x):
-        return to_device(x, device)  # queued, not waited for: a look-ahead builds its batch mid-step
-
+    fields = (p.offsets, p.slots, p.cache_lens, p.positions, p.mask_offsets, p.write_slot, p.write_pos, p.ids)
+    flat = to_device([v for f in fields for v in f], device)
+    cu_seqlens, slots, cache_lens, positions, mask_offsets, write_slot, write_pos, ids = flat.split([len(f) for f in fields])
     meta = AttentionMetadata(
-        cu_seqlens=t(p.offsets),
-        slots=t(p.slots),
-        cache_lens=t(p.cache_lens),
-        positions=t(p.positions),
-        tree_mask=to_device(torch.cat(p.masks), device),
-        mask_offsets=t(p.mask_offsets),
-        write_slot=t(p.write_slot),
-        write_pos=t(p.write_pos),
+        cu_seqlens=cu_seqlens,
+        slots=slots,
+        cache_lens=cache_lens,
+        positions=positions,
+        tree_mask=to_device(torch.cat(p.masks) if len(p.masks) > 1 else p.masks[0], device),
+        mask_offsets=mask_offsets,
+        write_slot=write_slot,
+        write_pos=write_pos,
         host_cu_seqlens=p.offsets,
         host_mask_offsets=p.mask_offsets,
         max_q_len=p.max_q_len,
     )
-    return ForwardBatch(input_ids=t(p.ids), meta=meta, items=items)
+    return ForwardBatch(input_ids=ids, meta=meta, items=items)
