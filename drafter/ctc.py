@@ -75,12 +75,6 @@ class CTCDrafterConfig(DraftLayersConfig):
     # (h_T fused with the pending token), so every frame starts from the state it drafts after,
     # as the paper's draft heads read the draft module's output at the last position.
     frame_inputs: str = "queries"
-    # Frames read at inference (None: all N). Frames are causal (frame j sees the context and the
-    # frames before it), so the first n of a forward are exactly those of the full one: fewer cost
-    # a row of the drafter's layer and of its LM head each and a frame of the candidate search, and
-    # cap a draft at n tokens. The demo drafter reads 5 of its 6 on a CPU (BENCHMARKS.md, "Five
-    # frames of six").
-    draft_frames: int | None = None
     kind: str = "ctc"
 
     def __post_init__(self) -> None:
@@ -90,15 +84,8 @@ class CTCDrafterConfig(DraftLayersConfig):
             raise ValueError(f"frame_inputs must be one of {FRAME_INPUTS}, got {self.frame_inputs!r}")
         if self.candidates not in CANDIDATE_SEARCHES:
             raise ValueError(f"candidates must be one of {CANDIDATE_SEARCHES}, got {self.candidates!r}")
-        if self.draft_frames is not None and not 1 <= self.draft_frames <= self.num_frames:
-            raise ValueError(f"draft_frames must be in 1..num_frames ({self.num_frames}), got {self.draft_frames}")
-        # The static tree branches once per frame read: fit its top-k list to them (extra frames: top-1).
-        self.static_topk = (list(self.static_topk) + [1] * self.num_frames)[: self.frames_read]
-
-    @property
-    def frames_read(self) -> int:
-        """The frames a draft reads at inference: `draft_frames`, else all `num_frames`."""
-        return self.num_frames if self.draft_frames is None else self.draft_frames
+        # The static tree branches once per frame: fit its top-k list to N (extra frames: top-1).
+        self.static_topk = (list(self.static_topk) + [1] * self.num_frames)[: self.num_frames]
 
 
 class CTCDraftModel(DecoderOverBase):
@@ -117,9 +104,9 @@ class CTCDraftModel(DecoderOverBase):
         self.blank_head = nn.Linear(H, 1)
         self.init_rope()
 
-    def frame_inputs(self, last: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        """The first n (None: all N) frame rows drafted after context inputs `last` (B, H): (B, n, H)."""
-        q = self.frame_queries[:n].to(last.dtype)
+    def frame_inputs(self, last: torch.Tensor) -> torch.Tensor:
+        """The N frame rows drafted after context inputs `last` (B, H): (B, N, H)."""
+        q = self.frame_queries.to(last.dtype)
         if self.config.frame_inputs == "anchored":
             return q + last[:, None]
         return q.expand(last.shape[0], -1, -1)
@@ -138,20 +125,19 @@ class CTCDrafter(CachedContextDrafter):
     model: CTCDraftModel
 
     def __init__(self, model: CTCDraftModel, max_slots: int, max_len: int, catch_up: int = 48):
-        super().__init__(model, max_slots, max_len + model.config.frames_read, catch_up)
+        super().__init__(model, max_slots, max_len + model.config.num_frames, catch_up)
 
     @torch.inference_mode()
     def frames(self, requests: list[ProposeRequest]) -> torch.Tensor:
-        """Run the drafter for each request: new context positions + the N frames it reads
-        (`frames_read`). Returns frame log-probs (B, N, V+1) and commits the context positions to
-        the drafter cache."""
-        m, N = self.model, self.model.config.frames_read
+        """Run the drafter for each request: new context positions + N frames. Returns frame
+        log-probs (B, N, V+1) and commits the context positions to the drafter cache."""
+        m, N = self.model, self.model.config.num_frames
         device = m.fuse.weight.device
         states, lens, x = self.new_context(requests)
         ctx = x.split(lens)  # n_b x H each
         items = [ForwardItem(st.slot, self.cache.lengths[st.slot], [0] * (n + N)) for st, n in zip(states, lens)]
         batch = build_batch(items, self.cache.max_len, device)
-        frames = m.frame_inputs(torch.stack([c[-1] if len(c) else st.last_input for c, st in zip(ctx, states)]), N)
+        frames = m.frame_inputs(torch.stack([c[-1] if len(c) else st.last_input for c, st in zip(ctx, states)]))
         x = torch.cat([t for c, f in zip(ctx, frames) for t in (c, f)])  # (T, H) packed: n_b + N rows each
         y = m.run(x, batch.meta, self.cache)  # (T, H)
         y = torch.stack([y[end - N : end] for end in batch.offsets[1:]])  # (B, N, H): each item's last N rows
@@ -175,8 +161,7 @@ class CTCDrafter(CachedContextDrafter):
     def look_ahead(self, ahead: LookAhead) -> torch.Tensor | None:
         """Next step's frames over this step's accepted paths (decoder.CachedContextDrafter), as the
         device half of the candidate search."""
-        n = self.model.config.frames_read
-        done = self.ahead_forward(ahead, n, lambda last: self.model.frame_inputs(last, n))
+        done = self.ahead_forward(ahead, self.model.config.num_frames, self.model.frame_inputs)
         if done is None:
             return None
         _, y = done
