@@ -123,3 +123,26 @@ def test_a_tree_items_mask_is_ancestor_or_self_and_a_chains_is_causal():
         got = ForwardItem(0, 5, tree.tokens, parents).mask()
         assert got.dtype == torch.bool and torch.equal(got, tree.ancestor_mask())
     assert torch.equal(ForwardItem(0, 5, [1, 2, 3]).mask(), torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_a_batch_reaches_the_device_in_two_copies_with_every_field_in_place(monkeypatch):
+    """build_batch moves its integer fields as one tensor (views of it on the device) and the
+    masks as another: two host-to-device copies per forward, whatever the number of items."""
+    from server.runtime import batch as batch_module
+
+    copies = []
+    real = batch_module.to_device
+    monkeypatch.setattr(batch_module, "to_device", lambda values, device, *a: copies.append(1) or real(values, device, *a))
+    items = [ForwardItem(3, 7, [11, 12]), ForwardItem(1, 4, [21, 22, 23], [-1, 0, 0]), ForwardItem(0, 9, [31])]
+    b = build_batch(items, 64)
+    assert len(copies) == 2
+    m = b.meta
+    assert b.input_ids.tolist() == [11, 12, 21, 22, 23, 31]
+    assert m.cu_seqlens.tolist() == [0, 2, 5, 6] == m.host_cu_seqlens
+    assert m.slots.tolist() == [3, 1, 0] and m.cache_lens.tolist() == [7, 4, 9]
+    assert m.positions.tolist() == [7, 8, 4, 5, 5, 9]  # the tree's siblings share a position
+    assert m.write_slot.tolist() == [3, 3, 1, 1, 1, 0] and m.write_pos.tolist() == [7, 8, 4, 5, 6, 9]
+    assert m.mask_offsets.tolist() == [0, 4, 13] == m.host_mask_offsets
+    assert m.tree_mask.tolist() == [True, False, True, True,
+                                    True, False, False, True, True, False, True, False, True, True]
+    assert all(t.dtype == torch.long for t in (b.input_ids, m.cu_seqlens, m.slots, m.positions, m.write_pos))
