@@ -72,7 +72,8 @@ demo-model: install
 
 # The demo model's drafters: self-distilled data, then the CTC drafter (CTC_STEPS steps on the first
 # 5,500 conversations, then CTC_MORE_STEPS more from those weights at a lower learning rate, with
-# 2,500 more conversations, then CTC_MORE_STEPS more at half that rate) and the Medusa baseline,
+# 2,500 more conversations, then CTC_MORE_STEPS more at half that rate, then CTC_MORE_STEPS more at
+# that rate with the training split's last 2,043 conversations added) and the Medusa baseline,
 # then their acceptance on held-out prompts, alone and with prompt lookup (see BENCHMARKS.md).
 DRAFT_WORK ?= models/.build/drafters
 DRAFT_STEPS ?= 3000
@@ -86,14 +87,20 @@ demo-drafters: install
 		--max-conversations 2000 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed3 --regenerate --perturb-numbers --skip-conversations 5500 \
 		--max-conversations 2500 --max-new-tokens 256 --batch-size 48
+	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed4 --regenerate --perturb-numbers --skip-conversations 8000 \
+		--max-conversations 2500 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
 		--out $(DRAFT_WORK)/ctc-5000 --layers 1 --frame-inputs anchored --anchors 96 --steps $(CTC_STEPS) --weight-decay 0.3
 	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
 		--data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-5000 --out $(DRAFT_WORK)/ctc-7500 --layers 1 \
 		--frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 5e-4 --weight-decay 0.3
 	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
-		--data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-7500 --out models/demo-llama-ctc --layers 1 \
+		--data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-7500 --out $(DRAFT_WORK)/ctc-10000 --layers 1 \
 		--frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 2.5e-4 --weight-decay 0.3
+	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
+		--data $(DRAFT_WORK)/regen-perturbed3 --data $(DRAFT_WORK)/regen-perturbed4 --init $(DRAFT_WORK)/ctc-10000 \
+		--out models/demo-llama-ctc --layers 1 --frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 2.5e-4 \
+		--weight-decay 0.3
 	$(BIN)/ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed \
 		--out models/demo-llama-medusa --steps $(DRAFT_STEPS) --weight-decay 0.3
 	$(BIN)/ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \
