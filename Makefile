@@ -79,6 +79,9 @@ DRAFT_WORK ?= models/.build/drafters
 DRAFT_STEPS ?= 3000
 CTC_STEPS ?= 5000
 CTC_MORE_STEPS ?= 2500
+# Every CTC stage: the first three self-distilled sets (later stages add theirs) and one recipe.
+CTC_DATA = --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2
+CTC_RECIPE = --layers 1 --frame-inputs anchored --anchors 96 --weight-decay 0.3
 demo-drafters: install
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen --regenerate --max-conversations 1500 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed --regenerate --perturb-numbers --skip-conversations 1500 \
@@ -89,18 +92,13 @@ demo-drafters: install
 		--max-conversations 2500 --max-new-tokens 256 --batch-size 48
 	$(BIN)/ctc-drafter distill --out $(DRAFT_WORK)/regen-perturbed4 --regenerate --perturb-numbers --skip-conversations 8000 \
 		--max-conversations 2500 --max-new-tokens 256 --batch-size 48
-	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
-		--out $(DRAFT_WORK)/ctc-5000 --layers 1 --frame-inputs anchored --anchors 96 --steps $(CTC_STEPS) --weight-decay 0.3
-	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
-		--data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-5000 --out $(DRAFT_WORK)/ctc-7500 --layers 1 \
-		--frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 5e-4 --weight-decay 0.3
-	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
-		--data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-7500 --out $(DRAFT_WORK)/ctc-10000 --layers 1 \
-		--frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 2.5e-4 --weight-decay 0.3
-	$(BIN)/ctc-drafter train --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed --data $(DRAFT_WORK)/regen-perturbed2 \
-		--data $(DRAFT_WORK)/regen-perturbed3 --data $(DRAFT_WORK)/regen-perturbed4 --init $(DRAFT_WORK)/ctc-10000 \
-		--out models/demo-llama-ctc --layers 1 --frame-inputs anchored --anchors 96 --steps $(CTC_MORE_STEPS) --lr 2.5e-4 \
-		--weight-decay 0.3
+	$(BIN)/ctc-drafter train $(CTC_DATA) --out $(DRAFT_WORK)/ctc-5000 $(CTC_RECIPE) --steps $(CTC_STEPS)
+	$(BIN)/ctc-drafter train $(CTC_DATA) --data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-5000 \
+		--out $(DRAFT_WORK)/ctc-7500 $(CTC_RECIPE) --steps $(CTC_MORE_STEPS) --lr 5e-4
+	$(BIN)/ctc-drafter train $(CTC_DATA) --data $(DRAFT_WORK)/regen-perturbed3 --init $(DRAFT_WORK)/ctc-7500 \
+		--out $(DRAFT_WORK)/ctc-10000 $(CTC_RECIPE) --steps $(CTC_MORE_STEPS) --lr 2.5e-4
+	$(BIN)/ctc-drafter train $(CTC_DATA) --data $(DRAFT_WORK)/regen-perturbed3 --data $(DRAFT_WORK)/regen-perturbed4 \
+		--init $(DRAFT_WORK)/ctc-10000 --out models/demo-llama-ctc $(CTC_RECIPE) --steps $(CTC_MORE_STEPS) --lr 2.5e-4
 	$(BIN)/ctc-drafter train --kind medusa --data $(DRAFT_WORK)/regen --data $(DRAFT_WORK)/regen-perturbed \
 		--out models/demo-llama-medusa --steps $(DRAFT_STEPS) --weight-decay 0.3
 	$(BIN)/ctc-drafter eval --drafter ngram --drafter models/demo-llama-ctc --drafter models/demo-llama-medusa \
