@@ -70,7 +70,8 @@ class CTCDrafterConfig(DraftLayersConfig):
     beam_width: int = 8
     # Beam search extends each prefix by a frame's top tokens only. 3: at an 8-node tree the beam
     # search's host half costs half of what top-6 costs for 0.1-0.3% fewer tokens per step (on the
-    # demo model at batch 1, +1.2-1.7% speed; BENCHMARKS.md, "A cheaper candidate search").
+    # demo model at batch 1, +1.2-1.7% speed; BENCHMARKS.md, "A cheaper candidate search, and the
+    # rest of the corpus").
     prune_topk: int = 3
     static_topk: list[int] = field(default_factory=lambda: [4, 3, 2, 2, 1, 1])
     # "queries": frame j's input is the learned query q_j alone, and the frames find the last
